@@ -1,0 +1,38 @@
+# The two commands of the README. Each creates the virtual environment if it is missing,
+# installs the project into it, and runs: `make demo` the pipeline, `make test` the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export POSTERFUSION_HOME ?= $(CURDIR)/.state
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast install lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall only when the dependency list changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/posterfusion demo $(DEMO_ARGS)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no real data, no multi-node cluster): the quick loop while coding.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .state .pytest_cache

@@ -1,0 +1,165 @@
+"""The one way every job gets a Ray cluster.
+
+With ``--address``/``RAY_ADDRESS`` a job attaches to that cluster unchanged. Without one it
+starts Ray on this machine, and that start must keep every connection on loopback:
+
+* Ray's dashboard asks cloud metadata servers (169.254.169.254, metadata.google.internal)
+  which cloud it runs on, at every head start, unless ``~/ray_bootstrap_config.yaml``
+  exists. The head therefore starts with ``HOME`` pointing at a private directory holding a
+  ``provider: {type: local}`` bootstrap file.
+* Ray finds its node IP by a UDP "connect" toward a public address unless told otherwise;
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` plus an explicit ``127.0.0.1`` node IP stop that.
+* Usage stats reporting is switched off; Ultralytics is told it is offline.
+
+``tests/test_network_audit.py`` proves the result with an audit hook in every Ray process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_FILE = "ray_bootstrap_config.yaml"
+BOOTSTRAP_TEXT = "# Written by posterfusion: marks this Ray head as a local cluster.\nprovider: {type: local}\n"
+
+
+def state_dir() -> Path:
+    """Where posterfusion keeps machine-local state (Ray's HOME, Ultralytics settings)."""
+    return Path(os.environ.get("POSTERFUSION_HOME", Path.home() / ".cache" / "posterfusion"))
+
+
+def prepare_environment() -> dict[str, str]:
+    """Set the process environment that keeps Ray and Ultralytics off the network.
+
+    Must run before ``ray`` is imported: Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` at
+    import time. Every process Ray starts inherits these variables. Returns what was set.
+    """
+    root = state_dir()
+    real_home = os.environ.get("POSTERFUSION_REAL_HOME", os.path.expanduser("~"))
+    values = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "YOLO_OFFLINE": "1",
+        "YOLO_AUTOINSTALL": "0",
+        "YOLO_VERBOSE": os.environ.get("YOLO_VERBOSE", "False"),
+        "YOLO_CONFIG_DIR": str(root / "ultralytics"),
+        # Ray's processes get a different HOME (below); keep caches where the user has them.
+        "TORCH_HOME": os.environ.get("TORCH_HOME", os.path.join(real_home, ".cache", "torch")),
+        "POSTERFUSION_REAL_HOME": real_home,
+    }
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+    Path(os.environ["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
+    return {key: os.environ[key] for key in values}
+
+
+def ray_home() -> Path:
+    """A HOME for the Ray head whose bootstrap file stops the cloud-metadata probe."""
+    home = state_dir() / "ray-home"
+    home.mkdir(parents=True, exist_ok=True)
+    bootstrap = home / BOOTSTRAP_FILE
+    if not bootstrap.exists():
+        bootstrap.write_text(BOOTSTRAP_TEXT)
+    return home
+
+
+class ClusterConfig(BaseModel):
+    """How a job reaches Ray. ``address=None`` and no ``RAY_ADDRESS`` means a local start."""
+
+    address: str | None = Field(None, description="Ray address; falls back to RAY_ADDRESS.")
+    num_cpus: float | None = Field(None, description="CPUs of a local start (default: all).")
+    num_gpus: int | None = Field(None, description="GPUs of a local start (default: detected).")
+    include_dashboard: bool = Field(True, description="Serve/job APIs need the dashboard.")
+    object_store_mb: int | None = Field(None, description="Object store of a local start.")
+
+    def resolved_address(self) -> str | None:
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
+
+class ClusterInfo(BaseModel):
+    """What a job needs to know about the cluster it got."""
+
+    address: str
+    local: bool
+    cpus: float
+    gpus: float
+    nodes: int
+
+
+def _describe(local: bool) -> ClusterInfo:
+    import ray
+
+    resources = ray.cluster_resources()
+    return ClusterInfo(
+        address=ray.get_runtime_context().gcs_address,
+        local=local,
+        cpus=float(resources.get("CPU", 0.0)),
+        gpus=float(resources.get("GPU", 0.0)),
+        nodes=sum(1 for node in ray.nodes() if node.get("Alive")),
+    )
+
+
+def _start_local(config: ClusterConfig) -> None:
+    import ray
+
+    saved_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(ray_home())  # inherited by the dashboard and every Ray process
+    try:
+        ray.init(
+            num_cpus=config.num_cpus if config.num_cpus is not None else os.cpu_count(),
+            num_gpus=config.num_gpus,
+            object_store_memory=config.object_store_mb * 2**20 if config.object_store_mb else None,
+            include_dashboard=config.include_dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    finally:
+        if saved_home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = saved_home
+
+
+@contextmanager
+def ray_cluster(config: ClusterConfig | None = None) -> Iterator[ClusterInfo]:
+    """Yield a connected Ray; shut it down afterwards only if this call started it.
+
+    A Ray already initialised in this process (a test session, a notebook) is reused as is.
+    """
+    config = config or ClusterConfig()
+    prepare_environment()
+    import ray
+
+    if ray.is_initialized():
+        yield _describe(local=False)
+        return
+    address = config.resolved_address()
+    if address:
+        log.info("attaching to Ray at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        _start_local(config)
+    try:
+        yield _describe(local=address is None)
+    finally:
+        ray.shutdown()
+
+
+def cpu_budget(fraction: float = 1.0) -> float:
+    """CPUs of the connected cluster times ``fraction``: actor pools are sized from this.
+
+    On a 2-CPU machine an actor asking a whole CPU can starve Ray Data's read tasks, so
+    callers ask for fractions of what the cluster really has.
+    """
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0)) * fraction

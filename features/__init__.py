@@ -1,0 +1,1 @@
+"""Turning posters and metadata into model inputs: sources, the catalogue schema, genres."""

@@ -1,0 +1,151 @@
+"""The poster catalogue: its Parquet schema, the per-poster decode check, and the splits.
+
+The catalogue is the one table every later stage reads: one row per poster, holding the
+original image bytes (so scoring needs no file system of the source), labels, a
+deterministic split, quality flags and joined metadata. ``docs/catalogue.md`` documents it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("train", "val", "test")
+SMALL_WIDTH = 150  # the README's thumbnails are under 150 px wide
+MAX_PIXELS = 50_000_000  # larger images are rejected as possible decompression bombs
+
+CATALOGUE_SCHEMA = pa.schema([
+    pa.field("movie_id", pa.string(), nullable=False),
+    pa.field("title", pa.string()),
+    pa.field("poster", pa.binary(), nullable=False),
+    pa.field("poster_sha256", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("genres", pa.list_(pa.string()), nullable=False),
+    pa.field("labelled", pa.bool_(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("grayscale", pa.bool_(), nullable=False),
+    pa.field("small", pa.bool_(), nullable=False),
+    pa.field("landscape", pa.bool_(), nullable=False),
+    pa.field("duplicate_poster", pa.bool_(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("poster_file", pa.string()),
+    pa.field("year", pa.int32()),
+    pa.field("runtime", pa.float32()),
+    pa.field("imdb_score", pa.float32()),
+    pa.field("num_votes", pa.int64()),
+    pa.field("budget", pa.float64()),
+    pa.field("gross", pa.float64()),
+    pa.field("content_rating", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("country", pa.string()),
+    pa.field("popularity", pa.float32()),
+    pa.field("overview", pa.string()),
+    pa.field("metadata_sources", pa.list_(pa.string())),
+])
+
+METADATA_COLUMNS = [
+    "year", "runtime", "imdb_score", "num_votes", "budget", "gross", "content_rating",
+    "language", "country", "popularity", "overview",
+]
+
+
+@dataclass(frozen=True)
+class PosterCheck:
+    """What the decode check learnt about one poster file."""
+
+    data: bytes | None
+    sha256: str | None
+    width: int = 0
+    height: int = 0
+    grayscale: bool = False
+    reject_reason: str | None = None
+
+
+def check_poster(path: str) -> PosterCheck:
+    """Read a poster file and decode it fully; say why it is unusable if it is.
+
+    Reasons: ``missing_file``, ``empty_file``, ``not_an_image``, ``truncated_image``,
+    ``image_too_large``, ``unreadable_file``. A full ``load()`` (not just ``verify()``) is what
+    catches JPEGs cut short.
+    """
+    if not path or not Path(path).is_file():
+        return PosterCheck(None, None, reject_reason="missing_file")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return PosterCheck(None, None, reject_reason=f"unreadable_file: {exc.strerror}")
+    if not data:
+        return PosterCheck(None, None, reject_reason="empty_file")
+    return inspect_image_bytes(data)
+
+
+def inspect_image_bytes(data: bytes) -> PosterCheck:
+    """Decode image bytes; the same check guards ingest and (later) the online service."""
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    return PosterCheck(None, sha, reject_reason="image_too_large")
+                image.load()
+                return PosterCheck(data, sha, image.width, image.height, _is_grayscale(image))
+    except UnidentifiedImageError:
+        return PosterCheck(None, sha, reject_reason="not_an_image")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return PosterCheck(None, sha, reject_reason="image_too_large")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return PosterCheck(None, sha, reject_reason=f"truncated_image: {exc}"[:200])
+
+
+def _is_grayscale(image: Image.Image) -> bool:
+    """True for one-channel images and for RGB posters whose channels (almost) agree."""
+    if image.mode in ("1", "L", "LA", "I", "F", "I;16"):
+        return True
+    import numpy as np
+
+    thumb = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.int16)
+    spread = thumb.max(axis=2) - thumb.min(axis=2)
+    return float(spread.mean()) < 4.0
+
+
+def split_of(key: str, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
+    """Deterministic split from a stable hash of ``key`` (not Python's salted ``hash``)."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    if bucket < test_fraction:
+        return "test"
+    if bucket < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def assign_splits(ids_by_sha: dict[str, list[str]], val_fraction: float = 0.1,
+                  test_fraction: float = 0.1) -> dict[str, str]:
+    """Split per movie id, forcing byte-identical posters into one split.
+
+    Every id sharing a poster hash takes the split of the smallest id in the group, so no
+    poster can be trained on and then tested on under another id.
+    """
+    splits: dict[str, str] = {}
+    for ids in ids_by_sha.values():
+        split = split_of(min(ids), val_fraction, test_fraction)
+        for movie_id in ids:
+            splits[movie_id] = split
+    return splits
+
+
+def catalogue_files(catalogue: str | Path) -> list[str]:
+    """The Parquet files of a catalogue directory written by ``posterfusion ingest``."""
+    root = Path(catalogue)
+    data = root / "data" if (root / "data").is_dir() else root
+    files = sorted(str(p) for p in data.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no catalogue Parquet files under {data}")
+    return files

@@ -1,0 +1,225 @@
+"""Readers for the poster layouts and metadata files the catalogue is built from.
+
+Each reader yields :class:`SourceRow` records (which poster file, which labels) and never
+opens an image: decoding is Ray Data's job in :mod:`posterfusion.jobs.ingest`. A row whose
+labels cannot be parsed is still yielded, with ``error`` set, so that it is reported as
+rejected instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+IMDB_ID = re.compile(r"tt\d{5,10}")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One poster as a source file describes it, before its image is read."""
+
+    movie_id: str
+    poster_path: str
+    genres: tuple[str, ...]
+    labelled: bool
+    source: str
+    title: str | None = None
+    error: str | None = field(default=None, compare=False)
+
+    def key(self) -> tuple:
+        """What two rows of one id must agree on to be the same row."""
+        return (self.movie_id, self.poster_path, self.genres, self.labelled, self.title)
+
+
+def parse_spec(spec: str) -> tuple[str, Path]:
+    """Split a ``--source KIND:DIR`` argument."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in READERS:
+        raise ValueError(f"--source must be KIND:DIR with KIND one of {sorted(READERS)}: {spec!r}")
+    return kind, Path(path)
+
+
+def read_source(spec: str) -> list[SourceRow]:
+    kind, path = parse_spec(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"source directory not found: {path}")
+    return list(READERS[kind](path))
+
+
+def _parse_genre_list(text: str) -> tuple[str, ...]:
+    """``"['Comedy', 'Drama']"`` → ``("Comedy", "Drama")``; raises ValueError otherwise."""
+    value = ast.literal_eval(text)
+    if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+        raise ValueError(f"not a list of genre names: {text!r}")
+    return tuple(g.strip() for g in value if g.strip())
+
+
+def read_multilabel(root: Path) -> Iterator[SourceRow]:
+    """Kaggle multi-label layout: ``train.csv`` (Id, Genre list, one-hot columns) + ``Images/``.
+
+    Posters in ``Images/`` without a label row are yielded as unlabelled rows: they are the
+    part of the catalogue that still has to be scored.
+    """
+    images = root / "Images"
+    labelled_ids: set[str] = set()
+    with open(root / "train.csv", newline="", encoding="utf-8") as handle:
+        for record in csv.DictReader(handle):
+            movie_id = (record.get("Id") or "").strip()
+            labelled_ids.add(movie_id)
+            row = dict(movie_id=movie_id, poster_path=str(images / f"{movie_id}.jpg"),
+                       labelled=True, source="multilabel")
+            try:
+                yield SourceRow(genres=_parse_genre_list(record.get("Genre") or ""), **row)
+            except (ValueError, SyntaxError) as exc:
+                yield SourceRow(genres=(), error=f"bad_label: {exc}", **row)
+    if images.is_dir():
+        for path in sorted(images.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in labelled_ids:
+                yield SourceRow(movie_id=path.stem, poster_path=str(path), genres=(),
+                                labelled=False, source="multilabel")
+
+
+def read_moviegenre(root: Path) -> Iterator[SourceRow]:
+    """MovieGenre.csv layout: ``imdbId`` (digits), ``Genre`` ("A|B"), ``Poster`` file name."""
+    posters = root / "MoviePosters"
+    with open(root / "MovieGenre.csv", newline="", encoding="utf-8", errors="replace") as handle:
+        for record in csv.DictReader(handle):
+            digits = (record.get("imdbId") or "").strip()
+            movie_id = f"tt{int(digits):07d}" if digits.isdigit() else digits
+            genres = tuple(g.strip() for g in (record.get("Genre") or "").split("|") if g.strip())
+            poster = (record.get("Poster") or "").strip()
+            yield SourceRow(
+                movie_id=movie_id,
+                poster_path=str(posters / poster) if poster else "",
+                genres=genres,
+                labelled=bool(genres),
+                source="moviegenre",
+                title=(record.get("Title") or "").strip() or None,
+            )
+
+
+READERS = {"multilabel": read_multilabel, "moviegenre": read_moviegenre}
+
+
+# --- metadata -----------------------------------------------------------------------------
+
+METADATA_FIELDS = {
+    # catalogue column: pandas dtype
+    "title": "string",
+    "year": "Int32",
+    "runtime": "Float32",
+    "imdb_score": "Float32",
+    "num_votes": "Int64",
+    "budget": "Float64",
+    "gross": "Float64",
+    "content_rating": "string",
+    "language": "string",
+    "country": "string",
+    "popularity": "Float32",
+    "overview": "string",
+}
+
+# Only these columns are ever copied: a genre column of a metadata file is label leakage.
+IMDB5000_COLUMNS = {
+    "movie_title": "title", "title_year": "year", "duration": "runtime",
+    "imdb_score": "imdb_score", "num_voted_users": "num_votes", "budget": "budget",
+    "gross": "gross", "content_rating": "content_rating", "language": "language",
+    "country": "country",
+}
+TMDB_COLUMNS = {
+    "title": "title", "release_date": "year", "runtime": "runtime", "budget": "budget",
+    "revenue": "gross", "original_language": "language", "popularity": "popularity",
+    "overview": "overview",
+}
+# TMDb gives ISO 639-1 codes, IMDB-5000 English names; one vocabulary keeps them one feature.
+LANGUAGE_NAMES = {
+    "en": "English", "fr": "French", "es": "Spanish", "de": "German", "it": "Italian",
+    "ja": "Japanese", "zh": "Mandarin", "cn": "Cantonese", "ko": "Korean", "hi": "Hindi",
+    "ru": "Russian", "pt": "Portuguese", "sv": "Swedish", "da": "Danish", "nl": "Dutch",
+    "no": "Norwegian", "fi": "Finnish", "pl": "Polish", "tr": "Turkish", "ar": "Arabic",
+    "he": "Hebrew", "fa": "Persian", "th": "Thai", "el": "Greek", "hu": "Hungarian",
+    "cs": "Czech", "ta": "Tamil", "te": "Telugu", "id": "Indonesian",
+}
+
+
+def detect_metadata_layout(columns: list[str]) -> str:
+    if "movie_imdb_link" in columns:
+        return "imdb5000"
+    if "imdb_id" in columns:
+        return "tmdb"
+    raise ValueError("unrecognised metadata layout: expected an IMDB-5000 `movie_imdb_link` "
+                     "or a TMDb `imdb_id` column")
+
+
+def _imdb_id(value: object) -> str | None:
+    match = IMDB_ID.search(str(value)) if isinstance(value, str) else None
+    return match.group(0) if match else None
+
+
+def read_metadata(path: str | Path) -> pd.DataFrame:
+    """One metadata file → a frame indexed by ``movie_id`` with the catalogue's columns.
+
+    Unparseable numbers become null; zero budgets/revenues (TMDb's "unknown") become null;
+    absent columns are null; the first row of a repeated id wins.
+    """
+    frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+    layout = detect_metadata_layout(list(frame.columns))
+    if layout == "imdb5000":
+        ids, mapping = frame["movie_imdb_link"].map(_imdb_id), IMDB5000_COLUMNS
+    else:
+        ids, mapping = frame["imdb_id"].map(_imdb_id), TMDB_COLUMNS
+    present = {source: target for source, target in mapping.items() if source in frame.columns}
+    out = frame[list(present)].rename(columns=present)
+    out.insert(0, "movie_id", ids)
+    out = out[out["movie_id"].notna()].drop_duplicates("movie_id", keep="first")
+    if layout == "tmdb" and "year" in out:
+        out["year"] = out["year"].str.slice(0, 4)
+    if layout == "tmdb" and "language" in out:
+        out["language"] = out["language"].map(lambda c: LANGUAGE_NAMES.get(c, c), na_action="ignore")
+    for column in ("budget", "gross"):
+        if column in out:
+            out[column] = pd.to_numeric(out[column], errors="coerce").where(lambda s: s > 0)
+    return _typed(out.set_index("movie_id"))
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """All catalogue metadata columns present, stripped and typed; others never appear."""
+    out = pd.DataFrame(index=frame.index)
+    for column, dtype in METADATA_FIELDS.items():
+        values = frame[column] if column in frame else pd.Series(pd.NA, index=frame.index)
+        if dtype == "string":
+            out[column] = values.astype("string").str.strip().replace("", pd.NA)
+        else:
+            numbers = pd.to_numeric(values, errors="coerce")
+            if dtype.startswith("Int"):
+                numbers = numbers.round()
+            out[column] = numbers.astype(dtype)
+    return out
+
+
+def merge_metadata(paths: list[str | Path]) -> pd.DataFrame:
+    """Coalesce several metadata files per field; earlier files take precedence.
+
+    Adds ``metadata_sources``: which files knew the id (file stem), for provenance.
+    """
+    frames = [(Path(p).stem, read_metadata(p)) for p in paths]
+    if not frames:
+        empty = _typed(pd.DataFrame(index=pd.Index([], name="movie_id")))
+        empty["metadata_sources"] = pd.Series([], dtype=object)
+        return empty
+    merged = frames[0][1]
+    for _, frame in frames[1:]:
+        merged = merged.combine_first(frame)
+    merged = _typed(merged)
+    merged["metadata_sources"] = [
+        [name for name, frame in frames if movie_id in frame.index] for movie_id in merged.index
+    ]
+    merged.index.name = "movie_id"
+    return merged

@@ -1,0 +1,98 @@
+"""The genre vocabulary a model is trained on, and multi-hot labels from it.
+
+Built from the training split only (validation and test genres must not shape it), with
+three rules applied in order: merge synonyms, drop non-genres, then keep the ``top_n``
+most frequent and fold the rest, or any genre under ``min_count``, into ``Other``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+OTHER = "Other"
+
+
+class VocabConfig(BaseModel):
+    synonyms: dict[str, str] = Field(default_factory=lambda: {"Musical": "Music"})
+    drop: list[str] = Field(default_factory=lambda: ["N/A"], description="labels that are no genre")
+    min_count: int = Field(20, ge=0, description="rarer genres fold into Other")
+    top_n: int | None = Field(None, ge=1, description="keep only the N most frequent")
+    fold_into_other: bool = Field(True, description="False drops rare genres instead")
+
+
+class GenreVocabulary(BaseModel):
+    """Ordered genres (most frequent first) and how every raw label maps onto them."""
+
+    genres: list[str]
+    mapping: dict[str, str | None] = Field(description="raw label → genre, None = dropped")
+    counts: dict[str, int] = Field(description="training-split counts after mapping")
+    config: VocabConfig
+
+    @classmethod
+    def build(cls, genre_lists: Iterable[Iterable[str]], config: VocabConfig | None = None):
+        config = config or VocabConfig()
+        genre_lists = [set(genres) for genres in genre_lists]
+        mapping: dict[str, str | None] = {
+            label: None if label in config.drop else config.synonyms.get(label, label)
+            for genres in genre_lists for label in genres
+        }
+        merged = _count(genre_lists, mapping)
+        ranked = sorted(merged, key=lambda g: (-merged[g], g))
+        keep = [g for g in ranked[: config.top_n] if merged[g] >= config.min_count]
+        if config.fold_into_other and len(keep) < len(ranked):
+            mapping = {k: (v if v in keep or v is None else OTHER) for k, v in mapping.items()}
+        else:
+            mapping = {k: (v if v in keep else None) for k, v in mapping.items()}
+        counts = _count(genre_lists, mapping)
+        genres = sorted(counts, key=lambda g: (-counts[g], g))
+        return cls(genres=genres, mapping=mapping, counts=dict(counts), config=config)
+
+    def map_genres(self, genres: Iterable[str]) -> list[str]:
+        """Raw labels → vocabulary genres (deduplicated, in vocabulary order).
+
+        A label never seen in training is folded into Other when the vocabulary has it,
+        else dropped: unseen labels must not crash scoring of a newer catalogue.
+        """
+        fallback = OTHER if OTHER in self.genres else None
+        targets = {self.mapping.get(g, fallback) for g in genres}
+        return [g for g in self.genres if g in targets]
+
+    def encode(self, genres: Iterable[str]) -> np.ndarray:
+        """Multi-hot float32 vector over :attr:`genres`."""
+        targets = set(self.map_genres(genres))
+        return np.array([g in targets for g in self.genres], dtype=np.float32)
+
+    def encode_many(self, genre_lists: Iterable[Iterable[str]]) -> np.ndarray:
+        rows = [self.encode(genres) for genres in genre_lists]
+        return np.stack(rows) if rows else np.zeros((0, len(self.genres)), np.float32)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> GenreVocabulary:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+def _count(genre_lists: list[set[str]], mapping: dict[str, str | None]) -> Counter[str]:
+    """Posters per mapped genre: a poster labelled Music and Musical counts once."""
+    return Counter(t for genres in genre_lists for t in {mapping[g] for g in genres} if t)
+
+
+def training_genres(catalogue: str | Path) -> list[list[str]]:
+    """Genre lists of the labelled training split of a catalogue."""
+    import pyarrow.dataset as pads
+    from posterfusion.features.catalogue import catalogue_files
+
+    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
+        columns=["genres", "labelled", "split"])
+    frame = table.to_pandas()
+    frame = frame[frame["labelled"] & (frame["split"] == "train")]
+    return [list(g) for g in frame["genres"]]

@@ -1,0 +1,1 @@
+"""The pipeline's jobs, one module per stage, and the ``posterfusion`` CLI that runs them."""

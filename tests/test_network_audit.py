@@ -1,0 +1,88 @@
+"""No Ray or app process may connect anywhere but loopback.
+
+The local cluster is started by the real CLI in a child process whose every Python
+descendant (driver, dashboard, Ray workers) loads ``tests/netaudit/sitecustomize.py``: an
+audit hook recording each ``socket.connect`` and ``socket.getaddrinfo``. Native processes
+(GCS, raylet) are covered by sampling every descendant's open sockets while the job runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from posterfusion.jobs.sample import SampleConfig, write_sample
+
+from tests.conftest import REPO
+from tests.netaudit import is_loopback, offending, read_events
+
+AUDIT_PATH = REPO / "tests" / "netaudit"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "::1", "::ffff:127.0.0.1", "localhost", None, ""])
+def test_loopback_destinations_are_accepted(host):
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "metadata.google.internal", "8.8.8.8",
+                                  "10.0.0.1", "2001:db8::1", "::ffff:10.0.0.1", "example.com"])
+def test_other_destinations_are_flagged(host):
+    assert not is_loopback(host)
+    assert offending([{"family": "inet", "host": host}])
+
+
+def _sample_sockets(root: psutil.Process, seen: dict[int, set]) -> None:
+    """Record (name, remote ip) of every inet connection of root and its descendants."""
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            for conn in process.net_connections(kind="inet"):
+                if conn.raddr:
+                    seen.setdefault(process.pid, set()).add((process.name(), conn.raddr.ip))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
+    sample = write_sample(SampleConfig(out=tmp_path / "sample", n=24, unlabelled=4))
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(AUDIT_PATH), os.environ.get("PYTHONPATH", "")]),
+        "POSTERFUSION_NET_AUDIT_DIR": str(audit),
+        "POSTERFUSION_HOME": str(tmp_path / "state"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "posterfusion", "ingest",
+               "--source", f"multilabel:{sample['out']}", "--metadata", sample["metadata"],
+               "--out", str(tmp_path / "catalogue"), "--num-cpus", "2"]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    sockets: dict[int, set] = {}
+    root = psutil.Process(child.pid)
+    while child.poll() is None:
+        _sample_sockets(root, sockets)
+        time.sleep(0.2)
+    output = child.stdout.read()
+    assert child.returncode == 0, output
+    assert "reconciles" in output
+
+    events = read_events(audit)
+    argvs = {e["argv"] for e in events if e["event"] == "audit.loaded"}
+    # The hook really ran in Ray's own processes, not only in the driver.
+    assert any("dashboard" in a for a in argvs), argvs
+    assert any("default_worker" in a for a in argvs), argvs
+    assert any(e["family"] == "inet" and is_loopback(e["host"]) for e in events)
+    assert offending(events) == [], offending(events)[:10]
+    # And no process, native ones included, held a connection to anything but loopback.
+    remote = {(name, ip) for conns in sockets.values() for name, ip in conns}
+    assert remote, "no connection was sampled: the socket sampler saw nothing"
+    assert {(n, ip) for n, ip in remote if not is_loopback(ip)} == set()
+    assert (tmp_path / "state" / "ray-home" / "ray_bootstrap_config.yaml").is_file()
