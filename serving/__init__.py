@@ -1,0 +1,1 @@
+"""The online service (Ray Serve): built on the model bundle's ``Predictor``."""
