@@ -1,0 +1,1 @@
+"""Backbones, the fusion network, the model bundle and its Predictor."""
