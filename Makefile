@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export POSTERFUSION_HOME ?= $(CURDIR)/.state
+# The real COCO detector beside the checkout, when there (no network is needed for it).
+DETECTOR ?= $(wildcard ../shared/weights/yolov8n_int8.tflite)
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/posterfusion demo $(DEMO_ARGS)
+	$(BIN)/posterfusion demo $(if $(DETECTOR),--detector $(DETECTOR)) $(DEMO_ARGS)
 
 test: install
 	$(BIN)/ruff check .

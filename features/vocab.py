@@ -89,6 +89,7 @@ def _count(genre_lists: list[set[str]], mapping: dict[str, str | None]) -> Count
 def training_genres(catalogue: str | Path) -> list[list[str]]:
     """Genre lists of the labelled training split of a catalogue."""
     import pyarrow.dataset as pads
+
     from posterfusion.features.catalogue import catalogue_files
 
     table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(

@@ -76,18 +76,102 @@ def vocab(
     typer.echo(f"{len(vocabulary.genres)} genres: {', '.join(vocabulary.genres)} → {out}")
 
 
+DetectorWeights = Annotated[str, typer.Option(help="Ultralytics detector weights (.pt, .tflite, …).")]
+
+
+@app.command()
+def features(
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    out: Annotated[Path, typer.Option(help="Object features directory (incremental).")],
+    detector: DetectorWeights = "yolov8n.pt",
+    conf: Annotated[float, typer.Option(help="Detection confidence threshold.")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="Posters per detector call.")] = 16,
+    actors: Annotated[int | None, typer.Option(help="Detector actors (default: from the cluster's CPUs).")] = None,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Detect objects on every poster not yet featurised (YOLO in a Ray Data actor pool)."""
+    from posterfusion.features.objects import DetectorConfig
+    from posterfusion.jobs.features import FeaturesConfig, format_features_summary, run_features
+
+    config = FeaturesConfig(catalogue=catalogue, out=out, detector=DetectorConfig(weights=detector, conf=conf),
+                            batch_size=batch_size, actors=actors)
+    with _cluster(address, num_cpus):
+        summary = run_features(config)
+    typer.echo(format_features_summary(summary))
+
+
+@app.command()
+def train(
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
+    features: Annotated[Path | None, typer.Option(help="Object features directory (`features --out`).")] = None,
+    detector: Annotated[str | None, typer.Option(help="Detector weights the features were made with.")] = None,
+    variant: Annotated[str, typer.Option(help="cnn | cnn+objects | cnn+metadata | fused")] = "fused",
+    backbone: Annotated[str, typer.Option(help="densenet121 | resnet50 | vgg16 | keras_cnn")] = "densenet121",
+    weights: Annotated[str, typer.Option(help="none | imagenet | a local weights file")] = "none",
+    fusion: Annotated[str, typer.Option(help="concat | gated")] = "concat",
+    image_size: Annotated[int, typer.Option(help="Square input size.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Per-worker batch size.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 2e-3,
+    patience: Annotated[int, typer.Option(help="Epochs without val AUC gain before stopping.")] = 3,
+    freeze_backbone: Annotated[bool, typer.Option(help="Train only the fusion head.")] = False,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 1,
+    gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
+    cpus_per_worker: Annotated[float | None, typer.Option(help="Default: a share of the cluster.")] = None,
+    amp: Annotated[str, typer.Option(help="auto | off | bf16 | fp16")] = "auto",
+    max_failures: Annotated[int, typer.Option(help="Worker failures to recover from.")] = 2,
+    limit: Annotated[int | None, typer.Option(help="At most this many training posters.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Fine-tune the fusion network with Ray Train and write the model bundle."""
+    from posterfusion.features.objects import DetectorConfig
+    from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
+
+    detector_config = DetectorConfig(weights=detector) if detector else None
+    config = TrainConfig(
+        catalogue=catalogue, out=out, features=features, detector=detector_config,
+        variant=variant, backbone=backbone, weights=weights, fusion=fusion, image_size=image_size, epochs=epochs,
+        batch_size=batch_size, lr=lr, patience=patience, freeze_backbone=freeze_backbone, workers=workers, gpu=gpu,
+        cpus_per_worker=cpus_per_worker, amp=amp, max_failures=max_failures, limit=limit, seed=seed)
+    with _cluster(address, num_cpus):
+        summary = run_train(config)
+    typer.echo(format_train_summary(summary))
+
+
+@app.command()
+def predict(
+    posters: Annotated[list[Path], typer.Argument(help="Poster image files.")],
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Top-3 genres and detected objects for each poster (no Ray needed)."""
+    from posterfusion.jobs.predict import format_prediction, predict_files
+
+    for path, prediction in predict_files(model, posters):
+        typer.echo(prediction.model_dump_json() if as_json else format_prediction(path, prediction))
+
+
 @app.command()
 def demo(
     data: Annotated[Path | None, typer.Option(help="A real multi-label folder (default: a sample).")] = None,
     work: Annotated[Path, typer.Option(help="Working directory for every stage's output.")] = Path("runs/demo"),
     metadata: Annotated[list[Path] | None, typer.Option(help="Metadata CSVs to join.")] = None,
     n: Annotated[int, typer.Option(help="Sample size when no --data is given.")] = 400,
+    detector: Annotated[str | None, typer.Option(help="Detector weights; none skips object features.")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone to train.")] = "densenet121",
+    image_size: Annotated[int, typer.Option(help="Square input size.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 4,
     address: Address = None,
 ) -> None:
     """Run the whole pipeline as it stands, on a synthetic sample or a real folder."""
     from posterfusion.jobs.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(data=data, work=work, metadata=metadata or [], n=n, address=address))
+    run_demo(DemoConfig(data=data, work=work, metadata=metadata or [], n=n, detector=detector, backbone=backbone,
+                        image_size=image_size, epochs=epochs, address=address))
 
 
 def main() -> None:

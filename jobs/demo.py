@@ -1,7 +1,9 @@
 """``posterfusion demo``: the whole pipeline as it stands, on the embedded local Ray.
 
 Without ``--data`` it draws a synthetic sample first (``posterfusion sample``); with a real
-multi-label folder it uses that. Each stage writes under ``--work`` and prints its summary.
+multi-label folder it uses that. Stages: ingest → object features → train → predict, each
+writing under ``--work`` and printing its summary. Without a detector the object stage is
+skipped *and said so*, and the model trained is the ``cnn+metadata`` variant.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from posterfusion.cluster import ClusterConfig, ray_cluster
 from pydantic import BaseModel, Field
+
+from posterfusion.cluster import ClusterConfig, ray_cluster
 
 
 class DemoConfig(BaseModel):
@@ -18,29 +21,85 @@ class DemoConfig(BaseModel):
     work: Path = Path("runs/demo")
     metadata: list[Path] = Field(default_factory=list)
     n: int = 400
+    detector: str | None = Field(None, description="detector weights; None skips object features")
+    backbone: str = "densenet121"
+    image_size: int = 64
+    epochs: int = 4
     address: str | None = None
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from posterfusion.features.vocab import GenreVocabulary, training_genres
-    from posterfusion.jobs.ingest import IngestConfig, format_report, run_ingest
-    from posterfusion.jobs.sample import SampleConfig, write_sample
-
-    data, metadata = config.data, list(config.metadata)
-    if data is None:
-        data = config.work / "sample"
-        summary = write_sample(SampleConfig(out=data, n=config.n, unlabelled=config.n // 10))
-        metadata.append(Path(summary["metadata"]))
-        typer.echo(f"[1/2] sample: {summary['labelled']} labelled + {summary['unlabelled']} "
-                   f"unlabelled synthetic posters in {data}")
-    catalogue = config.work / "catalogue"
+    data, metadata = _data(config)
+    catalogue, features, bundle = (config.work / name for name in ("catalogue", "features", "model"))
     with ray_cluster(ClusterConfig(address=config.address)) as cluster:
         typer.echo(f"Ray: {cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU "
                    f"({'local' if cluster.local else cluster.address})")
-        report = run_ingest(IngestConfig(sources=[f"multilabel:{data}"], metadata=metadata,
-                                         out=catalogue, overwrite=True))
-        typer.echo("[2/2] " + format_report(report))
-        vocabulary = GenreVocabulary.build(training_genres(catalogue))
-        vocabulary.save(catalogue / "genres.json")
-        typer.echo(f"      vocabulary: {len(vocabulary.genres)} genres ({', '.join(vocabulary.genres)})")
-    return {"catalogue": str(catalogue), "report": report}
+        _ingest(data, metadata, catalogue)
+        detector = _features(config, catalogue, features)
+        _train(config, catalogue, features, detector, bundle)
+    _predict(bundle, catalogue)
+    return {"catalogue": str(catalogue), "bundle": str(bundle)}
+
+
+def _data(config: DemoConfig) -> tuple[Path, list[Path]]:
+    from posterfusion.jobs.sample import SampleConfig, write_sample
+
+    if config.data is not None:
+        return config.data, list(config.metadata)
+    data = config.work / "sample"
+    summary = write_sample(SampleConfig(out=data, n=config.n, unlabelled=config.n // 10))
+    typer.echo(f"[sample] {summary['labelled']} labelled + {summary['unlabelled']} unlabelled SYNTHETIC "
+               f"posters in {data}")
+    return data, [*config.metadata, Path(summary["metadata"])]
+
+
+def _ingest(data: Path, metadata: list[Path], catalogue: Path) -> None:
+    from posterfusion.jobs.ingest import IngestConfig, format_report, run_ingest
+
+    report = run_ingest(IngestConfig(sources=[f"multilabel:{data}"], metadata=metadata, out=catalogue,
+                                     overwrite=True))
+    typer.echo("[ingest] " + format_report(report))
+
+
+def _features(config: DemoConfig, catalogue: Path, out: Path):
+    from posterfusion.features.objects import DetectorConfig
+    from posterfusion.jobs.features import FeaturesConfig, format_features_summary, run_features
+
+    if not config.detector:
+        typer.echo("[features] no --detector given: object features SKIPPED, training cnn+metadata")
+        return None
+    detector = DetectorConfig(weights=config.detector)
+    summary = run_features(FeaturesConfig(catalogue=catalogue, out=out, detector=detector))
+    typer.echo("[features] " + format_features_summary(summary))
+    return detector
+
+
+def _train(config: DemoConfig, catalogue: Path, features: Path, detector, bundle: Path) -> None:
+    from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
+
+    summary = run_train(TrainConfig(
+        catalogue=catalogue, out=bundle, features=features if detector else None, detector=detector,
+        variant="fused" if detector else "cnn+metadata", backbone=config.backbone,
+        image_size=config.image_size, epochs=config.epochs, batch_size=32, lr=3e-3, patience=config.epochs))
+    typer.echo("[train] " + format_train_summary(summary))
+
+
+def _predict(bundle: Path, catalogue: Path, count: int = 4) -> None:
+    """Predict a few test-split posters, written out as files like a user's would be."""
+    import pyarrow.dataset as pads
+
+    from posterfusion.features.catalogue import catalogue_files
+    from posterfusion.jobs.predict import format_prediction, predict_files
+
+    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
+        columns=["movie_id", "poster", "genres", "split"]).to_pandas()
+    rows = table[table["split"] == "test"].head(count)
+    posters = catalogue.parent / "posters"
+    posters.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in rows.itertuples():
+        paths.append(posters / f"{row.movie_id}.jpg")
+        paths[-1].write_bytes(row.poster)
+    typer.echo(f"[predict] posterfusion predict --model {bundle} …")
+    for (path, prediction), truth in zip(predict_files(bundle, paths), rows["genres"], strict=True):
+        typer.echo(f"  {format_prediction(path, prediction)} | true: {', '.join(truth)}")

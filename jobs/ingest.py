@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+from pydantic import BaseModel, Field
+
 from posterfusion.features.catalogue import (
     CATALOGUE_SCHEMA,
     SMALL_WIDTH,
@@ -27,7 +29,6 @@ from posterfusion.features.catalogue import (
     check_poster,
 )
 from posterfusion.features.sources import SourceRow, merge_metadata, read_source
-from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import io
 from collections import Counter
 
 from PIL import Image
-from posterfusion.features.catalogue import assign_splits, check_poster, split_of
 
+from posterfusion.features.catalogue import assign_splits, check_poster, split_of
 from tests.conftest import jpeg_bytes, noisy_jpeg_bytes
 
 

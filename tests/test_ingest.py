@@ -6,9 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+
 from posterfusion.features.catalogue import CATALOGUE_SCHEMA
 from posterfusion.jobs.ingest import IngestConfig, run_ingest
-
 from tests.conftest import jpeg_bytes, noisy_jpeg_bytes
 
 GOOD = [f"tt10000{i:02d}" for i in range(12)]

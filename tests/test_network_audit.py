@@ -15,8 +15,8 @@ import time
 
 import psutil
 import pytest
-from posterfusion.jobs.sample import SampleConfig, write_sample
 
+from posterfusion.jobs.sample import SampleConfig, write_sample
 from tests.conftest import REPO
 from tests.netaudit import is_loopback, offending, read_events
 

@@ -7,6 +7,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+
 from posterfusion.jobs.ingest import IngestConfig, run_ingest
 
 pytestmark = pytest.mark.slow

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from posterfusion.features.sources import read_metadata, read_multilabel
-from posterfusion.jobs.sample import GENRE_CUES, SampleConfig, write_sample
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+
+from posterfusion.features.sources import read_metadata, read_multilabel
+from posterfusion.jobs.sample import GENRE_CUES, SampleConfig, write_sample
 
 
 def test_sample_is_read_by_the_real_reader(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+
 from posterfusion.features.sources import (
     merge_metadata,
     parse_spec,
@@ -11,7 +12,6 @@ from posterfusion.features.sources import (
     read_moviegenre,
     read_multilabel,
 )
-
 from tests.conftest import jpeg_bytes
 
 

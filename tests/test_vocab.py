@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from posterfusion.features.vocab import OTHER, GenreVocabulary, VocabConfig
 
 LISTS = (

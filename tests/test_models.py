@@ -1,0 +1,213 @@
+"""Backbones (registry, weights) and the fusion network (variants, gating, frozen backbone).
+
+Never requests ImageNet weights: there is no network here, so ``"imagenet"`` is only checked to
+resolve to torchvision's weights enum.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posterfusion.models import (
+    FusionConfig,
+    build_model,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+    resolve_weights,
+)
+from posterfusion.models.backbones import Backbone
+
+
+@pytest.mark.parametrize(("name", "dim"), [("densenet121", 1024), ("resnet50", 2048), ("vgg16", 512),
+                                           ("keras_cnn", 64)])
+def test_every_backbone_gives_pooled_features(name, dim):
+    torch.manual_seed(0)
+    backbone = create_backbone(name).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 64, 64))
+    assert backbone.feature_dim == dim and features.shape == (2, dim)
+    assert name in list_backbones()
+
+
+def test_imagenet_resolves_to_torchvision_weights_without_downloading():
+    from torchvision.models import DenseNet121_Weights, ResNet50_Weights, VGG16_Weights
+
+    assert resolve_weights("densenet121", "imagenet") is DenseNet121_Weights.IMAGENET1K_V1
+    assert isinstance(resolve_weights("resnet50", "imagenet"), ResNet50_Weights)
+    assert isinstance(resolve_weights("vgg16", "imagenet"), VGG16_Weights)
+    assert resolve_weights("keras_cnn", "none") is None
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        resolve_weights("keras_cnn", "imagenet")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("alexnet")
+    with pytest.raises(ValueError, match="weights must be"):
+        resolve_weights("keras_cnn", "imagenet21k")
+    with pytest.raises(FileNotFoundError):
+        resolve_weights("keras_cnn", "/nonexistent/weights.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_round_trip_through_a_local_file(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = create_backbone("keras_cnn").eval()
+    path = tmp_path / f"keras{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    loaded = create_backbone("keras_cnn", weights=str(path)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), source(images))
+
+
+def test_a_full_torchvision_state_dict_loads_with_its_classifier_ignored(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    full = resnet50().eval()
+    save_file(full.state_dict(), str(tmp_path / "resnet50.safetensors"))
+    backbone = create_backbone("resnet50", weights=str(tmp_path / "resnet50.safetensors")).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.flatten(full.avgpool(full.layer4(full.layer3(full.layer2(full.layer1(
+            full.maxpool(full.relu(full.bn1(full.conv1(images))))))))), 1)
+        torch.testing.assert_close(backbone(images), expected)
+
+
+def test_a_file_with_wrong_keys_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(3, 3)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match=r"do not fit backbone KerasCNN.*missing.*unexpected \(1\): conv.weight"):
+        create_backbone("keras_cnn", weights=str(tmp_path / "wrong.safetensors"))
+    state = create_backbone("keras_cnn").state_dict()
+    state["head.0.weight"] = torch.zeros(5, 5)
+    save_file(state, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=r"mis-shaped.*head.0.weight"):
+        create_backbone("keras_cnn", weights=str(tmp_path / "shape.safetensors"))
+
+
+def test_densenet_accepts_torchvision_checkpoint_key_names(tmp_path):
+    """torchvision's hosted DenseNet checkpoint spells 'norm1' as 'norm.1' and carries a classifier."""
+    import re
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = create_backbone("densenet121").eval()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v
+           for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}  # old: none
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    old |= {"classifier.weight": torch.zeros(1000, 1024), "classifier.bias": torch.zeros(1000)}
+    save_file(old, str(tmp_path / "densenet.safetensors"))
+    loaded = create_backbone("densenet121", weights=str(tmp_path / "densenet.safetensors")).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), source(images))
+
+
+def test_imagenet_weights_load_through_the_same_path(monkeypatch):
+    """The 'imagenet' path, with torchvision's download replaced by a full ResNet-50 state dict."""
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    torch.manual_seed(0)
+    full = resnet50().state_dict()
+    monkeypatch.setattr(ResNet50_Weights, "get_state_dict", lambda self, **kwargs: dict(full))
+    backbone = create_backbone("resnet50", weights="imagenet")
+    torch.testing.assert_close(backbone.conv1.weight, full["conv1.weight"])
+
+
+def test_register_backbone_adds_a_name(monkeypatch):
+    from posterfusion.models import backbones
+
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))  # leave the real registry alone
+
+    @register_backbone("tiny_test")
+    class Tiny(Backbone):
+        feature_dim = 3
+
+        def forward(self, images):
+            return images.mean(dim=(2, 3))
+
+    assert "tiny_test" in list_backbones()
+    assert create_backbone("tiny_test")(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("tiny_test")(Tiny)
+
+
+G, OBJ, META = 5, 7, 11
+
+
+def model_for(variant="fused", fusion="concat", **overrides):
+    torch.manual_seed(0)
+    config = FusionConfig(backbone="keras_cnn", variant=variant, fusion=fusion, num_genres=G,
+                          object_dim=OBJ, metadata_dim=META, hidden=16, **overrides)
+    return build_model(config)
+
+
+def inputs(n=3):
+    return torch.randn(n, 3, 64, 64), torch.rand(n, OBJ), torch.rand(n, META)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated"])
+@pytest.mark.parametrize("variant", ["cnn", "cnn+objects", "cnn+metadata", "fused"])
+def test_every_variant_gives_one_logit_per_genre(variant, fusion):
+    model = model_for(variant, fusion)
+    images, objects, metadata = inputs()
+    assert model(images, objects, metadata).shape == (3, G)
+    assert model.embed(images, objects, metadata).shape == (3, 16)
+    assert model.uses_objects == (variant in ("cnn+objects", "fused"))
+    assert model.uses_metadata == (variant in ("cnn+metadata", "fused"))
+    if variant == "cnn":
+        assert model(images).shape == (3, G)  # side inputs are optional when unused
+
+
+def test_configs_and_inputs_must_match_the_variant():
+    with pytest.raises(ValueError, match="object_dim must be > 0"):
+        FusionConfig(variant="cnn+objects", num_genres=G)
+    with pytest.raises(ValueError, match="metadata_dim must be > 0"):
+        FusionConfig(variant="fused", num_genres=G, object_dim=OBJ)
+    FusionConfig(variant="cnn", num_genres=G)  # no side dims needed
+    model = model_for("fused")
+    images, objects, metadata = inputs()
+    with pytest.raises(ValueError, match="needs metadata features"):
+        model(images, objects)
+    with pytest.raises(ValueError, match="needs objects features"):
+        model(images, metadata=metadata)
+    with pytest.raises(ValueError, match=r"objects features must have shape \(3, 7\)"):
+        model(images, objects[:, :3], metadata)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated"])
+def test_gradients_reach_every_branch(fusion):
+    model = model_for("fused", fusion).train()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(*inputs()), torch.ones(3, G)).backward()
+    branches = [model.object_branch, model.metadata_branch, model.backbone] + ([model.gate] if model.gate else [])
+    for branch in branches:
+        grads = [p.grad for p in branch.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_frozen_backbone_gets_no_grads_and_stays_in_eval_mode():
+    model = model_for("fused", freeze_backbone=True)
+    model.train()
+    assert model.training and not model.backbone.training
+    assert all(not m.training for m in model.backbone.modules())
+    assert model.object_branch.training
+    model(*inputs()).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+
+def test_frozen_densenet_batchnorm_statistics_do_not_move():
+    model = build_model(FusionConfig(backbone="densenet121", variant="cnn", num_genres=G, freeze_backbone=True))
+    model.train()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    after = model.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())

@@ -1,0 +1,265 @@
+"""Object-detection features: the vector's layout, the detector's id, real detections, the job.
+
+The job tests use the real int8 TFLite YOLOv8n in ``../shared/weights`` (LiteRT on CPU):
+its detections on real posters are what the features are for, and it loads in about a second.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from posterfusion.features.catalogue import CATALOGUE_SCHEMA, split_of
+from posterfusion.features.objects import (
+    OBJECT_FEATURES_SCHEMA,
+    Detection,
+    DetectorConfig,
+    ObjectFeaturizer,
+    decode_rgb,
+    detector_id,
+    object_feature_names,
+    object_vector,
+)
+from tests.conftest import SHARED, jpeg_bytes, noisy_jpeg_bytes
+
+WEIGHTS = SHARED / "weights" / "yolov8n_int8.tflite"
+# Real posters: tt0086425 shows two people; the others are a mix for the job tests.
+REAL_IDS = ["tt0086425", "tt0084058", "tt0084867", "tt0085154", "tt0085159", "tt0085208", "tt0085236",
+            "tt0085244"]
+
+
+def det(class_id, confidence, x1, y1, x2, y2, name="x"):
+    return Detection(class_id, name, confidence, x1, y1, x2, y2)
+
+
+# --- the vector -------------------------------------------------------------------------
+
+def test_object_vector_counts_max_confidence_and_area_per_class():
+    detections = [det(0, 0.9, 0.0, 0.0, 0.5, 0.5), det(0, 0.6, 0.5, 0.5, 1.0, 1.0),
+                  det(2, 0.4, 0.1, 0.2, 0.3, 0.7)]
+    vector = object_vector(detections, num_classes=3)
+    assert vector.dtype == np.float32 and vector.shape == (3 * 3 + 2,)
+    expected = [math.log1p(2), 0.9, 0.5,   # class 0: two boxes of 0.25 each
+                0.0, 0.0, 0.0,             # class 1: absent
+                math.log1p(1), 0.4, 0.1,   # class 2: 0.2 × 0.5
+                math.log1p(3), 0.6]        # all: three objects covering 0.25 + 0.25 + 0.1
+    np.testing.assert_allclose(vector, np.array(expected, np.float32), rtol=1e-6)
+
+
+def test_object_vector_clips_summed_areas_to_one():
+    whole = det(1, 0.8, 0.0, 0.0, 1.0, 1.0)
+    vector = object_vector([whole, whole, whole], num_classes=2)
+    assert vector[3 + 2] == 1.0 and vector[-1] == 1.0 and vector[3] == np.float32(math.log1p(3))
+
+
+def test_no_detections_is_all_zeros_of_fixed_length():
+    for classes in (1, 80):
+        vector = object_vector([], num_classes=classes)
+        assert vector.shape == (3 * classes + 2,) and not vector.any()
+
+
+def test_a_class_id_outside_the_detector_is_an_error():
+    with pytest.raises(ValueError, match="class id 5"):
+        object_vector([det(5, 0.5, 0, 0, 1, 1)], num_classes=3)
+
+
+def test_feature_names_follow_the_vector_layout():
+    names = object_feature_names(["person", "traffic light"])
+    assert names == ["obj_person_log_count", "obj_person_max_conf", "obj_person_area",
+                     "obj_traffic_light_log_count", "obj_traffic_light_max_conf", "obj_traffic_light_area",
+                     "obj_total_log_count", "obj_total_area"]
+    assert len(names) == len(object_vector([], 2))
+
+
+# --- the detector's id and decoding -------------------------------------------------------
+
+def test_detector_id_names_weights_by_content_and_thresholds(tmp_path):
+    weights = tmp_path / "w.tflite"
+    weights.write_bytes(b"weights one")
+    config = DetectorConfig(weights=str(weights))
+    base = detector_id(config)
+    assert base.startswith("w.tflite-") and base.endswith("-c0.25") and len(base.split("-")[1]) == 12
+    assert detector_id(config) == base
+    assert detector_id(config.model_copy(update={"conf": 0.5})) != base
+    assert detector_id(config.model_copy(update={"iou": 0.6})) != base
+    weights.write_bytes(b"weights two")
+    assert detector_id(config) != base
+    assert detector_id(DetectorConfig()) == "yolov8n.pt-c0.25"  # not a local file: no hash
+
+
+def test_shared_weights_id_is_the_documented_one():
+    assert detector_id(DetectorConfig(weights=str(WEIGHTS))) == "yolov8n_int8.tflite-c8c5ea2b540c-c0.25"
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "empty_poster"), (None, "empty_poster"), (b"not an image", "not_an_image"),
+    (noisy_jpeg_bytes(3)[:600], "truncated_image"),
+])
+def test_bad_poster_bytes_raise_a_reason(data, reason):
+    with pytest.raises(ValueError, match=f"^{reason}"):
+        decode_rgb(data)
+
+
+def test_posters_decode_to_rgb():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (20, 30), 128).save(buffer, "PNG")
+    image = decode_rgb(buffer.getvalue())
+    assert image.mode == "RGB" and image.size == (20, 30)
+
+
+def test_loading_ultralytics_leaves_pillow_able_to_reject_non_images():
+    from PIL import Image
+
+    from posterfusion.features.catalogue import inspect_image_bytes
+    from posterfusion.features.objects import yolo_class
+
+    yolo_class()  # importing Ultralytics patches Image.open to pip-install a HEIF plugin on unknown bytes
+    assert Image.open.__module__.startswith("PIL")
+    assert inspect_image_bytes(b"not an image").reject_reason == "not_an_image"
+
+
+# --- real detections ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def featurizer():
+    return ObjectFeaturizer(DetectorConfig(weights=str(WEIGHTS), device="cpu"))
+
+
+@pytest.mark.slow
+def test_the_shared_model_finds_people_on_real_posters(featurizer, shared_data):
+    from PIL import Image
+
+    images = [Image.open(shared_data / "multilabel-posters" / "Images" / f"{i}.jpg").convert("RGB")
+              for i in REAL_IDS[:4]]
+    found = featurizer.detector.detect(images)
+    assert len(featurizer.detector.names) == 80 and featurizer.detector.names[0] == "person"
+    people = [d for d in found[0] if d.name == "person"]
+    assert len(people) >= 2 and max(d.confidence for d in people) > 0.9  # tt0086425: 0.93 and 0.80
+    for detections in found:
+        for d in detections:
+            assert 0 <= d.x1 <= d.x2 <= 1 and 0 <= d.y1 <= d.y2 <= 1 and d.confidence >= 0.25
+
+
+@pytest.mark.slow
+def test_featurizer_keeps_every_row_and_says_why_one_failed(featurizer, shared_data):
+    import pandas as pd
+
+    poster = (shared_data / "multilabel-posters" / "Images" / "tt0086425.jpg").read_bytes()
+    batch = pd.DataFrame({"movie_id": ["a", "b", "c"], "poster_sha256": ["1", "2", "3"],
+                          "poster": [poster, b"garbage", jpeg_bytes()]})
+    table = featurizer(batch)
+    assert table.schema == OBJECT_FEATURES_SCHEMA and table.num_rows == 3
+    rows = table.to_pylist()
+    assert [r["detect_error"] for r in rows] == [None, "not_an_image", None]
+    assert rows[1]["objects"] is None and rows[1]["detections"] is None
+    assert len(rows[0]["objects"]) == 3 * 80 + 2 and rows[0]["objects"][0] == pytest.approx(math.log1p(2))
+    assert {d["name"] for d in rows[0]["detections"]} >= {"person"}
+    as_dict = featurizer({k: np.asarray(v, dtype=object) for k, v in batch.items()})  # numpy batches too
+    assert as_dict.equals(table)
+
+
+# --- the job --------------------------------------------------------------------------------
+
+def write_catalogue(root, posters: dict[str, bytes]) -> None:
+    """A catalogue Parquet file with just enough real columns for the features job."""
+    import hashlib
+
+    rows = [{"movie_id": movie_id, "poster": data, "poster_sha256": hashlib.sha256(data).hexdigest(),
+             "width": 1, "height": 1, "genres": [], "labelled": False, "split": split_of(movie_id),
+             "grayscale": False, "small": False, "landscape": False, "duplicate_poster": False,
+             "source": "test"} for movie_id, data in posters.items()]
+    data = root / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows, schema=CATALOGUE_SCHEMA)
+    pq.write_table(table.slice(0, 5), data / "part-0.parquet", row_group_size=3)
+    pq.write_table(table.slice(5), data / "part-1.parquet", row_group_size=3)
+
+
+def feature_rows(*keys: tuple[str, str, float | None]) -> pa.Table:
+    """Stored feature rows (movie_id, sha, first vector value; None = a failed poster)."""
+    return pa.Table.from_pylist([
+        {"movie_id": m, "poster_sha256": sha, "detector_id": "d", "objects": None if v is None else [v, 0.0],
+         "detections": None if v is None else [], "detect_error": "not_an_image" if v is None else None}
+        for m, sha, v in keys], schema=OBJECT_FEATURES_SCHEMA)
+
+
+def test_readers_take_finished_runs_only_and_the_latest_row_per_key(tmp_path):
+    from posterfusion.jobs.features import feature_files, load_object_features, read_object_features
+
+    assert feature_files(tmp_path, "d") == [] and read_object_features(tmp_path, "d").empty
+    for run, rows in {"run-1": [("a", "1", 1.0), ("b", "2", None)], "run-2": [("a", "1", 2.0)],
+                      "_run-3": [("c", "3", 3.0)]}.items():
+        (tmp_path / "d" / run).mkdir(parents=True)
+        pq.write_table(feature_rows(*rows), tmp_path / "d" / run / "part.parquet")
+    assert len(feature_files(tmp_path, "d")) == 2  # _run-3 is still being written
+    assert len(read_object_features(tmp_path, "d")) == 3
+    features = load_object_features(tmp_path, "d")
+    assert list(features.index) == [("a", "1")] and features.loc[("a", "1"), "objects"][0] == 2.0
+    assert len(load_object_features(tmp_path, "d", include_errors=True)) == 2
+
+
+def test_actor_pool_leaves_a_whole_cpu_for_file_listing(ray_session, tmp_path):
+    from posterfusion.jobs.features import FeaturesConfig, _pool
+
+    config = FeaturesConfig(catalogue=tmp_path, out=tmp_path, detector=DetectorConfig(weights=str(WEIGHTS)))
+    assert _pool(config, rows=1000) == (2, 0.5, 0.0)  # 2 CPUs: 1 for actors, 1 for listing
+    assert _pool(config, rows=3) == (1, 1.0, 0.0)  # one batch needs one actor
+    with pytest.raises(ValueError, match="file listing"):
+        _pool(config.model_copy(update={"actors": 2, "cpus_per_actor": 0.75}), rows=1000)
+
+
+@pytest.mark.slow
+def test_features_job_is_incremental_and_never_drops_a_row(ray_session, shared_data, tmp_path):
+    from posterfusion.jobs.features import (
+        FeaturesConfig,
+        format_features_summary,
+        load_object_features,
+        read_object_features,
+        run_features,
+    )
+
+    images = shared_data / "multilabel-posters" / "Images"
+    posters = {i: (images / f"{i}.jpg").read_bytes() for i in REAL_IDS}
+    posters["tt9999999"] = b"\xff\xd8 not really a jpeg"
+    catalogue, out = tmp_path / "catalogue", tmp_path / "features"
+    write_catalogue(catalogue, posters)
+    config = FeaturesConfig(catalogue=catalogue, out=out, batch_size=4,
+                            detector=DetectorConfig(weights=str(WEIGHTS)))
+
+    first = run_features(config)
+    assert first["catalogue_rows"] == 9 and first["already_present"] == 0 and first["computed"] == 9
+    assert first["reconciles"] and first["errors"] == {"count": 1, "reasons": {"not_an_image": 1}}
+    assert first["top_classes"]["person"] >= 2
+    assert "9 computed" in format_features_summary(first)
+    files = list((out / first["detector_id"]).rglob("*.parquet"))
+    assert files and all(pq.read_schema(f).types == OBJECT_FEATURES_SCHEMA.types for f in files)
+
+    second = run_features(config)
+    assert second["already_present"] == 9 and second["computed"] == 0 and second["run"] is None
+    assert len(read_object_features(out, first["detector_id"])) == 9
+
+    changed = dict(posters, tt0084058=jpeg_bytes(color=(10, 200, 10)))
+    write_catalogue(catalogue, changed)
+    third = run_features(config)
+    assert third["already_present"] == 8 and third["computed"] == 1 and third["errors"]["count"] == 0
+
+    stored = read_object_features(out, first["detector_id"])
+    assert len(stored) == 10 and set(stored["detector_id"]) == {first["detector_id"]}
+    features = load_object_features(out, first["detector_id"])
+    assert len(features) == 9  # 7 unchanged + old and new sha of the changed one; the bad one left out
+    new_sha = pq.read_table(catalogue / "data").to_pandas().set_index("movie_id").loc["tt0084058", "poster_sha256"]
+    assert ("tt0084058", new_sha) in features.index
+    vector = features.loc[("tt0086425", features.loc["tt0086425"].index[0]), "objects"]
+    assert vector.dtype == np.float32 and vector.shape == (3 * 80 + 2,)
+    with_errors = load_object_features(out, first["detector_id"], include_errors=True)
+    assert with_errors.loc["tt9999999", "detect_error"].iloc[0] == "not_an_image"
