@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,23 +87,61 @@ def check_poster(path: str) -> PosterCheck:
     return inspect_image_bytes(data)
 
 
-def inspect_image_bytes(data: bytes) -> PosterCheck:
-    """Decode image bytes; the same check guards ingest and (later) the online service."""
-    sha = hashlib.sha256(data).hexdigest()
+class PosterDecodeError(ValueError):
+    """Poster bytes that are not a usable image; ``str(error)`` is the reason code."""
+
+
+def _pil_open(stream: io.BytesIO) -> Image.Image:
+    """Pillow's own ``Image.open``, even where Ultralytics has patched it (see ``objects.yolo_class``)."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(stream)
+
+
+def decode_image(data: bytes | None) -> Image.Image:
+    """Decode poster bytes fully: the one decoder of ingest, training, scoring and serving.
+
+    Guards: a pixel cap against decompression bombs (checked from the header, before any
+    pixel is decoded) and a full ``load()``, which is what catches JPEGs cut short. Raises
+    :class:`PosterDecodeError` with a reason code: ``empty_file``, ``not_an_image``,
+    ``image_too_large``, ``truncated_image: …``.
+    """
+    if not data:
+        raise PosterDecodeError("empty_file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    return PosterCheck(None, sha, reject_reason="image_too_large")
-                image.load()
-                return PosterCheck(data, sha, image.width, image.height, _is_grayscale(image))
+            image = _pil_open(io.BytesIO(bytes(data)))
+            if image.width * image.height > MAX_PIXELS:
+                raise PosterDecodeError("image_too_large")
+            image.load()
+            return image
+    except PosterDecodeError:
+        raise
     except UnidentifiedImageError:
-        return PosterCheck(None, sha, reject_reason="not_an_image")
+        raise PosterDecodeError("not_an_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return PosterCheck(None, sha, reject_reason="image_too_large")
+        raise PosterDecodeError("image_too_large") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        return PosterCheck(None, sha, reject_reason=f"truncated_image: {exc}"[:200])
+        raise PosterDecodeError(f"truncated_image: {exc}"[:200]) from None
+
+
+def decode_rgb(data: bytes | None) -> Image.Image:
+    """:func:`decode_image`, converted to RGB (what every model input starts from)."""
+    image = decode_image(data)
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise PosterDecodeError(f"unsupported_mode: {image.mode}") from exc
+
+
+def inspect_image_bytes(data: bytes) -> PosterCheck:
+    """The ingest check: decode, and describe the poster or say why it is unusable."""
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        image = decode_image(data)
+    except PosterDecodeError as exc:
+        return PosterCheck(None, sha, reject_reason=str(exc))
+    return PosterCheck(data, sha, image.width, image.height, _is_grayscale(image))
 
 
 def _is_grayscale(image: Image.Image) -> bool:

@@ -14,9 +14,6 @@ of silently mixing two detectors' outputs.
 from __future__ import annotations
 
 import hashlib
-import io
-import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field
 
-from posterfusion.features.catalogue import MAX_PIXELS
+from posterfusion.features.catalogue import decode_rgb
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -110,12 +107,6 @@ class Detection:
         return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
 
 
-def _pil_open(stream: io.BytesIO) -> Image.Image:
-    """Pillow's own ``Image.open``, even where Ultralytics' patch is in place (see ``yolo_class``)."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    return getattr(patches, "_image_open", Image.open)(stream)
-
-
 def yolo_class() -> type:
     """Import Ultralytics' ``YOLO`` and undo the ``PIL.Image.open`` patch that import applies.
 
@@ -132,42 +123,6 @@ def yolo_class() -> type:
     if original is not None and Image.open is not original:
         Image.open = original
     return YOLO
-
-
-class PosterDecodeError(ValueError):
-    """The poster bytes are not a usable image; ``str(error)`` is the reason code."""
-
-
-def decode_rgb(data: bytes | None) -> Image.Image:
-    """Decode poster bytes to an RGB image, with the catalogue's protections.
-
-    The same guards as ``features.catalogue.inspect_image_bytes``: a size cap against
-    decompression bombs and a full ``load()`` that catches truncated files. Raises
-    ``PosterDecodeError`` (a ``ValueError``) whose message is a reason code:
-    ``empty_poster``, ``not_an_image``, ``image_too_large``, ``truncated_image: …``,
-    ``unsupported_mode: …``.
-    """
-    if data is None or len(data) == 0:
-        raise PosterDecodeError("empty_poster")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _pil_open(io.BytesIO(bytes(data)))
-            if image.width * image.height > MAX_PIXELS:
-                raise PosterDecodeError("image_too_large")
-            image.load()
-    except PosterDecodeError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise PosterDecodeError("not_an_image") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PosterDecodeError("image_too_large") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise PosterDecodeError(f"truncated_image: {exc}"[:200]) from exc
-    try:
-        return image.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise PosterDecodeError(f"unsupported_mode: {image.mode}") from exc
 
 
 def object_vector(detections: Sequence[Detection], num_classes: int) -> np.ndarray:

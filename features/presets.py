@@ -11,7 +11,6 @@ tensors; the presets then run on whole batches inside the training or scoring lo
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Literal
 
@@ -19,31 +18,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from posterfusion.features.catalogue import MAX_PIXELS, inspect_image_bytes
+from posterfusion.features.catalogue import decode_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def decode_poster(data: bytes, size: int) -> torch.Tensor:
-    """Decode image bytes to a uint8 ``(3, size, size)`` RGB tensor; ValueError with a reason if unusable.
+    """Decode image bytes to a uint8 ``(3, size, size)`` RGB tensor.
 
-    The happy path decodes once; only when decoding fails is :func:`inspect_image_bytes` asked
-    why, so the reasons are the ones the ingest check reports (``not_an_image``,
-    ``truncated_image: …``, ``image_too_large``).
+    Raises ``PosterDecodeError`` (a ValueError) with the same reason codes the ingest check
+    reports, because it is the same decoder (:func:`features.catalogue.decode_rgb`).
     """
-    from PIL import Image
-
-    if not data:
-        raise ValueError("undecodable poster: empty_file")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ValueError("image_too_large")
-            return image_to_tensor(image, size)
-    except Exception as exc:  # PIL raises many types; the reason comes from the shared check
-        reason = inspect_image_bytes(data).reject_reason or f"decode_error: {exc}"[:200]
-        raise ValueError(f"undecodable poster: {reason}") from exc
+    return image_to_tensor(decode_rgb(data), size)
 
 
 def image_to_tensor(image, size: int) -> torch.Tensor:

@@ -76,7 +76,7 @@ class Predictor:
 
     def decode(self, posters: list[bytes]):
         """Bytes → RGB images, raising PosterError for the first unusable poster."""
-        from posterfusion.features.objects import decode_rgb
+        from posterfusion.features.catalogue import decode_rgb
 
         images = []
         for index, data in enumerate(posters):

@@ -97,7 +97,7 @@ def test_shared_weights_id_is_the_documented_one():
 
 
 @pytest.mark.parametrize(("data", "reason"), [
-    (b"", "empty_poster"), (None, "empty_poster"), (b"not an image", "not_an_image"),
+    (b"", "empty_file"), (None, "empty_file"), (b"not an image", "not_an_image"),
     (noisy_jpeg_bytes(3)[:600], "truncated_image"),
 ])
 def test_bad_poster_bytes_raise_a_reason(data, reason):
