@@ -1,11 +1,23 @@
 """Getting a Ray cluster: attach to a given address, or start a loopback-only local one."""
 
 from posterfusion.cluster.local import (
+    LISTING_CPUS,
+    ActorPool,
     ClusterConfig,
     ClusterInfo,
+    actor_pool,
     cpu_budget,
     prepare_environment,
     ray_cluster,
 )
 
-__all__ = ["ClusterConfig", "ClusterInfo", "cpu_budget", "prepare_environment", "ray_cluster"]
+__all__ = [
+    "LISTING_CPUS",
+    "ActorPool",
+    "ClusterConfig",
+    "ClusterInfo",
+    "actor_pool",
+    "cpu_budget",
+    "prepare_environment",
+    "ray_cluster",
+]

@@ -17,6 +17,7 @@ starts Ray on this machine, and that start must keep every connection on loopbac
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,3 +164,36 @@ def cpu_budget(fraction: float = 1.0) -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0)) * fraction
+
+
+LISTING_CPUS = 1.0  # Ray 2.60's read_parquet lists files in a task asking one whole CPU
+
+
+class ActorPool(BaseModel):
+    """How many model-holding actors a Ray Data stage gets, and what each reserves."""
+
+    size: int
+    cpus: float
+    gpus: float
+
+
+def actor_pool(requested: int | None = None, work_items: int | None = None, share: float = 0.75,
+               gpu_capable: bool = False) -> ActorPool:
+    """Size an actor pool from the connected cluster.
+
+    Actors start before any data is read, and Ray Data's file listing needs one whole CPU,
+    so the pool reserves at most the cluster's CPUs minus one (and by default at most 75 %
+    of them): on a 2-CPU machine, two actors asking 0.75 CPU each leave 0.5 free and the
+    job waits forever. GPUs are shared among the actors when the model can use one.
+    """
+    import ray
+
+    total = cpu_budget()
+    size = requested or max(1, int(total))
+    if work_items is not None:
+        size = max(1, min(size, work_items))
+    spare = max(0.0, total - LISTING_CPUS)
+    cpus = max(0.01, min(total * share, spare) / size)
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    gpus = min(1.0, cluster_gpus / size) if (gpu_capable and cluster_gpus) else 0.0
+    return ActorPool(size=size, cpus=math.floor(cpus * 1000) / 1000, gpus=gpus)

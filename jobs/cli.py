@@ -143,6 +143,90 @@ def train(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    out: Annotated[Path, typer.Option(help="Report directory (metrics.json, report.md, predictions).")],
+    split: Annotated[str, typer.Option(help="val | test (thresholds are tuned on val).")] = "test",
+    features: Annotated[Path | None, typer.Option(help="Reuse cached object features.")] = None,
+    baselines: Annotated[bool, typer.Option(help="Label-prior and classic baselines beside the model.")] = True,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Every multi-label metric on a split, beside the label-prior and classic baselines."""
+    from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate, summary_table
+
+    config = EvaluateConfig(model=model, catalogue=catalogue, out=out, split=split, features=features,
+                            baselines=baselines, n_boot=n_boot)
+    with _cluster(address, num_cpus):
+        report = run_evaluate(config)
+    typer.echo(summary_table(report))
+    typer.echo(f"evaluate: {report['posters']} posters in {report['seconds']:.0f} s → {out}")
+
+
+@app.command()
+def compare(
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    out: Annotated[Path, typer.Option(help="Report directory.")],
+    models: Annotated[Path, typer.Option(help="Bundles in MODELS/model-<variant>; missing ones are trained.")],
+    variant: Annotated[list[str] | None, typer.Option(help="Variants (default: all four).")] = None,
+    features: Annotated[Path | None, typer.Option(help="Object features directory.")] = None,
+    detector: Annotated[str | None, typer.Option(help="Detector weights the features were made with.")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone for variants trained here.")] = "densenet121",
+    image_size: Annotated[int, typer.Option(help="Image size for variants trained here.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Epochs for variants trained here.")] = 10,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="One seed for every variant.")] = 0,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Train or load cnn / cnn+objects / cnn+metadata / fused and compare them on one split."""
+    from posterfusion.jobs.compare import VARIANTS, CompareConfig, run_compare, verdicts
+    from posterfusion.jobs.evaluate import summary_table
+
+    config = CompareConfig(catalogue=catalogue, out=out, models=models, variants=variant or VARIANTS,
+                           features=features, detector=detector, n_boot=n_boot, seed=seed,
+                           train={"backbone": backbone, "image_size": image_size, "epochs": epochs})
+    with _cluster(address, num_cpus):
+        report = run_compare(config)
+    typer.echo(summary_table(report))
+    typer.echo("\n".join(verdicts(report)))
+    typer.echo(f"compare: report in {out}/report.md and report.html")
+
+
+@app.command()
+def embed(
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    out: Annotated[Path, typer.Option(help="Embeddings directory (for `similar`).")],
+    split: Annotated[str | None, typer.Option(help="Only this split (default: every poster).")] = None,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Penultimate-layer embeddings of every catalogue poster, with Ray Data."""
+    from posterfusion.jobs.similar import EmbedConfig, format_embed_summary, run_embeddings
+
+    with _cluster(address, num_cpus):
+        summary = run_embeddings(EmbedConfig(model=model, catalogue=catalogue, out=out, split=split))
+    typer.echo(format_embed_summary(summary))
+
+
+@app.command()
+def similar(
+    poster: Annotated[Path, typer.Argument(help="Query poster image file.")],
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    embeddings: Annotated[Path, typer.Option(help="Output of `posterfusion embed` for this model.")],
+    k: Annotated[int, typer.Option(help="How many neighbours.")] = 8,
+) -> None:
+    """The catalogue posters nearest to a poster in the model's embedding space."""
+    from posterfusion.jobs.similar import format_similar, similar_posters
+
+    typer.echo(format_similar(similar_posters(model, catalogue, poster, k=k, embeddings=embeddings)))
+
+
+@app.command()
 def predict(
     posters: Annotated[list[Path], typer.Argument(help="Poster image files.")],
     model: Annotated[Path, typer.Option(help="Model bundle directory.")],

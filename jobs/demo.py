@@ -1,7 +1,8 @@
 """``posterfusion demo``: the whole pipeline as it stands, on the embedded local Ray.
 
 Without ``--data`` it draws a synthetic sample first (``posterfusion sample``); with a real
-multi-label folder it uses that. Stages: ingest → object features → train → predict, each
+multi-label folder it uses that. Stages: ingest → object features → train → predict →
+evaluate (with baselines), each
 writing under ``--work`` and printing its summary. Without a detector the object stage is
 skipped *and said so*, and the model trained is the ``cnn+metadata`` variant.
 """
@@ -37,7 +38,8 @@ def run_demo(config: DemoConfig) -> dict:
         _ingest(data, metadata, catalogue)
         detector = _features(config, catalogue, features)
         _train(config, catalogue, features, detector, bundle)
-    _predict(bundle, catalogue)
+        _predict(bundle, catalogue)
+        _evaluate(bundle, catalogue, features if detector else None, config.work / "evaluation")
     return {"catalogue": str(catalogue), "bundle": str(bundle)}
 
 
@@ -82,6 +84,14 @@ def _train(config: DemoConfig, catalogue: Path, features: Path, detector, bundle
         variant="fused" if detector else "cnn+metadata", backbone=config.backbone,
         image_size=config.image_size, epochs=config.epochs, batch_size=32, lr=3e-3, patience=config.epochs))
     typer.echo("[train] " + format_train_summary(summary))
+
+
+def _evaluate(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> None:
+    from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate, summary_table
+
+    report = run_evaluate(EvaluateConfig(model=bundle, catalogue=catalogue, out=out, features=features, n_boot=200))
+    typer.echo(f"[evaluate] test split, model beside the label-prior and classic baselines → {out}/report.md")
+    typer.echo(summary_table(report))
 
 
 def _predict(bundle: Path, catalogue: Path, count: int = 4) -> None:

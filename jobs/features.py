@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["movie_id", "poster_sha256"]
 KEY_SEPARATOR = "\x1f"  # cannot occur in an IMDb id or a hex digest
-LISTING_CPUS = 1.0  # what read_parquet's file-listing task asks for (Ray 2.60)
 
 
 class FeaturesConfig(BaseModel):
@@ -106,33 +105,17 @@ def load_object_features(out: Path | str, detector: str, include_errors: bool = 
 
 
 def _pool(config: FeaturesConfig, rows: int) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor) for this cluster and this many posters.
+    """(actors, CPUs per actor, GPUs per actor); an explicit CPU ask must leave the listing CPU free."""
+    from posterfusion.cluster import LISTING_CPUS, actor_pool, cpu_budget
 
-    Actors start before any data is read, and Ray 2.60's ``read_parquet`` first lists files
-    in a task that asks a whole CPU (not configurable). So the pool may reserve at most the
-    cluster's CPUs minus one (and by default at most 75 % of them): on a 2-CPU machine two
-    actors asking 0.75 CPU each leave 0.5 free and the job waits forever.
-    """
-    import ray
-
-    from posterfusion.cluster import cpu_budget
-
-    total = cpu_budget()
-    actors = config.actors or max(1, int(total))
-    actors = max(1, min(actors, math.ceil(rows / config.batch_size)))
-    spare = max(0.0, total - LISTING_CPUS)
-    if config.cpus_per_actor is None:
-        cpus = min(cpu_budget(0.75), spare) / actors
-    elif actors * config.cpus_per_actor > spare + 1e-9:
-        raise ValueError(f"{actors} actors × {config.cpus_per_actor} CPU leave no whole CPU of the cluster's "
-                         f"{total:g} for Ray Data's file listing: the job would never start")
-    else:
+    pool = actor_pool(config.actors, math.ceil(rows / config.batch_size), gpu_capable=uses_gpu(config.detector))
+    cpus, gpus = pool.cpus, pool.gpus if config.gpus_per_actor is None else config.gpus_per_actor
+    if config.cpus_per_actor is not None:
+        if pool.size * config.cpus_per_actor > cpu_budget() - LISTING_CPUS + 1e-9:
+            raise ValueError(f"{pool.size} actors × {config.cpus_per_actor} CPU leave no whole CPU of the cluster's "
+                             f"{cpu_budget():g} for Ray Data's file listing: the job would never start")
         cpus = config.cpus_per_actor
-    gpus = config.gpus_per_actor
-    if gpus is None:
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        gpus = min(1.0, cluster_gpus / actors) if cluster_gpus and uses_gpu(config.detector) else 0.0
-    return actors, math.floor(cpus * 1000) / 1000, gpus
+    return pool.size, cpus, gpus
 
 
 def run_features(config: FeaturesConfig) -> dict:

@@ -366,7 +366,7 @@ def _train_epoch(model, optimizer, scheduler, loss_fn, config: LoopConfig, devic
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total += float(loss) * len(batch["labels"])
+        total += loss.item() * len(batch["labels"])
         seen += len(batch["labels"])
     return total / max(seen, 1), seen
 

@@ -86,12 +86,13 @@ class Predictor:
                 raise PosterError(index, str(exc)) from None
         return images
 
-    def probabilities(self, images: list, metadata: list[dict | None] | None = None,
-                      objects: np.ndarray | None = None) -> tuple[np.ndarray, list]:
-        """RGB images (+ metadata records, + precomputed object vectors) → (N, G) probabilities.
+    def probabilities(self, images: list, metadata=None, objects: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """RGB images (+ metadata, + precomputed object vectors) → (N, G) probabilities.
 
-        Runs the detector unless ``objects`` is given (batch scoring reuses cached features).
-        Returns the probabilities and the detections (empty lists when objects were given).
+        ``metadata`` is a list of records (online requests, ``None`` = unknown) or a frame of
+        catalogue rows (batch scoring). Runs the detector unless ``objects`` is given (batch
+        scoring reuses cached features). Returns the probabilities and the detections
+        (empty lists when objects were given).
         """
         import torch
 
@@ -103,7 +104,7 @@ class Predictor:
             detections = self.detector.detect(images)
             objects = np.stack([object_vector(d, len(self.detector.names)) for d in detections])
         batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
-        meta = self.encoder.transform_records(metadata or [None] * len(images))
+        meta = self._encode_metadata(metadata, len(images))
         with torch.inference_mode():
             logits = self.model(
                 self.preset(batch.to(self.device)),
@@ -111,6 +112,13 @@ class Predictor:
                 torch.as_tensor(meta, device=self.device) if self.model.uses_metadata else None,
             )
         return torch.sigmoid(logits.float()).cpu().numpy(), detections
+
+    def _encode_metadata(self, metadata, n: int) -> np.ndarray:
+        import pandas as pd
+
+        if isinstance(metadata, pd.DataFrame):
+            return self.encoder.transform(metadata)
+        return self.encoder.transform_records(metadata if metadata is not None else [None] * n)
 
     def predict(self, posters: list[bytes], metadata: list[dict | None] | None = None) -> list[Prediction]:
         """Poster bytes → one Prediction each (top-3, thresholded genres, detections)."""
@@ -125,3 +133,38 @@ class Predictor:
             genres=[g for g, p, t in zip(self.genres, probs, self.thresholds, strict=True) if p >= t],
             detections=[asdict(d) for d in detections],
         )
+
+    def embeddings(self, images: list, metadata=None, objects: np.ndarray | None = None) -> np.ndarray:
+        """RGB images (+ metadata, + object vectors) → L2-normalised penultimate features ``(N, hidden)``.
+
+        Same inputs as :meth:`probabilities`, so a poster embedded for similarity search sees exactly
+        the network inputs it is scored with. Unit length turns cosine similarity into a dot product.
+        """
+        return self.embed_and_score(images, metadata, objects)[0]
+
+    def embed_and_score(self, images: list, metadata=None,
+                        objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(L2-normalised embeddings, (N, G) probabilities) from one forward pass.
+
+        The embeddings job stores both; running :meth:`probabilities` beside :meth:`embeddings` would
+        pay for the backbone twice. The detector runs only when the network reads objects (no
+        detections are returned here). An all-zero feature vector stays zero (similar to nothing).
+        """
+        import torch
+
+        from posterfusion.features.objects import object_vector
+        from posterfusion.features.presets import image_to_tensor
+
+        if objects is None and self.model.uses_objects:
+            objects = np.stack([object_vector(d, len(self.detector.names)) for d in self.detector.detect(images)])
+        batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
+        meta = self._encode_metadata(metadata, len(images))
+        with torch.inference_mode():
+            hidden = self.model.embed(
+                self.preset(batch.to(self.device)),
+                torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
+                torch.as_tensor(meta, device=self.device) if self.model.uses_metadata else None,
+            )
+            logits = self.model.classifier(hidden).float()  # forward() minus dropout, an identity in eval
+            unit = torch.nn.functional.normalize(hidden.float(), dim=1)
+        return unit.cpu().numpy(), torch.sigmoid(logits).cpu().numpy()
