@@ -55,16 +55,12 @@ def load_split_frame(catalogue: Path, split: str) -> pd.DataFrame:
 
 def model_scores(config: EvaluateConfig, frame: pd.DataFrame, split: str) -> np.ndarray:
     """The Predictor's probabilities for ``frame``'s rows, via Ray Data actors."""
-    import pyarrow.compute as pc
-    import ray
 
-    from posterfusion.features.catalogue import catalogue_files
     from posterfusion.jobs.batch_predict import PREDICT_COLUMNS, predict_dataset
     from posterfusion.models.bundle import read_config
 
     bundle = read_config(config.model)
-    dataset = ray.data.read_parquet(catalogue_files(config.catalogue), columns=PREDICT_COLUMNS,
-                                    filter=(pc.field("split") == split) & pc.field("labelled"))
+    dataset = _labelled_rows(config.catalogue, PREDICT_COLUMNS, split)
     detect = True
     if config.features is not None and bundle.detector_id:
         dataset, detect = _with_cached_objects(dataset, config.features, bundle.detector_id), False
@@ -75,6 +71,18 @@ def model_scores(config: EvaluateConfig, frame: pd.DataFrame, split: str) -> np.
                          f"{failed.iloc[0]['error']}")
     scored = scored.set_index("movie_id").loc[frame["movie_id"]]
     return np.stack(scored["probabilities"].to_list()).astype(np.float32)
+
+
+def _labelled_rows(catalogue: Path, columns: list[str], split: str | None = None):
+    """A Ray Dataset of the catalogue's labelled rows (of one split), with ``columns``."""
+    import ray
+    from ray.data.expressions import col, lit
+
+    from posterfusion.features.catalogue import catalogue_files
+
+    wanted = col("labelled") if split is None else col("labelled") & (col("split") == lit(split))
+    dataset = ray.data.read_parquet(catalogue_files(catalogue), columns=[*columns, "labelled", "split"])
+    return dataset.filter(expr=wanted).drop_columns(["labelled", "split"])
 
 
 def _with_cached_objects(dataset, features: Path, detector_id: str):
@@ -121,10 +129,7 @@ def _tuned_classic(x_train, y_train, x_val, y_val, grid=(0.01, 0.1, 1.0)):
 
 def _poster_statistics(catalogue: Path) -> pd.Series:
     """Hand-crafted colour/texture statistics of every labelled poster, computed with Ray Data."""
-    import pyarrow.compute as pc
-    import ray
 
-    from posterfusion.features.catalogue import catalogue_files
     from posterfusion.features.classic import featurize_posters
 
     def featurize(batch: pd.DataFrame) -> pd.DataFrame:
@@ -133,8 +138,7 @@ def _poster_statistics(catalogue: Path) -> pd.Series:
             raise ValueError(f"undecodable poster in the catalogue: {next(e for e in errors if e)}")
         return pd.DataFrame({"movie_id": batch["movie_id"], "stats": list(features)})
 
-    dataset = ray.data.read_parquet(catalogue_files(catalogue), columns=["movie_id", "poster"],
-                                    filter=pc.field("labelled"))
+    dataset = _labelled_rows(catalogue, ["movie_id", "poster"])
     table = dataset.map_batches(featurize, batch_format="pandas", batch_size=128, num_cpus=0.5).to_pandas()
     return table.set_index("movie_id")["stats"]
 

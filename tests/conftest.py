@@ -53,3 +53,28 @@ def noisy_jpeg_bytes(seed: int, size=(60, 90)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
+
+
+def sample_catalogue(root: Path, n: int, unlabelled: int = 0, seed: int = 0, features: bool = False) -> Path:
+    """sample → catalogue (→ object features with the shared TFLite YOLO) under ``root``.
+
+    Shared by the module fixtures of the training, evaluation and similarity tests.
+    """
+    from posterfusion.jobs.ingest import IngestConfig, run_ingest
+    from posterfusion.jobs.sample import SampleConfig, write_sample
+
+    sample = write_sample(SampleConfig(out=root / "sample", n=n, unlabelled=unlabelled, seed=seed))
+    run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
+                            out=root / "catalogue"))
+    if features:
+        from posterfusion.jobs.features import FeaturesConfig, run_features
+
+        run_features(FeaturesConfig(catalogue=root / "catalogue", out=root / "features", detector=detector()))
+    return root
+
+
+def detector():
+    """The real COCO YOLOv8n (int8 TFLite, run by LiteRT) in ../shared."""
+    from posterfusion.features.objects import DetectorConfig
+
+    return DetectorConfig(weights=str(SHARED / "weights" / "yolov8n_int8.tflite"))

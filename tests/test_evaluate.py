@@ -9,27 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from posterfusion.features.objects import DetectorConfig
 from posterfusion.jobs.compare import CompareConfig, bundle_dir, run_compare
 from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate
-from posterfusion.jobs.features import FeaturesConfig, run_features
-from posterfusion.jobs.ingest import IngestConfig, run_ingest
-from posterfusion.jobs.sample import SampleConfig, write_sample
 from posterfusion.jobs.train import TrainConfig, run_train
-from tests.conftest import SHARED
+from tests.conftest import detector, sample_catalogue
 
 pytestmark = pytest.mark.slow
-DETECTOR = DetectorConfig(weights=str(SHARED / "weights" / "yolov8n_int8.tflite"))
+DETECTOR = detector()
 
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
     """sample → catalogue → features → cnn and fused bundles (models/model-<variant>)."""
-    root = tmp_path_factory.mktemp("evaluate")
-    sample = write_sample(SampleConfig(out=root / "sample", n=200, unlabelled=0, seed=1))
-    run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
-                            out=root / "catalogue"))
-    run_features(FeaturesConfig(catalogue=root / "catalogue", out=root / "features", detector=DETECTOR))
+    root = sample_catalogue(tmp_path_factory.mktemp("evaluate"), n=200, seed=1, features=True)
     for variant in ("cnn", "fused"):
         run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=DETECTOR,
                               out=bundle_dir(root / "models", variant), storage_path=root / "ray_results",

@@ -18,8 +18,6 @@ from PIL import Image
 
 from posterfusion.features.catalogue import catalogue_files
 from posterfusion.features.vocab import VocabConfig
-from posterfusion.jobs.ingest import IngestConfig, run_ingest
-from posterfusion.jobs.sample import SampleConfig, write_sample
 from posterfusion.jobs.similar import (
     CELL_WIDTH,
     LABEL_WIDTH,
@@ -35,14 +33,12 @@ from posterfusion.jobs.similar import (
     similar_posters,
 )
 from posterfusion.jobs.train import TrainConfig, run_train
+from tests.conftest import sample_catalogue
 
 
 @pytest.fixture(scope="module")
 def built(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("similar")
-    sample = write_sample(SampleConfig(out=root / "sample", n=80, unlabelled=4))
-    run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
-                            out=root / "catalogue"))
+    root = sample_catalogue(tmp_path_factory.mktemp("similar"), n=80, unlabelled=4)
     run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
                           variant="cnn+metadata", backbone="keras_cnn", image_size=48, epochs=2, batch_size=16,
                           lr=3e-3, vocab=VocabConfig(min_count=5)))  # several genres, so top-3 means something

@@ -11,24 +11,15 @@ import json
 import numpy as np
 import pytest
 
-from posterfusion.features.objects import DetectorConfig
-from posterfusion.jobs.features import FeaturesConfig, run_features
-from posterfusion.jobs.ingest import IngestConfig, run_ingest
-from posterfusion.jobs.sample import SampleConfig, write_sample
 from posterfusion.jobs.train import TrainConfig, run_train
-from tests.conftest import SHARED
+from tests.conftest import detector, sample_catalogue
 
-DETECTOR = DetectorConfig(weights=str(SHARED / "weights" / "yolov8n_int8.tflite"))
+DETECTOR = detector()
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    sample = write_sample(SampleConfig(out=root / "sample", n=160, unlabelled=8))
-    run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
-                            out=root / "catalogue"))
-    run_features(FeaturesConfig(catalogue=root / "catalogue", out=root / "features", detector=DETECTOR))
-    return root
+    return sample_catalogue(tmp_path_factory.mktemp("train"), n=160, unlabelled=8, features=True)
 
 
 def small(prepared, name: str, **overrides) -> TrainConfig:
