@@ -126,19 +126,19 @@ def object_lookup(config: TrainConfig, frame: pd.DataFrame) -> tuple[dict, int, 
 def build_datasets(config: TrainConfig, frame: pd.DataFrame, vocabulary, encoder, objects: dict):
     """Ray Datasets of decoded uint8 images + labels + side features, per split, materialised."""
     import ray
+    from ray.data.expressions import col, lit
 
     from posterfusion.features.catalogue import catalogue_files
 
     meta = pd.DataFrame(encoder.transform(frame), index=frame["movie_id"])
     labels = pd.DataFrame(vocabulary.encode_many(frame["genres"]), index=frame["movie_id"])
     splits = dict(zip(frame["movie_id"], frame["split"], strict=True))
-    keep = set(frame["movie_id"])
     base = ray.data.read_parquet(catalogue_files(config.catalogue), columns=["movie_id", "poster_sha256", "poster"])
-    prepared = base.filter(lambda row: row["movie_id"] in keep).map_batches(
+    prepared = base.filter(expr=col("movie_id").is_in(sorted(splits))).map_batches(
         _prepare_batch, batch_format="pandas", batch_size=64, num_cpus=0.5,
         fn_kwargs={"size": config.image_size, "labels": labels, "meta": meta, "objects": objects,
                    "splits": splits}).materialize()
-    return {split: prepared.filter(lambda row, s=split: row["split"] == s).drop_columns(["split"]).materialize()
+    return {split: prepared.filter(expr=col("split") == lit(split)).drop_columns(["split"]).materialize()
             for split in ("train", "val")}
 
 
