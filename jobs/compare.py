@@ -121,8 +121,9 @@ def verdicts(report: dict) -> list[str]:
     for pair, by_metric in report["paired"].items():
         for metric, result in by_metric.items():
             status = "significant" if result["significant"] else "NOT significant"
+            p = f"p < {1 / result['n_used']:.3g}" if result["p_value"] == 0 else f"p = {result['p_value']:.3f}"
             lines.append(f"{pair}, {metric}: {result['diff']:+.4f} [{result['low']:+.4f}, {result['high']:+.4f}], "
-                         f"p = {result['p_value']:.3f} — {status} at 95 %.")
+                         f"{p} — {status} at 95 %.")
     return lines
 
 
