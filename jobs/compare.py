@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from posterfusion.jobs.evaluate import EvaluateConfig, Scores, _json_default, baseline_scores, load_split_frame
+from posterfusion.jobs.evaluate import (
+    EvaluateConfig,
+    Scores,
+    _json_default,
+    baseline_scores,
+    build_report,
+    load_split_frame,
+)
 
 VARIANTS = ["cnn", "cnn+objects", "cnn+metadata", "fused"]
 
@@ -77,7 +84,8 @@ def run_compare(config: CompareConfig) -> dict:
     scorers |= baseline_scores(EvaluateConfig(model=next(iter(bundles.values())), catalogue=config.catalogue,
                                               out=config.out), vocabulary, frames)
     labels = {s: vocabulary.encode_many(frames[s]["genres"]) for s in ("val", "test")}
-    report = compare_report(scorers, labels, vocabulary.genres, config)
+    pairs = [(a, "cnn") for a in ("fused", "cnn+objects", "cnn+metadata") if a in scorers and "cnn" in scorers]
+    report = build_report(scorers, labels, vocabulary.genres, pairs, config.n_boot, config.seed)
     report |= {"split": config.split, "posters": len(frames["test"]),
                "bundles": {k: str(v) for k, v in bundles.items()}, "seconds": round(time.perf_counter() - started, 1)}
     write_compare(config.out, report, scorers, labels["test"], vocabulary.genres)
@@ -95,24 +103,6 @@ def _contact_sheet(config: CompareConfig, scorers: dict[str, Scores], frame, gen
     scores = pd.DataFrame(scorers[variant].test, columns=genres)
     scores.insert(0, "movie_id", frame["movie_id"].to_numpy())
     contact_sheet(scores, config.catalogue, genres, config.out / f"contact_sheet_{variant.replace('+', '_')}.png")
-
-
-def compare_report(scorers: dict[str, Scores], labels: dict[str, np.ndarray], genres: list[str],
-                   config: CompareConfig) -> dict:
-    from posterfusion.models.evaluation import HEADLINE_METRICS, bootstrap_ci, evaluate_all, paired_bootstrap
-    from posterfusion.models.metrics import tune_thresholds
-
-    y = labels["test"]
-    metrics, intervals = {}, {}
-    for name, scores in scorers.items():
-        metrics[name] = evaluate_all(y, scores.test, tune_thresholds(labels["val"], scores.val), genres)
-        intervals[name] = {m: list(bootstrap_ci(y, scores.test, fn, n_boot=config.n_boot, seed=config.seed))
-                           for m, fn in HEADLINE_METRICS.items()}
-    pairs = [(a, "cnn") for a in ("fused", "cnn+objects", "cnn+metadata") if a in scorers and "cnn" in scorers]
-    paired = {f"{a} - {b}": {m: paired_bootstrap(y, scorers[a].test, scorers[b].test, fn, n_boot=config.n_boot,
-                                                 seed=config.seed) for m, fn in HEADLINE_METRICS.items()}
-              for a, b in pairs}
-    return {"genres": genres, "metrics": metrics, "intervals": intervals, "paired": paired}
 
 
 def verdicts(report: dict) -> list[str]:

@@ -156,7 +156,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     if config.baselines:
         scorers |= baseline_scores(config, vocabulary, frames)
     labels = {s: vocabulary.encode_many(frames[s]["genres"]) for s in ("val", "test")}
-    report = build_report(scorers, labels, vocabulary.genres, config)
+    pairs = [("model", name) for name in scorers if name != "model"]
+    report = build_report(scorers, labels, vocabulary.genres, pairs, config.n_boot, config.seed)
     report |= {"split": config.split, "posters": len(frames["test"]), "model": str(config.model),
                "seconds": round(time.perf_counter() - started, 1)}
     write_report(config.out, report, frames["test"], scorers, vocabulary.genres)
@@ -164,7 +165,11 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
 
 def build_report(scorers: dict[str, Scores], labels: dict[str, np.ndarray], genres: list[str],
-                 config: EvaluateConfig) -> dict:
+                 pairs: list[tuple[str, str]], n_boot: int, seed: int) -> dict:
+    """Metrics at val-tuned thresholds, bootstrap intervals per scorer, paired differences a − b.
+
+    Shared by ``evaluate`` (model − each baseline) and ``compare`` (each variant − cnn).
+    """
     from posterfusion.models.evaluation import HEADLINE_METRICS, bootstrap_ci, evaluate_all, paired_bootstrap
     from posterfusion.models.metrics import tune_thresholds
 
@@ -173,12 +178,11 @@ def build_report(scorers: dict[str, Scores], labels: dict[str, np.ndarray], genr
     for name, scores in scorers.items():
         thresholds[name] = tune_thresholds(labels["val"], scores.val)
         metrics[name] = evaluate_all(y, scores.test, thresholds[name], genres)
-        intervals[name] = {m: list(bootstrap_ci(y, scores.test, fn, n_boot=config.n_boot, seed=config.seed))
+        intervals[name] = {m: list(bootstrap_ci(y, scores.test, fn, n_boot=n_boot, seed=seed))
                            for m, fn in HEADLINE_METRICS.items()}
-    paired = {f"model - {name}": {m: paired_bootstrap(y, scorers["model"].test, scorers[name].test, fn,
-                                                      n_boot=config.n_boot, seed=config.seed)
-                                  for m, fn in HEADLINE_METRICS.items()}
-              for name in scorers if name != "model"}
+    paired = {f"{a} - {b}": {m: paired_bootstrap(y, scorers[a].test, scorers[b].test, fn, n_boot=n_boot, seed=seed)
+                             for m, fn in HEADLINE_METRICS.items()}
+              for a, b in pairs}
     return {"genres": genres, "metrics": metrics, "intervals": intervals, "paired": paired,
             "thresholds": {k: dict(zip(genres, map(float, v), strict=True)) for k, v in thresholds.items()}}
 

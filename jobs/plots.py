@@ -16,6 +16,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def per_genre_auc_plot(path: Path, metrics: dict[str, dict], genres: list[str]) -> Path:
     """Grouped bars: ROC-AUC per genre, one bar per scorer (NaN where the split has no positive)."""
     plt = _pyplot()
@@ -31,10 +38,7 @@ def per_genre_auc_plot(path: Path, metrics: dict[str, dict], genres: list[str]) 
     ax.set_ylim(0.3, 1.0)
     ax.set_ylabel("ROC-AUC")
     ax.legend(fontsize=8, ncols=min(len(names), 6))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pr_curves_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]) -> Path:
@@ -51,10 +55,7 @@ def pr_curves_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]
     ax.set_ylabel("precision")
     ax.set_title("micro-averaged precision–recall")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def calibration_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray], bins: int = 10) -> Path:
@@ -71,7 +72,4 @@ def calibration_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarra
     ax.set_ylabel("observed frequency")
     ax.set_title("calibration (pooled over genres)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
