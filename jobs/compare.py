@@ -20,9 +20,9 @@ from pydantic import BaseModel, Field
 from posterfusion.jobs.evaluate import (
     EvaluateConfig,
     Scores,
-    _json_default,
     baseline_scores,
     build_report,
+    json_default,
     load_split_frame,
 )
 
@@ -152,6 +152,6 @@ def write_compare(out: Path, report: dict, scorers: dict[str, Scores], labels: n
              pr_curves_plot(out / "pr_curves.png", labels, tests),
              calibration_plot(out / "calibration.png", labels, tests)]
     names = [p.name for p in plots]
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=json_default))
     (out / "report.md").write_text(markdown(report, names))
     (out / "report.html").write_text(html_page(report, names))

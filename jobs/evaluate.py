@@ -189,7 +189,7 @@ def build_report(scorers: dict[str, Scores], labels: dict[str, np.ndarray], genr
 
 def write_report(out: Path, report: dict, frame: pd.DataFrame, scorers: dict[str, Scores], genres: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=json_default))
     predictions = frame[["movie_id"]].copy()
     for name, scores in scorers.items():
         for g, genre in enumerate(genres):
@@ -198,7 +198,7 @@ def write_report(out: Path, report: dict, frame: pd.DataFrame, scorers: dict[str
     (out / "report.md").write_text(summary_table(report) + "\n")
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, np.generic | np.ndarray):
         return value.tolist()
     if isinstance(value, float) and np.isnan(value):

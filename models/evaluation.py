@@ -351,23 +351,6 @@ def bootstrap_ci(
     return (point, *_interval(bootstrap_distribution(y, s, metric_fn, n_boot, seed), alpha))
 
 
-def bootstrap_cis(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    metrics: dict[str, MetricFn] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict[str, dict[str, float]]:
-    """``{name: {point, low, high, n_used}}`` for several metrics (default :data:`HEADLINE_METRICS`)."""
-    out = {}
-    for name, fn in (metrics or HEADLINE_METRICS).items():
-        values = bootstrap_distribution(labels, scores, fn, n_boot, seed)
-        low, high = _interval(values, alpha)
-        out[name] = {"point": float(fn(*_as_arrays(labels, scores))), "low": low, "high": high, "n_used": values.size}
-    return out
-
-
 def paired_bootstrap(
     labels: np.ndarray,
     scores_a: np.ndarray,
