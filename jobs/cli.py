@@ -196,6 +196,31 @@ def compare(
 
 
 @app.command()
+def score(
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    out: Annotated[Path, typer.Option(help="Predictions directory (partitioned by run date, incremental).")],
+    features: Annotated[Path | None, typer.Option(help="Cached object features to reuse.")] = None,
+    run_date: Annotated[str | None, typer.Option(help="Partition date YYYY-MM-DD (default: today, UTC).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Posters per actor call.")] = 32,
+    actors: Annotated[int | None, typer.Option(help="Predictor actors (default: from the cluster).")] = None,
+    rows_per_file: Annotated[int, typer.Option(help="Rows per committed Parquet file.")] = 1000,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Score every catalogue poster this model version has not scored yet (Ray Data, incremental)."""
+    from posterfusion.jobs.score import ScoreConfig, format_score_summary, run_score
+
+    config = ScoreConfig(model=model, catalogue=catalogue, out=out, features=features, batch_size=batch_size,
+                         actors=actors, rows_per_file=rows_per_file, **({"run_date": run_date} if run_date else {}))
+    with _cluster(address, num_cpus):
+        summary = run_score(config)
+    typer.echo(format_score_summary(summary))
+    if not summary["reconciles"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def embed(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")],
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],

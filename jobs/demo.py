@@ -2,7 +2,7 @@
 
 Without ``--data`` it draws a synthetic sample first (``posterfusion sample``); with a real
 multi-label folder it uses that. Stages: ingest → object features → train → predict →
-evaluate (with baselines), each
+evaluate (with baselines) → score the whole catalogue, each
 writing under ``--work`` and printing its summary. Without a detector the object stage is
 skipped *and said so*, and the model trained is the ``cnn+metadata`` variant.
 """
@@ -40,7 +40,8 @@ def run_demo(config: DemoConfig) -> dict:
         _train(config, catalogue, features, detector, bundle)
         _predict(bundle, catalogue)
         _evaluate(bundle, catalogue, features if detector else None, config.work / "evaluation")
-    return {"catalogue": str(catalogue), "bundle": str(bundle)}
+        predictions = _score(bundle, catalogue, features if detector else None, config.work / "predictions")
+    return {"catalogue": str(catalogue), "bundle": str(bundle), "predictions": str(predictions)}
 
 
 def _data(config: DemoConfig) -> tuple[Path, list[Path]]:
@@ -92,6 +93,18 @@ def _evaluate(bundle: Path, catalogue: Path, features: Path | None, out: Path) -
     report = run_evaluate(EvaluateConfig(model=bundle, catalogue=catalogue, out=out, features=features, n_boot=200))
     typer.echo(f"[evaluate] test split, model beside the label-prior and classic baselines → {out}/report.md")
     typer.echo(summary_table(report))
+
+
+def _score(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> Path:
+    """Last stage: the whole catalogue, as the nightly job scores it."""
+    from posterfusion.jobs.score import ScoreConfig, format_score_summary, run_score
+
+    summary = run_score(ScoreConfig(model=bundle, catalogue=catalogue, out=out, features=features))
+    typer.echo(f"[score] posterfusion score --model {bundle} --catalogue {catalogue} --out {out}")
+    typer.echo(format_score_summary(summary))
+    typer.echo(f"[score] predictions: {out}/run_date={summary['run_date']}/ "
+               f"(read them with pandas.read_parquet('{out}'))")
+    return out
 
 
 def _predict(bundle: Path, catalogue: Path, count: int = 4) -> None:

@@ -56,14 +56,14 @@ def load_split_frame(catalogue: Path, split: str) -> pd.DataFrame:
 def model_scores(config: EvaluateConfig, frame: pd.DataFrame, split: str) -> np.ndarray:
     """The Predictor's probabilities for ``frame``'s rows, via Ray Data actors."""
 
-    from posterfusion.jobs.batch_predict import PREDICT_COLUMNS, predict_dataset
+    from posterfusion.jobs.batch_predict import PREDICT_COLUMNS, attach_cached_objects, predict_dataset
     from posterfusion.models.bundle import read_config
 
     bundle = read_config(config.model)
     dataset = _labelled_rows(config.catalogue, PREDICT_COLUMNS, split)
     detect = True
     if config.features is not None and bundle.detector_id:
-        dataset, detect = _with_cached_objects(dataset, config.features, bundle.detector_id), False
+        dataset, detect = attach_cached_objects(dataset, config.features, bundle.detector_id), False
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, detect=detect).to_pandas()
     failed = scored[scored["error"].notna()]
     if len(failed):
@@ -83,20 +83,6 @@ def _labelled_rows(catalogue: Path, columns: list[str], split: str | None = None
     wanted = col("labelled") if split is None else col("labelled") & (col("split") == lit(split))
     dataset = ray.data.read_parquet(catalogue_files(catalogue), columns=[*columns, "labelled", "split"])
     return dataset.filter(expr=wanted).drop_columns(["labelled", "split"])
-
-
-def _with_cached_objects(dataset, features: Path, detector_id: str):
-    from posterfusion.jobs.features import load_object_features
-
-    table = load_object_features(features, detector_id)
-    lookup = {key: np.asarray(v, np.float32) for key, v in table["objects"].items()}
-
-    def attach(batch: pd.DataFrame) -> pd.DataFrame:
-        keys = zip(batch["movie_id"], batch["poster_sha256"], strict=True)
-        batch["objects"] = [lookup[k] for k in keys]
-        return batch
-
-    return dataset.map_batches(attach, batch_format="pandas", num_cpus=0.25)
 
 
 def baseline_scores(config: EvaluateConfig, vocabulary, frames: dict[str, pd.DataFrame]) -> dict[str, Scores]:

@@ -86,23 +86,20 @@ class Predictor:
                 raise PosterError(index, str(exc)) from None
         return images
 
-    def probabilities(self, images: list, metadata=None, objects: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+    def probabilities(self, images: list, metadata=None, objects=None) -> tuple[np.ndarray, list]:
         """RGB images (+ metadata, + precomputed object vectors) → (N, G) probabilities.
 
         ``metadata`` is a list of records (online requests, ``None`` = unknown) or a frame of
-        catalogue rows (batch scoring). Runs the detector unless ``objects`` is given (batch
-        scoring reuses cached features). Returns the probabilities and the detections
-        (empty lists when objects were given).
+        catalogue rows (batch scoring). ``objects`` is an ``(N, D)`` array, or a list whose
+        ``None`` entries are posters without cached features: the detector runs on exactly
+        those (batch scoring reuses the features job's output and detects only what is new).
+        Returns the probabilities and the fresh detections (empty for cached posters).
         """
         import torch
 
-        from posterfusion.features.objects import object_vector
         from posterfusion.features.presets import image_to_tensor
 
-        detections = [[] for _ in images]
-        if objects is None and self.detector is not None:
-            detections = self.detector.detect(images)
-            objects = np.stack([object_vector(d, len(self.detector.names)) for d in detections])
+        objects, detections = self.object_vectors(images, objects)
         batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
         meta = self._encode_metadata(metadata, len(images))
         with torch.inference_mode():
@@ -112,6 +109,20 @@ class Predictor:
                 torch.as_tensor(meta, device=self.device) if self.model.uses_metadata else None,
             )
         return torch.sigmoid(logits.float()).cpu().numpy(), detections
+
+    def object_vectors(self, images: list, objects=None) -> tuple[np.ndarray | None, list]:
+        """Object vectors for a batch: given ones kept, missing ones detected (if a detector is loaded)."""
+        from posterfusion.features.objects import object_vector
+
+        detections: list = [[] for _ in images]
+        if self.detector is None:
+            return (None if objects is None else np.stack(objects)), detections
+        vectors = [None] * len(images) if objects is None else list(objects)
+        todo = [i for i, v in enumerate(vectors) if v is None]
+        if todo:
+            for i, found in zip(todo, self.detector.detect([images[i] for i in todo]), strict=True):
+                detections[i], vectors[i] = found, object_vector(found, len(self.detector.names))
+        return np.stack(vectors).astype(np.float32), detections
 
     def _encode_metadata(self, metadata, n: int) -> np.ndarray:
         import pandas as pd
@@ -152,11 +163,10 @@ class Predictor:
         """
         import torch
 
-        from posterfusion.features.objects import object_vector
         from posterfusion.features.presets import image_to_tensor
 
-        if objects is None and self.model.uses_objects:
-            objects = np.stack([object_vector(d, len(self.detector.names)) for d in self.detector.detect(images)])
+        if self.model.uses_objects:
+            objects = self.object_vectors(images, objects)[0]
         batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
         meta = self._encode_metadata(metadata, len(images))
         with torch.inference_mode():
