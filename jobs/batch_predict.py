@@ -88,6 +88,15 @@ def _missing(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
 
 
+def cached_objects(features: Path, detector_id: str) -> dict[tuple[str, str], tuple[list, list]]:
+    """(movie_id, poster_sha256) → (object vector, detections) from the features job's output."""
+    from posterfusion.jobs.features import load_object_features
+
+    table = load_object_features(features, detector_id)
+    return {key: (list(v), list(d)) for key, v, d in
+            zip(table.index, table["objects"], table["detections"], strict=True)}
+
+
 def attach_cached_objects(dataset, features: Path, detector_id: str, strict: bool = True):
     """Add ``objects`` and ``cached_detections`` columns from the features job's output.
 
@@ -97,11 +106,8 @@ def attach_cached_objects(dataset, features: Path, detector_id: str, strict: boo
     import pyarrow as pa
 
     from posterfusion.features.objects import DETECTION_TYPE
-    from posterfusion.jobs.features import load_object_features
 
-    table = load_object_features(features, detector_id)
-    lookup = {key: (list(v), list(d)) for key, v, d in
-              zip(table.index, table["objects"], table["detections"], strict=True)}
+    lookup = cached_objects(features, detector_id)
 
     def attach(batch: pa.Table) -> pa.Table:
         keys = list(zip(batch["movie_id"].to_pylist(), batch["poster_sha256"].to_pylist(), strict=True))

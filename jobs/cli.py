@@ -265,6 +265,43 @@ def predict(
 
 
 @app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    host: Annotated[str, typer.Option(help="HTTP bind address (loopback unless you mean otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Most posters per model call.")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill.")] = 20,
+    min_replicas: Annotated[int, typer.Option(help="Autoscaling floor of model replicas.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Autoscaling ceiling of model replicas.")] = 2,
+    max_queued_requests: Annotated[int, typer.Option(help="Queue length beyond which requests get 503.")] = 64,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs per model replica.")] = 0.5,
+    replica_gpus: Annotated[float, typer.Option(help="GPUs per model replica.")] = 0.0,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Serve the model over HTTP with Ray Serve (batching, autoscaling) until interrupted."""
+    import time
+
+    from posterfusion.serving.app import ServeConfig, start_service
+
+    config = ServeConfig(model=model.resolve(), max_batch_size=max_batch_size,
+                         batch_wait_timeout_s=batch_wait_ms / 1000,
+                         min_replicas=min_replicas, max_replicas=max_replicas, max_queued_requests=max_queued_requests,
+                         max_ongoing_requests=max(16, 2 * max_batch_size), replica_cpus=replica_cpus,
+                         replica_gpus=replica_gpus)
+    with _cluster(address, num_cpus):
+        url = start_service(config, host=host, port=port)
+        typer.echo(f"serving {model} at {url}/ (upload page), {url}/v1/predict, {url}/docs — Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            from ray import serve as ray_serve
+
+            ray_serve.shutdown()
+
+
+@app.command()
 def demo(
     data: Annotated[Path | None, typer.Option(help="A real multi-label folder (default: a sample).")] = None,
     work: Annotated[Path, typer.Option(help="Working directory for every stage's output.")] = Path("runs/demo"),

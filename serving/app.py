@@ -1,0 +1,168 @@
+"""The online service: a FastAPI ingress composed with a batched model deployment on Ray Serve.
+
+    HTTP ──► Api (FastAPI ingress: parse, validate, 4xx for bad input)
+               │  DeploymentHandle, one call per poster
+               ▼
+             PosterModel (the bundle's Predictor; @serve.batch groups concurrent posters)
+
+Why two deployments: validation is cheap and must never wait behind the model, and the
+model replicas are what autoscale (``target_ongoing_requests``) and what overload protects
+(``max_queued_requests``: a full queue answers 503 at once instead of piling up). Each
+poster is its own model call, so posters of one ``/v1/predict/batch`` request and of other
+clients' requests share batches. Every bad input is answered 4xx with a JSON body
+``{"error": {"code", "message"}}`` before it reaches the model; a poster that only fails to
+decode inside the replica comes back as an error value, never as an exception that would
+fail its batch-mates.
+
+Built by :func:`build_app` — from ``posterfusion serve`` and from ``serve run`` /
+``serve deploy`` with ``serving/serve_config.yaml`` (the builder takes the typed args).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posterfusion.serving.schemas import MovieMetadata
+
+PAGE = Path(__file__).with_name("index.html")
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+
+
+class ServeConfig(BaseModel):
+    """Everything an operator tunes; the serve config YAML's ``args`` validate against this."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Path = Field(description="model bundle directory (on every node)")
+    max_batch_size: int = Field(8, ge=1, le=256, description="most posters one model call takes")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="wait for a batch to fill")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0, description="autoscaling target per model replica")
+    max_ongoing_requests: int = Field(16, ge=1, description="in flight per replica; >= max_batch_size")
+    max_queued_requests: int = Field(64, ge=1, description="queued beyond that → 503")
+    replica_cpus: float = Field(0.5, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    ingress_cpus: float = Field(0.1, gt=0)
+    ingress_replicas: int = Field(1, ge=1)
+    max_upload_bytes: int = Field(8_000_000, ge=1, description="largest poster accepted (413 above)")
+    max_batch_posters: int = Field(32, ge=1, description="most posters in one /v1/predict/batch")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
+        if self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError("max_replicas must be >= min_replicas and >= 1")
+        return self
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP status, a stable code, and what is wrong."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# Decode failures the replica reports, mapped to statuses (413 for the pixel cap: too big, not malformed).
+DECODE_STATUS = {"image_too_large": 413}
+
+
+def _read_json_field(raw: str | None, field: str):
+    if raw is None or raw == "":
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_metadata", f"{field} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def parse_metadata(value) -> dict | None:
+    """A metadata object → the Predictor's record (only the fields given); 422 says which field is wrong."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_metadata", f"metadata must be a JSON object, got {type(value).__name__}")
+    try:
+        return MovieMetadata.model_validate(value).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(422, "invalid_metadata", problems) from None
+
+
+def batch_metadata(value, n: int) -> list[dict | None]:
+    if value is None:
+        return [None] * n
+    if not isinstance(value, list) or len(value) != n:
+        raise ApiError(422, "invalid_metadata", f"metadata must be a JSON list with one entry (object or null) "
+                       f"per poster: {n}")
+    return [parse_metadata(v) for v in value]
+
+
+def raise_first(results: list) -> None:
+    """All posters of a batch request are answered, or the first problem is (4xx, naming the poster)."""
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def check_poster_part(part, limit: int, name: str) -> None:
+    """An uploaded part must be a non-empty image of at most ``limit`` bytes (415 / 400 / 413)."""
+    if part is None or isinstance(part, str):
+        raise ApiError(400, "missing_poster", f"multipart field '{name}' with an image file is required")
+    content_type = (part.content_type or "").split(";")[0].strip().lower()
+    if content_type not in IMAGE_TYPES and content_type != "application/octet-stream":
+        raise ApiError(415, "unsupported_media_type",
+                       f"'{name}' is {content_type or 'untyped'}; send one of {', '.join(IMAGE_TYPES)}")
+    if part.size is not None and part.size > limit:
+        raise ApiError(413, "poster_too_large", f"'{name}' is {part.size} bytes; the limit is {limit}")
+
+
+def _form_options(config: ServeConfig) -> dict:
+    return {"max_files": config.max_batch_posters, "max_fields": 8, "max_part_size": 1_000_000}
+
+
+async def read_form(request, config: ServeConfig, posters: int = 1):
+    """The multipart body, refusing a wrong content type (415) or an oversized body (413) first."""
+    from starlette.exceptions import HTTPException
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data with an image in 'poster' (got {content_type or 'no content type'})")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > config.max_upload_bytes * posters + 1_000_000:
+        raise ApiError(413, "body_too_large", f"request body is {length} bytes; the limit is "
+                       f"{config.max_upload_bytes} per poster")
+    try:
+        return await request.form(**_form_options(config))
+    except HTTPException as exc:
+        raise ApiError(400, "bad_multipart", str(exc.detail)) from None
+    except Exception as exc:  # a malformed multipart body (starlette raises several kinds)
+        raise ApiError(400, "bad_multipart", f"could not parse the multipart body: {exc}"[:300]) from None
+
+
+def build_app(args: ServeConfig | dict):
+    """Serve application builder: ``serve run posterfusion.serving.app:build_app model=DIR`` or a YAML's args."""
+    from posterfusion.serving.deployments import bind
+
+    config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    return bind(config)
+
+
+def start_service(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "posterfusion",
+                  route_prefix: str = "/") -> str:
+    """Start Serve's HTTP proxy on ``host:port`` (loopback by default) and deploy the app; return its URL.
+
+    Needs a connected Ray (``cluster.ray_cluster``). Returns once every replica is up.
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"

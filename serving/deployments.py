@@ -1,0 +1,202 @@
+"""The two Serve deployments and the FastAPI routes (imported only where the service runs).
+
+See :mod:`posterfusion.serving.app` for why the service is split this way; this module
+holds what needs ``ray.serve`` at class-definition time (``@serve.batch``, ``@serve.ingress``).
+"""
+
+
+import asyncio
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from posterfusion.serving.app import (
+    DECODE_STATUS,
+    PAGE,
+    ApiError,
+    ServeConfig,
+    _read_json_field,
+    batch_metadata,
+    check_poster_part,
+    parse_metadata,
+    raise_first,
+    read_form,
+)
+from posterfusion.serving.metrics import ApiMetrics, ModelMetrics
+from posterfusion.serving.schemas import BatchResponse, GenresResponse, PredictResponse
+
+api = FastAPI(title="posterfusion", version="1",
+              description="Movie genres from a poster (+ optional metadata), with the objects detected on it.")
+ROUTES = {"/", "/healthz", "/v1/genres", "/v1/predict", "/v1/predict/batch"}
+_metrics: list[ApiMetrics] = []  # created in the replica on first use, never at import
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return JSONResponse({"error": {"code": "invalid_request", "message": str(exc.errors())[:500]}}, status_code=422)
+
+
+@api.middleware("http")
+async def _record(request: Request, call_next):
+    started = time.perf_counter()
+    response = await call_next(request)
+    if not _metrics:
+        _metrics.append(ApiMetrics())
+    endpoint = request.url.path if request.url.path in ROUTES else "other"
+    _metrics[0].observe(endpoint, response.status_code, time.perf_counter() - started)
+    return response
+
+
+@serve.deployment
+class PosterModel:
+    """One Predictor per replica; concurrent posters (from any request) are scored in batches."""
+
+    def __init__(self, bundle: str, max_batch_size: int, batch_wait_timeout_s: float):
+        from posterfusion.models.predictor import Predictor
+
+        self.predictor = Predictor(bundle)
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.metrics = ModelMetrics(self.predictor.genres)
+
+    async def predict(self, poster: bytes, metadata: dict | None) -> dict:
+        return await self.predict_batch((poster, metadata))
+
+    def info(self) -> dict:
+        return {"model_version": self.predictor.version, "variant": self.predictor.config.model.variant,
+                "detector": self.predictor.config.detector_id, "genres": self.predictor.genres,
+                "thresholds": {g: float(t) for g, t in zip(self.predictor.genres, self.predictor.thresholds,
+                                                            strict=True)}}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def predict_batch(self, items: list[tuple[bytes, dict | None]]) -> list[dict]:
+        started = time.perf_counter()
+        # In a thread: the replica's event loop keeps queueing the next batch while this one computes.
+        results = await asyncio.to_thread(self._predict_sync, items)
+        self.metrics.observe_batch(len(items), time.perf_counter() - started, results)
+        return results
+
+    def _predict_sync(self, items: list[tuple[bytes, dict | None]]) -> list[dict]:
+        """Undecodable posters become ``{"error": reason}``; the rest share one Predictor call."""
+        from posterfusion.features.catalogue import PosterDecodeError, decode_rgb
+        from posterfusion.jobs.score import object_summary
+
+        results: list[dict] = [{} for _ in items]
+        images, good = [], []
+        for i, (poster, _) in enumerate(items):
+            try:
+                images.append(decode_rgb(poster))
+                good.append(i)
+            except PosterDecodeError as exc:
+                results[i] = {"error": str(exc)}
+        if good:
+            probs, detections = self.predictor.probabilities(images, [items[i][1] for i in good])
+            for k, i in enumerate(good):
+                prediction = self.predictor._prediction(probs[k], detections[k])
+                results[i] = {
+                    "model_version": self.predictor.version,
+                    "probabilities": prediction.probabilities,
+                    "top3": [{"genre": g, "probability": p} for g, p in prediction.top3],
+                    "genres": prediction.genres,
+                    "objects": object_summary(prediction.detections),
+                    "detections": prediction.detections,
+                    "batch_size": len(items),
+                }
+        return results
+
+
+@serve.deployment
+@serve.ingress(api)
+class Api:
+    """FastAPI ingress: parses and validates, then one model call per poster."""
+
+    def __init__(self, model: DeploymentHandle, config: dict):
+        self.model = model
+        self.config = ServeConfig.model_validate(config)
+
+    async def _predict(self, poster: bytes, metadata: dict | None, index: int | None = None) -> dict:
+        try:
+            result = await self.model.predict.remote(poster, metadata)
+        except BackPressureError:
+            raise ApiError(503, "overloaded", "the model's queue is full; retry with backoff") from None
+        if "error" in result:
+            code = result["error"].split(":", 1)[0]
+            where = f"poster {index}: " if index is not None else ""
+            raise ApiError(DECODE_STATUS.get(code, 422), code, where + result["error"])
+        return result
+
+    async def _poster_bytes(self, part, name: str) -> bytes:
+        check_poster_part(part, self.config.max_upload_bytes, name)
+        data = await part.read()
+        if not data:
+            raise ApiError(400, "empty_poster", f"'{name}' is an empty file")
+        if len(data) > self.config.max_upload_bytes:
+            raise ApiError(413, "poster_too_large",
+                           f"'{name}' is {len(data)} bytes; the limit is {self.config.max_upload_bytes}")
+        return data
+
+    @api.post("/v1/predict", response_model=PredictResponse)
+    async def predict(self, request: Request) -> dict:
+        """Multipart: ``poster`` (image file), optional ``metadata`` (a JSON object)."""
+        form = await read_form(request, self.config)
+        data = await self._poster_bytes(form.get("poster"), "poster")
+        metadata = parse_metadata(_read_json_field(form.get("metadata"), "metadata"))
+        return await self._predict(data, metadata)
+
+    @api.post("/v1/predict/batch", response_model=BatchResponse)
+    async def predict_batch(self, request: Request) -> dict:
+        """Multipart: ``posters`` (repeated image files), optional ``metadata`` (a JSON list, one per poster)."""
+        form = await read_form(request, self.config, posters=self.config.max_batch_posters)
+        parts = form.getlist("posters")
+        if not parts:
+            raise ApiError(400, "missing_poster", "multipart field 'posters' with at least one image is required")
+        if len(parts) > self.config.max_batch_posters:
+            raise ApiError(413, "too_many_posters", f"{len(parts)} posters; the limit is "
+                           f"{self.config.max_batch_posters}")
+        posters = [await self._poster_bytes(p, f"posters[{i}]") for i, p in enumerate(parts)]
+        metadata = batch_metadata(_read_json_field(form.get("metadata"), "metadata"), len(posters))
+        results = await asyncio.gather(*(self._predict(p, m, i) for i, (p, m) in
+                                         enumerate(zip(posters, metadata, strict=True))), return_exceptions=True)
+        raise_first(results)
+        return {"model_version": results[0]["model_version"], "predictions": results}
+
+    @api.get("/v1/genres", response_model=GenresResponse)
+    async def genres(self) -> dict:
+        return await self.model.info.remote()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        info = await self.model.info.remote()
+        return {"status": "ok", "model_version": info["model_version"]}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        return PAGE.read_text()
+
+
+def bind(config: ServeConfig):
+    """The application graph with the config's batching, autoscaling and back-pressure settings."""
+    model = PosterModel.options(
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": config.target_ongoing_requests,
+                            "upscale_delay_s": 3, "downscale_delay_s": 60},
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+    ).bind(str(config.model), config.max_batch_size, config.batch_wait_timeout_s)
+    return Api.options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=max(64, 4 * config.max_ongoing_requests * config.max_replicas),
+        max_queued_requests=4 * config.max_queued_requests,
+        ray_actor_options={"num_cpus": config.ingress_cpus},
+    ).bind(model, config.model_dump(mode="json"))

@@ -1,0 +1,60 @@
+"""Request and response shapes of the online API (typed, so bad input is named field by field)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MovieMetadata(BaseModel):
+    """Optional movie metadata sent with a poster. Every field may be left out (most posters have none).
+
+    Ranges are those a real movie can have; anything else is a client bug answered 422, not
+    a value to encode. The field names are the metadata encoder's (``features.metadata.FIELDS``).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    year: int | None = Field(None, ge=1870, le=2100)
+    runtime: float | None = Field(None, gt=0, le=1000, description="minutes")
+    imdb_score: float | None = Field(None, ge=0, le=10)
+    num_votes: int | None = Field(None, ge=0)
+    budget: float | None = Field(None, ge=0, description="US dollars")
+    gross: float | None = Field(None, ge=0, description="US dollars")
+    popularity: float | None = Field(None, ge=0, description="TMDb popularity")
+    content_rating: str | None = Field(None, min_length=1, max_length=32)
+    language: str | None = Field(None, min_length=1, max_length=64)
+    country: str | None = Field(None, min_length=1, max_length=64)
+
+
+class GenreScore(BaseModel):
+    genre: str
+    probability: float
+
+
+class ObjectCount(BaseModel):
+    name: str
+    count: int
+    max_confidence: float
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    probabilities: dict[str, float] = Field(description="one probability per genre")
+    top3: list[GenreScore]
+    genres: list[str] = Field(description="genres at or above their tuned threshold")
+    objects: list[ObjectCount] = Field(description="detected objects, one entry per class")
+    detections: list[dict] = Field(description="every detected box, corners normalised to [0, 1]")
+    batch_size: int = Field(description="how many posters the model replica scored together with this one")
+
+
+class BatchResponse(BaseModel):
+    model_version: str
+    predictions: list[PredictResponse]
+
+
+class GenresResponse(BaseModel):
+    model_version: str
+    variant: str
+    detector: str | None
+    genres: list[str]
+    thresholds: dict[str, float]

@@ -1,0 +1,224 @@
+"""The online service on loopback: good requests answered, every bad one 4xx (never 5xx), batching, overload.
+
+One Serve instance for the module (in the test session's Ray), with the small fused bundle of
+a synthetic sample: it detects objects with the real YOLO, so answers carry real detections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from posterfusion.jobs.train import TrainConfig, run_train
+from posterfusion.models.predictor import Predictor
+from posterfusion.serving.app import ServeConfig, start_service
+from tests.conftest import REPO, detector, jpeg_bytes, noisy_jpeg_bytes, sample_catalogue
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_header_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid PNG header claiming ``width × height`` pixels, with one tiny IDAT: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bundle(ray_session, tmp_path_factory) -> Path:
+    root = sample_catalogue(tmp_path_factory.mktemp("serving"), n=40, seed=5, features=True)
+    run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
+                          out=root / "bundle", storage_path=root / "ray_results", variant="fused",
+                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16))
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def service(bundle):
+    """The app on 127.0.0.1 (a free port), plus a second, tightly limited app for the overload test."""
+    from ray import serve
+
+    config = ServeConfig(model=bundle, max_batch_size=8, batch_wait_timeout_s=0.05, max_replicas=1,
+                         replica_cpus=0.25, max_upload_bytes=200_000)
+    url = start_service(config, port=free_port())
+    tight = ServeConfig(model=bundle, max_batch_size=1, batch_wait_timeout_s=0, min_replicas=1, max_replicas=1,
+                        max_ongoing_requests=1, max_queued_requests=1, replica_cpus=0.25)
+    from posterfusion.serving.app import build_app
+
+    serve.run(build_app(tight), name="tight", route_prefix="/tight", blocking=False)
+    yield url
+    serve.shutdown()
+
+
+def post(url: str, files=None, data=None, **kwargs) -> httpx.Response:
+    return httpx.post(url, files=files, data=data, timeout=60, **kwargs)
+
+
+def poster_file(data: bytes, content_type: str = "image/jpeg", name: str = "poster.jpg"):
+    return {"poster": (name, data, content_type)}
+
+
+def test_a_poster_gets_probabilities_top3_genres_and_objects(service, bundle):
+    poster = noisy_jpeg_bytes(1, size=(120, 180))
+    response = post(f"{service}/v1/predict", files=poster_file(poster))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    predictor = Predictor(bundle)
+    assert body["model_version"] == predictor.version
+    assert list(body["probabilities"]) == predictor.genres
+    expected = predictor.probabilities(predictor.decode([poster]), [None])[0][0]
+    np.testing.assert_allclose([body["probabilities"][g] for g in predictor.genres], expected, atol=1e-5)
+    top = [t["genre"] for t in body["top3"]]
+    assert top == [predictor.genres[i] for i in np.argsort(-expected)[:3]]
+    assert set(body["genres"]) <= set(predictor.genres)
+    assert isinstance(body["objects"], list) and isinstance(body["detections"], list)
+
+
+def test_metadata_is_used_when_given(service, bundle):
+    poster = noisy_jpeg_bytes(2)
+    meta = {"year": 1985, "runtime": 95.0, "imdb_score": 7.1, "language": "English"}
+    response = post(f"{service}/v1/predict", files=poster_file(poster), data={"metadata": json.dumps(meta)})
+    assert response.status_code == 200, response.text
+    predictor = Predictor(bundle)
+    expected = predictor.probabilities(predictor.decode([poster]), [meta])[0][0]
+    np.testing.assert_allclose(list(response.json()["probabilities"].values()), expected, atol=1e-5)
+
+
+def test_a_real_poster_shows_the_people_on_it(service, shared_data):
+    posters = sorted((shared_data / "multilabel-posters" / "Images").glob("*.jpg"))[:12]
+    found = [post(f"{service}/v1/predict", files=poster_file(p.read_bytes())).json()["objects"] for p in posters]
+    assert any(o["name"] == "person" for objects in found for o in objects)
+
+
+BAD_REQUESTS = {
+    "not an image": (dict(files=poster_file(b"this is plain text, not a JPEG")), 422, "not_an_image"),
+    "truncated image": (dict(files=poster_file(noisy_jpeg_bytes(3)[:1500])), 422, "truncated_image"),
+    "empty body": (dict(content=b"", headers={"content-type": "multipart/form-data; boundary=x"}), 400, None),
+    "no body at all": (dict(), 415, "unsupported_media_type"),
+    "empty file": (dict(files=poster_file(b"")), 400, "empty_poster"),
+    "json instead of multipart": (dict(json={"poster": "abc"}), 415, "unsupported_media_type"),
+    "poster part of the wrong type": (dict(files=poster_file(jpeg_bytes(), "text/plain")), 415,
+                                      "unsupported_media_type"),
+    "over the byte limit": (dict(files=poster_file(b"\xff\xd8" + b"0" * 300_000)), 413, "poster_too_large"),
+    "decompression bomb": (dict(files=poster_file(png_header_bomb(), "image/png", "bomb.png")), 413,
+                           "image_too_large"),
+    "metadata not json": (dict(files=poster_file(jpeg_bytes()), data={"metadata": "{year: 1999"}), 422,
+                          "invalid_metadata"),
+    "metadata not an object": (dict(files=poster_file(jpeg_bytes()), data={"metadata": "[1, 2]"}), 422,
+                               "invalid_metadata"),
+    "metadata value out of range": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"year": 3020}'}),
+                                    422, "invalid_metadata"),
+    "metadata of the wrong type": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"runtime": "long"}'}),
+                                   422, "invalid_metadata"),
+    "unknown metadata field": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"genre": "Drama"}'}),
+                               422, "invalid_metadata"),
+    "garbled multipart": (dict(content=b"--x\r\nContent-Disposition: form-data; name=\"poster\"\r\n\r\nabc",
+                               headers={"content-type": "multipart/form-data; boundary=x"}), 400, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_json_error_and_the_service_keeps_serving(service, case):
+    kwargs, status, code = BAD_REQUESTS[case]
+    response = httpx.post(f"{service}/v1/predict", timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    assert post(f"{service}/v1/predict", files=poster_file(jpeg_bytes())).status_code == 200
+
+
+def test_the_batch_endpoint_answers_each_poster_or_names_the_bad_one(service):
+    posters = [noisy_jpeg_bytes(i) for i in range(3)]
+    files = [("posters", (f"{i}.jpg", p, "image/jpeg")) for i, p in enumerate(posters)]
+    response = post(f"{service}/v1/predict/batch", files=files,
+                    data={"metadata": json.dumps([{"year": 2001}, None, {"country": "France"}])})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 3
+    files[1] = ("posters", ("bad.jpg", b"not an image", "image/jpeg"))
+    response = post(f"{service}/v1/predict/batch", files=files)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith("poster 1:")
+    response = post(f"{service}/v1/predict/batch", files=files[:2], data={"metadata": "[null]"})
+    assert response.status_code == 422 and "one entry" in response.json()["error"]["message"]
+
+
+def test_genres_health_and_the_upload_page(service, bundle):
+    predictor = Predictor(bundle)
+    genres = httpx.get(f"{service}/v1/genres").json()
+    assert genres["genres"] == predictor.genres and genres["model_version"] == predictor.version
+    assert set(genres["thresholds"]) == set(predictor.genres)
+    assert httpx.get(f"{service}/healthz").json() == {"status": "ok", "model_version": predictor.version}
+    page = httpx.get(f"{service}/")
+    assert page.status_code == 200 and 'type="file"' in page.text
+    assert httpx.get(f"{service}/no/such/route").status_code == 404
+
+
+def test_concurrent_load_forms_batches_and_every_request_succeeds(service):
+    """48 requests, 16 at a time: the replica must group posters (batch size > 1) with no errors."""
+
+    async def run() -> list[httpx.Response]:
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i: int) -> httpx.Response:
+                async with limit:
+                    return await client.post(f"{service}/v1/predict", files=poster_file(noisy_jpeg_bytes(i)))
+            return await asyncio.gather(*(one(i) for i in range(48)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 48
+    sizes = [r.json()["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+
+
+def test_overload_answers_503_not_5xx_and_recovers(service):
+    """The tight app holds one request and queues one: a burst gets 503s, nothing else fails."""
+    base = service.rstrip("/") + "/tight"
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i: int) -> int:
+                response = await client.post(f"{base}/v1/predict", files=poster_file(noisy_jpeg_bytes(i)))
+                return response.status_code
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    statuses = asyncio.run(burst())
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses
+    assert post(f"{base}/v1/predict", files=poster_file(jpeg_bytes())).status_code == 200
+
+
+def test_the_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    app = schema.applications[0]
+    assert app.import_path == "posterfusion.serving.app:build_app"
+    assert config["http_options"]["host"] == "127.0.0.1"
+    ServeConfig.model_validate(app.args)
+
+
+def test_the_config_refuses_batches_that_could_never_fill(tmp_path):
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        ServeConfig(model=tmp_path, max_batch_size=32, max_ongoing_requests=8)
