@@ -9,7 +9,7 @@ DETECTOR ?= $(wildcard ../shared/weights/yolov8n_int8.tflite)
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast install lint clean
+.PHONY: demo test test-fast install browser lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The browser test drives Debian's chromium (never a downloaded browser); installed once per machine.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+browser: $(CHROMIUM)
+
 demo: install
 	$(BIN)/posterfusion demo $(if $(DETECTOR),--detector $(DETECTOR)) $(DEMO_ARGS)
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from posterfusion.features.vocab import VocabConfig
 from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.predictor import Predictor
 from posterfusion.serving.app import ServeConfig, start_service
@@ -47,7 +48,8 @@ def bundle(ray_session, tmp_path_factory) -> Path:
     root = sample_catalogue(tmp_path_factory.mktemp("serving"), n=40, seed=5, features=True)
     run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
                           out=root / "bundle", storage_path=root / "ray_results", variant="fused",
-                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16))
+                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16,
+                          vocab=VocabConfig(min_count=3)))  # several genres, so top-3 means something
     return root / "bundle"
 
 
@@ -222,3 +224,42 @@ def test_the_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
 def test_the_config_refuses_batches_that_could_never_fill(tmp_path):
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeConfig(model=tmp_path, max_batch_size=32, max_ongoing_requests=8)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# No background traffic: chromium would otherwise try Google's update, sync and QUIC endpoints.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions", "--metrics-recording-only"]
+
+
+def test_the_upload_page_in_a_real_browser_shows_top3_genres_and_objects(service, shared_data, tmp_path):
+    """Debian's chromium (installed by `make test`) driven by Playwright: upload a real poster, read the bars."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), "chromium is missing: `make test` installs it (apt-get install chromium)"
+    poster = sorted((shared_data / "multilabel-posters" / "Images").glob("*.jpg"))[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{service}/")
+            page.set_input_files("#poster", str(poster))
+            page.click("#submit")
+            page.wait_for_selector("#result.shown", timeout=60_000)
+            bars = page.locator("#top3 .row")
+            assert bars.count() == 3, page.content()
+            shown = [bars.nth(i).get_attribute("data-genre") for i in range(3)]
+            expected = post(f"{service}/v1/predict", files=poster_file(poster.read_bytes())).json()
+            assert shown == [t["genre"] for t in expected["top3"]]
+            assert page.locator("#objects li").count() >= 1
+            assert page.locator("#preview").get_attribute("src").startswith("blob:")
+            page.screenshot(path=str(tmp_path / "upload.png"))
+            # A bad file shows the service's 4xx message, and the page stays usable.
+            bad = tmp_path / "notes.jpg"
+            bad.write_text("not a poster")
+            page.set_input_files("#poster", str(bad))
+            page.click("#submit")
+            page.wait_for_function("document.getElementById('error').textContent.startsWith('422')")
+        finally:
+            browser.close()
