@@ -86,3 +86,60 @@ def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
     assert remote, "no connection was sampled: the socket sampler saw nothing"
     assert {(n, ip) for n, ip in remote if not is_loopback(ip)} == set()
     assert (tmp_path / "state" / "ray-home" / "ray_bootstrap_config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_the_service_stays_on_loopback(ray_session, tmp_path):
+    """`posterfusion serve` (its own local Ray, Serve's proxy, replicas) answering real HTTP requests."""
+    import signal
+
+    import httpx
+
+    from posterfusion.jobs.train import TrainConfig, run_train
+    from tests.conftest import jpeg_bytes, sample_catalogue
+    from tests.test_serving import free_port
+
+    root = sample_catalogue(tmp_path, n=24)
+    run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
+                          variant="cnn+metadata", backbone="keras_cnn", image_size=32, epochs=1, batch_size=8))
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(AUDIT_PATH), os.environ.get("PYTHONPATH", "")]),
+        "POSTERFUSION_NET_AUDIT_DIR": str(audit),
+        "POSTERFUSION_HOME": str(tmp_path / "state"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-m", "posterfusion", "serve", "--model", str(root / "bundle"),
+                              "--port", str(port), "--num-cpus", "2", "--replica-cpus", "0.25"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sockets: dict[int, set] = {}
+    process = psutil.Process(child.pid)
+    answers = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and child.poll() is None and not answers:
+            _sample_sockets(process, sockets)
+            try:
+                answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/predict", timeout=30,
+                                          files={"poster": ("p.jpg", jpeg_bytes(), "image/jpeg")}))
+            except httpx.HTTPError:
+                time.sleep(1)
+        for _ in range(10):
+            _sample_sockets(process, sockets)
+            time.sleep(0.2)
+    finally:
+        child.send_signal(signal.SIGINT)
+        try:
+            output = child.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            child.kill()
+            output = child.communicate()[0]
+    assert answers and answers[0].status_code == 200, output[-3000:]
+    events = read_events(audit)
+    argvs = {e["argv"] for e in events if e["event"] == "audit.loaded"}
+    assert any("default_worker" in a for a in argvs), argvs
+    assert offending(events) == [], offending(events)[:10]
+    remote = {(name, ip) for conns in sockets.values() for name, ip in conns}
+    assert remote and {(n, ip) for n, ip in remote if not is_loopback(ip)} == set()

@@ -1,0 +1,116 @@
+"""Serving throughput and latency: the same load against the service with batching and with max_batch_size=1.
+
+Starts the app on 127.0.0.1 (a local Ray, or ``--address``), then for each batch size sends
+``--requests`` posters (real posters from ../shared, cycled) from ``--concurrency`` clients
+over HTTP, and prints requests/s, p50/p90/p99 latency, the batch sizes the replica formed,
+and the ratios. One model replica in both runs, so only batching differs.
+
+    python benchmarks/serve_load.py --model runs/demo/model
+    python benchmarks/serve_load.py --model M --requests 400 --concurrency 32 --batch-sizes 1 4 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+SHARED_POSTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "multilabel-posters" / "Images"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, posters: list[bytes], requests: int, concurrency: int) -> tuple[list[float], Counter, int]:
+    """(latencies of successful requests in s, batch sizes seen, failed requests)."""
+    import httpx
+
+    gate, latencies, sizes, failed = asyncio.Semaphore(concurrency), [], Counter(), 0
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int) -> None:
+            nonlocal failed
+            async with gate:
+                started = time.perf_counter()
+                response = await client.post(f"{url}/v1/predict",
+                                             files={"poster": ("p.jpg", posters[i % len(posters)], "image/jpeg")})
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                    sizes[response.json()["batch_size"]] += 1
+                else:
+                    failed += 1
+
+        await asyncio.gather(*(one(i) for i in range(requests)))
+    return latencies, sizes, failed
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def run(model: Path, batch_size: int, posters: list[bytes], args) -> dict:
+    import httpx
+    from ray import serve
+
+    from posterfusion.serving.app import ServeConfig, start_service
+
+    config = ServeConfig(model=model.resolve(), max_batch_size=batch_size, batch_wait_timeout_s=args.wait_ms / 1000,
+                         min_replicas=1, max_replicas=1, max_ongoing_requests=max(16, 2 * batch_size),
+                         max_queued_requests=10_000, replica_cpus=args.replica_cpus)
+    url = start_service(config, port=args.port)
+    for poster in posters[:4]:  # warm-up: first calls pay for lazy initialisation
+        httpx.post(f"{url}/v1/predict", files={"poster": ("p.jpg", poster, "image/jpeg")}, timeout=300)
+    started = time.perf_counter()
+    latencies, sizes, failed = asyncio.run(load(url, posters, args.requests, args.concurrency))
+    seconds = time.perf_counter() - started
+    serve.delete("posterfusion")
+    return {"batch": batch_size, "rps": len(latencies) / seconds, "p50": percentile(latencies, 50) * 1000,
+            "p90": percentile(latencies, 90) * 1000, "p99": percentile(latencies, 99) * 1000,
+            "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--posters", type=Path, default=SHARED_POSTERS)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--wait-ms", type=float, default=20)
+    parser.add_argument("--replica-cpus", type=float, default=0.5)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--address", default=None)
+    args = parser.parse_args()
+    args.port = args.port or free_port()
+
+    from posterfusion.cluster import ClusterConfig, prepare_environment, ray_cluster
+
+    prepare_environment()
+    posters = [p.read_bytes() for p in sorted(args.posters.glob("*.jpg"))[:64]]
+    with ray_cluster(ClusterConfig(address=args.address)) as cluster:
+        results = [run(args.model, b, posters, args) for b in args.batch_sizes]
+        from ray import serve
+
+        serve.shutdown()
+    print(f"bundle {args.model}; {args.requests} requests, {args.concurrency} concurrent, real posters; "
+          f"1 model replica × {args.replica_cpus} CPU; Ray: {cluster.cpus:g} CPU, {cluster.gpus:g} GPU")
+    print(f"{'max_batch_size':>14}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'failed':>8}  batch sizes formed")
+    for r in results:
+        print(f"{r['batch']:>14}{r['rps']:>8.1f}{r['p50']:>9.0f}{r['p90']:>9.0f}{r['p99']:>9.0f}{r['failed']:>8}  "
+              f"{r['sizes']}")
+    base = next((r for r in results if r["batch"] == 1), None)
+    for r in results:
+        if base is not None and r is not base:
+            print(f"batch {r['batch']} vs 1: throughput {r['rps'] / base['rps']:.2f}x, "
+                  f"p50 {r['p50'] / base['p50']:.2f}x, p99 {r['p99'] / base['p99']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
