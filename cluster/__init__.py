@@ -7,6 +7,7 @@ from posterfusion.cluster.local import (
     ClusterInfo,
     actor_pool,
     cpu_budget,
+    node_cpus,
     prepare_environment,
     ray_cluster,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ClusterInfo",
     "actor_pool",
     "cpu_budget",
+    "node_cpus",
     "prepare_environment",
     "ray_cluster",
 ]

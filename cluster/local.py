@@ -146,13 +146,23 @@ def ray_cluster(config: ClusterConfig | None = None) -> Iterator[ClusterInfo]:
     address = config.resolved_address()
     if address:
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, **_loopback_driver(address))
     else:
         _start_local(config)
     try:
         yield _describe(local=address is None)
     finally:
         ray.shutdown()
+
+
+def _loopback_driver(address: str) -> dict:
+    """A driver joining a loopback cluster (``cluster.multinode``) takes the head's 127.x IP as its own.
+
+    Otherwise Ray names the driver's node 127.0.0.1 and finds no raylet there, since each
+    node of such a cluster has its own 127.0.0.x.
+    """
+    host = address.rsplit(":", 1)[0] if "://" not in address else ""
+    return {"_node_ip_address": host} if host.startswith("127.") and host != "127.0.0.1" else {}
 
 
 def cpu_budget(fraction: float = 1.0) -> float:
@@ -164,6 +174,14 @@ def cpu_budget(fraction: float = 1.0) -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0)) * fraction
+
+
+def node_cpus() -> list[float]:
+    """CPUs of each alive node: one worker or actor can never ask more than one node has."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("CPU", 0.0) > 0]
 
 
 LISTING_CPUS = 1.0  # Ray 2.60's read_parquet lists files in a task asking one whole CPU
@@ -184,7 +202,9 @@ def actor_pool(requested: int | None = None, work_items: int | None = None, shar
     Actors start before any data is read, and Ray Data's file listing needs one whole CPU,
     so the pool reserves at most the cluster's CPUs minus one (and by default at most 75 %
     of them): on a 2-CPU machine, two actors asking 0.75 CPU each leave 0.5 free and the
-    job waits forever. GPUs are shared among the actors when the model can use one.
+    job waits forever. On several nodes the actors are spread (``SPREAD``), so each node
+    hosts about ``size / nodes`` of them; they then ask little enough that the smallest node
+    keeps a whole CPU too. GPUs are shared among the actors when the model can use one.
     """
     import ray
 
@@ -193,7 +213,12 @@ def actor_pool(requested: int | None = None, work_items: int | None = None, shar
     if work_items is not None:
         size = max(1, min(size, work_items))
     spare = max(0.0, total - LISTING_CPUS)
-    cpus = max(0.01, min(total * share, spare) / size)
+    cpus = min(total * share, spare) / size
+    nodes = node_cpus()
+    if len(nodes) > 1:
+        per_node = math.ceil(size / len(nodes))
+        cpus = min(cpus, max(0.0, min(nodes) - LISTING_CPUS) / per_node)
+    cpus = max(0.01, cpus)
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     gpus = min(1.0, cluster_gpus / size) if (gpu_capable and cluster_gpus) else 0.0
     return ActorPool(size=size, cpus=math.floor(cpus * 1000) / 1000, gpus=gpus)

@@ -133,4 +133,4 @@ def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | N
     return dataset.map_batches(
         actor_class, fn_constructor_kwargs={"bundle": str(bundle), "detect": detect, **actor_kwargs},
         batch_format="pandas", batch_size=batch_size, compute=ActorPoolStrategy(size=pool.size),
-        num_cpus=pool.cpus, num_gpus=pool.gpus)
+        num_cpus=pool.cpus, num_gpus=pool.gpus, scheduling_strategy="SPREAD")  # actors on every node

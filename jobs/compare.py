@@ -85,6 +85,8 @@ def run_compare(config: CompareConfig) -> dict:
                                               out=config.out), vocabulary, frames)
     labels = {s: vocabulary.encode_many(frames[s]["genres"]) for s in ("val", "test")}
     pairs = [(a, "cnn") for a in ("fused", "cnn+objects", "cnn+metadata") if a in scorers and "cnn" in scorers]
+    if {"fused", "cnn+metadata"} <= set(scorers):
+        pairs.append(("fused", "cnn+metadata"))  # do objects add anything once metadata is in?
     report = build_report(scorers, labels, vocabulary.genres, pairs, config.n_boot, config.seed)
     report |= {"split": config.split, "posters": len(frames["test"]),
                "bundles": {k: str(v) for k, v in bundles.items()}, "seconds": round(time.perf_counter() - started, 1)}

@@ -168,10 +168,11 @@ def pos_weights(labels: np.ndarray, cap: float = 20.0) -> list[float]:
 
 
 def _worker_resources(config: TrainConfig) -> tuple[float, int]:
-    from posterfusion.cluster import cpu_budget
+    from posterfusion.cluster import cpu_budget, node_cpus
 
     total = cpu_budget()
-    per_worker = config.cpus_per_worker or max(0.1, min(total * 0.8 / config.workers, 8.0))
+    largest = max(node_cpus(), default=total)  # a worker lives on one node: asking more never schedules
+    per_worker = config.cpus_per_worker or max(0.1, min(total * 0.8 / config.workers, largest * 0.8, 8.0))
     return per_worker, max(1, round(total / config.workers))
 
 
@@ -264,8 +265,9 @@ def train_loop(raw_config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = max(1, math.ceil(config.train_rows / (config.batch_size * context.get_world_size())))
+    # At least 10 steps: OneCycleLR's warm-up phase (20 %) must span a whole step, or tiny runs fail.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
-                                                    total_steps=config.epochs * steps + 1, pct_start=0.2)
+                                                    total_steps=max(10, config.epochs * steps + 1), pct_start=0.2)
     state = _resume(model, optimizer, scheduler)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(config.pos_weight, device=device))
     for epoch in range(state["epoch"] + 1, config.epochs + 1):

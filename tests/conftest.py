@@ -12,6 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POSTERFUSION_SHARED", REPO.parent / "shared"))
 
 os.environ.setdefault("POSTERFUSION_HOME", str(REPO / ".state"))
+# Every Ray the tests start (the session's, the multi-node cluster's, the CLI's) keeps its auth
+# token under the project's Ray HOME; the test process must present it to all of them, and
+# Ray reads these once, at import, so they are set before anything imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN_PATH", os.path.join(os.environ["POSTERFUSION_HOME"], "ray-home", ".ray",
+                                                          "auth_token"))
 from posterfusion.cluster import prepare_environment  # noqa: E402
 
 prepare_environment()  # before ray is imported anywhere in the session

@@ -1,0 +1,106 @@
+"""A real two-node Ray cluster on loopback: jobs attach unchanged, and scoring survives losing a node.
+
+The head and a worker node are separate ``ray start`` processes with their own temp dirs
+(``cluster.multinode.LocalCluster``, each node on its own 127.0.0.x). Everything talks to
+the cluster the way a platform team would: the CLI with ``--address`` and the job submission
+API with ``cluster/runtime_env.yaml``. This test process never joins the cluster as a driver
+(it may already be one for the test session's own Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posterfusion.cluster.multinode import LocalCluster
+from posterfusion.jobs.sample import SampleConfig, write_sample
+from posterfusion.jobs.score import read_predictions
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.cluster
+
+
+def cli(*args: str, address: str, timeout: int = 600) -> str:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "posterfusion", *args, "--address", address], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def submit_score(client, bundle: Path, catalogue: Path, out: Path) -> str:
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)
+    return client.submit_job(
+        entrypoint=f"{sys.executable} -m posterfusion score --model {bundle} --catalogue {catalogue} "
+                   f"--out {out} --batch-size 4 --rows-per-file 8",
+        runtime_env=runtime_env)
+
+
+def wait_for(client, job: str, timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return status
+        time.sleep(1)
+    raise TimeoutError(client.get_job_logs(job)[-3000:])
+
+
+def assert_each_row_once(out: Path, catalogue_rows: int) -> None:
+    stored = read_predictions(out)
+    assert len(stored) == catalogue_rows
+    assert not stored.duplicated(["movie_id", "poster_sha256", "model_version"]).any()
+    assert stored["error"].isna().all()
+
+
+def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path):
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_tasks
+
+    sample = write_sample(SampleConfig(out=tmp_path / "sample", n=72, unlabelled=8, seed=11))
+    catalogue, bundle = tmp_path / "catalogue", tmp_path / "bundle"
+    with LocalCluster(workers=1) as cluster:  # its own short /tmp root: unix socket paths are limited to 107 bytes
+        assert len(cluster.alive_nodes()) == 2
+        cli("ingest", "--source", f"multilabel:{tmp_path / 'sample'}", "--metadata", sample["metadata"],
+            "--out", str(catalogue), address=cluster.address)
+        cli("train", "--catalogue", str(catalogue), "--out", str(bundle), "--variant", "cnn+metadata",
+                      "--backbone", "keras_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
+                      address=cluster.address)
+        assert (bundle / "model.safetensors").is_file()  # `posterfusion train --address` on the cluster
+
+        client = JobSubmissionClient(cluster.dashboard)
+        job = submit_score(client, bundle, catalogue, tmp_path / "scores")
+        assert wait_for(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+        assert "reconciles" in client.get_job_logs(job)
+        assert_each_row_once(tmp_path / "scores", 80)
+        tasks = list_tasks(address=cluster.dashboard, filters=[("job_id", "=", client.get_job_info(job).job_id)],
+                           detail=True, limit=10_000)
+        nodes = {t.node_id for t in tasks if t.node_id}
+        assert len(nodes) == 2, f"tasks ran on {len(nodes)} node(s)"
+
+        # Kill the worker node once the job has committed its first file: the job still finishes.
+        job = submit_score(client, bundle, catalogue, tmp_path / "scores-killed")
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "scores-killed").glob("run_date=*/part-*.parquet")):
+            assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+            assert client.get_job_status(job) not in {"FAILED", "SUCCEEDED"}, client.get_job_logs(job)[-3000:]
+            time.sleep(0.2)
+        worker = cluster.nodes[1]
+        assert worker.kill() > 0
+        assert wait_for(client, job) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
+        assert_each_row_once(tmp_path / "scores-killed", 80)
+        assert len(cluster.alive_nodes()) == 1
+    from posterfusion.cluster.multinode import Node
+
+    assert Node("any", str(cluster.root)).processes() == []  # every process of the cluster is gone
+    assert not cluster.root.exists()
