@@ -9,6 +9,7 @@ same actor, so detection and the CNN never form two stages that wait on each oth
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -97,29 +98,57 @@ def cached_objects(features: Path, detector_id: str) -> dict[tuple[str, str], tu
             zip(table.index, table["objects"], table["detections"], strict=True)}
 
 
-def attach_cached_objects(dataset, features: Path, detector_id: str, strict: bool = True):
+def attach_cached_objects(dataset, features: Path, detector_id: str, strict: bool = True,
+                          keys: set[tuple[str, str]] | None = None):
     """Add ``objects`` and ``cached_detections`` columns from the features job's output.
 
     ``strict``: every row must have features (evaluation, where a silent re-detection would
     hide a stale cache); otherwise missing rows get ``None`` and the actor detects them.
+    ``keys``: only these (movie_id, poster_sha256) rows will be seen, so only they are shipped.
+    The lookup goes to the object store once and each worker process reads it once.
     """
+    import ray
+
+    lookup = cached_objects(features, detector_id)
+    if keys is not None:
+        lookup = {k: v for k, v in lookup.items() if k in keys}
+    return dataset.map_batches(_attach, batch_format="pyarrow", num_cpus=0.25,
+                               fn_kwargs={"lookup": _LookupRef(ray.put(lookup)), "strict": strict,
+                                          "detector_id": detector_id})
+
+
+class _LookupRef:
+    """An ObjectRef wrapper (Ray Data would not resolve a bare ref in ``fn_kwargs``), read once per process."""
+
+    _cache: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def get(self) -> dict:
+        import ray
+
+        key = self.ref.hex()
+        if key not in self._cache:
+            self._cache.clear()
+            self._cache[key] = ray.get(self.ref)
+        return self._cache[key]
+
+
+def _attach(batch, lookup: _LookupRef, strict: bool, detector_id: str):
     import pyarrow as pa
 
     from posterfusion.features.objects import DETECTION_TYPE
 
-    lookup = cached_objects(features, detector_id)
-
-    def attach(batch: pa.Table) -> pa.Table:
-        keys = list(zip(batch["movie_id"].to_pylist(), batch["poster_sha256"].to_pylist(), strict=True))
-        missing = [k for k in keys if k not in lookup]
-        if strict and missing:
-            raise KeyError(f"{len(missing)} posters have no cached object features for {detector_id}, "
-                           f"e.g. {missing[0]}: run `posterfusion features` first")
-        found = [lookup.get(k, (None, None)) for k in keys]  # explicit types: an all-missing block stays typed
-        return (batch.append_column("objects", pa.array([f[0] for f in found], pa.list_(pa.float32())))
-                .append_column("cached_detections", pa.array([f[1] for f in found], pa.list_(DETECTION_TYPE))))
-
-    return dataset.map_batches(attach, batch_format="pyarrow", num_cpus=0.25)
+    table = lookup.get()
+    keys = list(zip(batch["movie_id"].to_pylist(), batch["poster_sha256"].to_pylist(), strict=True))
+    missing = [k for k in keys if k not in table]
+    if strict and missing:
+        raise KeyError(f"{len(missing)} posters have no cached object features for {detector_id}, "
+                       f"e.g. {missing[0]}: run `posterfusion features` first")
+    found = [table.get(k, (None, None)) for k in keys]  # explicit types: an all-missing block stays typed
+    return (batch.append_column("objects", pa.array([f[0] for f in found], pa.list_(pa.float32())))
+            .append_column("cached_detections", pa.array([f[1] for f in found], pa.list_(DETECTION_TYPE))))
 
 
 def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | None = None, detect: bool = True,

@@ -244,7 +244,8 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
     dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)  # a block goes to one actor
     detect = True
     if config.features is not None and bundle.detector_id:
-        dataset = attach_cached_objects(dataset, config.features, bundle.detector_id, strict=False)
+        wanted = {tuple(k.split("\x1f")[:2]) for k in todo.to_pylist()}
+        dataset = attach_cached_objects(dataset, config.features, bundle.detector_id, strict=False, keys=wanted)
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, actors=config.actors,
                              detect=detect, actor_class=ScoreBatch, run_id=run_id,
                              chaos_dir=str(config.out / "_chaos"), kill_worker_after=config.kill_worker_after)
