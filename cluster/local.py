@@ -68,7 +68,26 @@ def ray_home() -> Path:
     bootstrap = home / BOOTSTRAP_FILE
     if not bootstrap.exists():
         bootstrap.write_text(BOOTSTRAP_TEXT)
+    _ensure_auth_token(home / ".ray" / "auth_token")
     return home
+
+
+def _ensure_auth_token(path: Path) -> None:
+    """Ray's token authentication keeps a token at ``~/.ray/auth_token`` (here: the Ray HOME).
+
+    Ray creates it on a first local start only when ``RAY_AUTH_MODE`` is unset; a process that
+    sets the mode and ``RAY_AUTH_TOKEN_PATH`` up front (the tests, ``LocalCluster``) would find
+    no file on a fresh machine. Same format as ``ray get-auth-token --generate``: 64 hex chars.
+    """
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
 
 
 class ClusterConfig(BaseModel):

@@ -263,3 +263,26 @@ def test_the_upload_page_in_a_real_browser_shows_top3_genres_and_objects(service
             page.wait_for_function("document.getElementById('error').textContent.startsWith('422')")
         finally:
             browser.close()
+
+
+def test_the_services_own_metrics_reach_prometheus(service):
+    """After real traffic, Ray's metrics endpoint on this node exports the project's counters and histograms."""
+    import time
+
+    import ray
+
+    for i in range(4):
+        post(f"{service}/v1/predict", files=poster_file(noisy_jpeg_bytes(100 + i)))
+    post(f"{service}/v1/predict", files=poster_file(b"not an image"))
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = ["ray_posterfusion_requests_total", "ray_posterfusion_batch_size_bucket",
+              "ray_posterfusion_request_latency_ms_bucket", "ray_posterfusion_rejected_posters_total"]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(3)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    assert 'status="422"' in text and 'status="200"' in text
