@@ -221,6 +221,18 @@ def test_the_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
     ServeConfig.model_validate(app.args)
 
 
+def test_serve_run_builds_the_yaml_application_with_rays_own_builder_call(bundle):
+    """What `serve run serving/serve_config.yaml` does: import the builder, call it with the YAML's args."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from posterfusion.serving.app import build_app
+
+    app = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())["applications"][0]
+    built = call_user_app_builder_with_args_if_necessary(build_app, app["args"] | {"model": str(bundle)})
+    assert isinstance(built, Application)
+
+
 def test_the_config_refuses_batches_that_could_never_fill(tmp_path):
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         ServeConfig(model=tmp_path, max_batch_size=32, max_ongoing_requests=8)
