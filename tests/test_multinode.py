@@ -38,10 +38,17 @@ def cli(*args: str, address: str, timeout: int = 600) -> str:
 def submit_score(client, bundle: Path, catalogue: Path, out: Path) -> str:
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
-    return client.submit_job(
-        entrypoint=f"{sys.executable} -m posterfusion score --model {bundle} --catalogue {catalogue} "
-                   f"--out {out} --batch-size 4 --rows-per-file 8",
-        runtime_env=runtime_env)
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent comes up a little after the dashboard answers
+        try:
+            return client.submit_job(
+                entrypoint=f"{sys.executable} -m posterfusion score --model {bundle} --catalogue {catalogue} "
+                           f"--out {out} --batch-size 4 --rows-per-file 8",
+                runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait_for(client, job: str, timeout: float = 600) -> str:

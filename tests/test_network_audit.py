@@ -121,11 +121,14 @@ def test_the_service_stays_on_loopback(ray_session, tmp_path):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and child.poll() is None and not answers:
             _sample_sockets(process, sockets)
-            try:
-                answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/predict", timeout=30,
-                                          files={"poster": ("p.jpg", jpeg_bytes(), "image/jpeg")}))
+            try:  # the proxy answers 404 until the app's routes are registered
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200:
+                    answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/predict", timeout=30,
+                                              files={"poster": ("p.jpg", jpeg_bytes(), "image/jpeg")}))
+                    continue
             except httpx.HTTPError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         for _ in range(10):
             _sample_sockets(process, sockets)
             time.sleep(0.2)
