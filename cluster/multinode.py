@@ -135,7 +135,11 @@ class LocalCluster:
         os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(ray_home() / ".ray" / "auth_token"))
         self._ray_start("head", ["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
                                  f"--dashboard-host={HEAD_IP}",
-                                 f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true"])
+                                 f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+                                 # not the default 52365: another Ray on this machine (a test session's) holds it,
+                                 # and without its agent the head cannot take job submissions
+                                 f"--dashboard-agent-listen-port={free_port()}",
+                                 f"--metrics-export-port={free_port()}"])
         for i in range(self.workers):
             self.add_worker(f"worker{i + 1}")
         self.wait_for_nodes(1 + self.workers)
