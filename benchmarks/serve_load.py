@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
 
 SHARED_POSTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "multilabel-posters" / "Images"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def load(url: str, posters: list[bytes], requests: int, concurrency: int) -> tuple[list[float], Counter, int]:
@@ -88,6 +81,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--address", default=None)
     args = parser.parse_args()
+    from posterfusion.cluster.multinode import free_port
+
     args.port = args.port or free_port()
 
     from posterfusion.cluster import ClusterConfig, prepare_environment, ray_cluster

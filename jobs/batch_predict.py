@@ -33,7 +33,7 @@ class PredictBatch:
         self.predictor = Predictor(bundle, detect=detect)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        images, errors = _decode(batch["poster"])
+        images, errors = decode_posters(batch["poster"])
         good = [i for i, image in enumerate(images) if image is not None]
         cached = [None if _missing(v) else v for v in batch["objects"]] if "objects" in batch else [None] * len(batch)
         detections = [_as_dicts(d) for d in batch["cached_detections"]] if "cached_detections" in batch \
@@ -59,7 +59,8 @@ class PredictBatch:
         return "cache" if cached is not None else "detected"
 
 
-def _decode(posters) -> tuple[list, list[str | None]]:
+def decode_posters(posters) -> tuple[list, list[str | None]]:
+    """(RGB image or None, None or the reason) per poster: one bad poster never fails its batch-mates."""
     from posterfusion.features.catalogue import PosterDecodeError, decode_rgb
 
     images, errors = [], []

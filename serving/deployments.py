@@ -88,19 +88,15 @@ class PosterModel:
 
     def _predict_sync(self, items: list[tuple[bytes, dict | None]]) -> list[dict]:
         """Undecodable posters become ``{"error": reason}``; the rest share one Predictor call."""
-        from posterfusion.features.catalogue import PosterDecodeError, decode_rgb
+        from posterfusion.jobs.batch_predict import decode_posters
         from posterfusion.jobs.score import object_summary
 
-        results: list[dict] = [{} for _ in items]
-        images, good = [], []
-        for i, (poster, _) in enumerate(items):
-            try:
-                images.append(decode_rgb(poster))
-                good.append(i)
-            except PosterDecodeError as exc:
-                results[i] = {"error": str(exc)}
+        decoded, errors = decode_posters([poster for poster, _ in items])
+        results: list[dict] = [{} if error is None else {"error": error} for error in errors]
+        good = [i for i, error in enumerate(errors) if error is None]
         if good:
-            probs, detections = self.predictor.probabilities(images, [items[i][1] for i in good])
+            probs, detections = self.predictor.probabilities([decoded[i] for i in good],
+                                                             [items[i][1] for i in good])
             for k, i in enumerate(good):
                 prediction = self.predictor._prediction(probs[k], detections[k])
                 results[i] = {

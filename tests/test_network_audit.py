@@ -50,8 +50,8 @@ def _sample_sockets(root: psutil.Process, seen: dict[int, set]) -> None:
             continue
 
 
-def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
-    sample = write_sample(SampleConfig(out=tmp_path / "sample", n=24, unlabelled=4))
+def _audited_env(tmp_path):
+    """(environment, audit dir) for a child whose every Python process loads the audit hook; a local Ray."""
     audit = tmp_path / "audit"
     audit.mkdir()
     env = os.environ | {
@@ -60,6 +60,12 @@ def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
         "POSTERFUSION_HOME": str(tmp_path / "state"),
     }
     env.pop("RAY_ADDRESS", None)
+    return env, audit
+
+
+def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
+    sample = write_sample(SampleConfig(out=tmp_path / "sample", n=24, unlabelled=4))
+    env, audit = _audited_env(tmp_path)
     command = [sys.executable, "-m", "posterfusion", "ingest",
                "--source", f"multilabel:{sample['out']}", "--metadata", sample["metadata"],
                "--out", str(tmp_path / "catalogue"), "--num-cpus", "2"]
@@ -95,21 +101,14 @@ def test_the_service_stays_on_loopback(ray_session, tmp_path):
 
     import httpx
 
+    from posterfusion.cluster.multinode import free_port
     from posterfusion.jobs.train import TrainConfig, run_train
     from tests.conftest import jpeg_bytes, sample_catalogue
-    from tests.test_serving import free_port
 
     root = sample_catalogue(tmp_path, n=24)
     run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
                           variant="cnn+metadata", backbone="keras_cnn", image_size=32, epochs=1, batch_size=8))
-    audit = tmp_path / "audit"
-    audit.mkdir()
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join([str(AUDIT_PATH), os.environ.get("PYTHONPATH", "")]),
-        "POSTERFUSION_NET_AUDIT_DIR": str(audit),
-        "POSTERFUSION_HOME": str(tmp_path / "state"),
-    }
-    env.pop("RAY_ADDRESS", None)
+    env, audit = _audited_env(tmp_path)
     port = free_port()
     child = subprocess.Popen([sys.executable, "-m", "posterfusion", "serve", "--model", str(root / "bundle"),
                               "--port", str(port), "--num-cpus", "2", "--replica-cpus", "0.25"],

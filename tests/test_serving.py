@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from posterfusion.cluster.multinode import free_port
 from posterfusion.features.vocab import VocabConfig
 from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.predictor import Predictor
@@ -25,12 +25,6 @@ from posterfusion.serving.app import ServeConfig, start_service
 from tests.conftest import REPO, detector, jpeg_bytes, noisy_jpeg_bytes, sample_catalogue
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_header_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
