@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export POSTERFUSION_HOME ?= $(CURDIR)/.state
-# The real COCO detector beside the checkout, when there (no network is needed for it).
+# The real COCO detector and the pretrained MobileNetV2 beside the checkout, when there (no network needed).
 DETECTOR ?= $(wildcard ../shared/weights/yolov8n_int8.tflite)
+export POSTERFUSION_WEIGHTS ?= $(abspath ../shared/weights)
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -36,11 +37,11 @@ demo: install
 
 test: install browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -P -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (no real data, no multi-node cluster): the quick loop while coding.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -P -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

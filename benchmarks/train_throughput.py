@@ -1,115 +1,142 @@
-"""Training throughput (samples/s): backbones × image sizes × precision, and Ray Train vs plain.
+"""Training throughput (samples/s): the Ray Train job vs a plain loop, same model, batch, image size and data.
 
-Part 1 times forward+backward+AdamW steps of the fusion network in a plain single-process
-PyTorch loop on random tensors (the compute ceiling). Part 2 (``--ray``) runs the real
-``posterfusion train`` job on a synthetic sample with 1 and 2 Ray Train workers and prints
-the samples/s the job itself measured, beside the plain loop's figure for the same setting.
+Both run :func:`posterfusion.jobs.train.train_epoch` — the one training step of the project —
+over the same posters decoded once into ``size × size`` uint8 tensors: the plain loop from a
+list in memory, the Ray Train worker from its dataset shard in Ray's object store (the job's
+decoded-image cache). The Ray figure is the job's own per-epoch training samples/s (validation
+excluded, the first epoch skipped as warm-up); ``ray.init`` and the decode are excluded from
+both.
 
-    python benchmarks/train_throughput.py                       # CPU here
-    python benchmarks/train_throughput.py --device cuda         # on a GPU machine
-    python benchmarks/train_throughput.py --ray --backbones keras_cnn densenet121 --sizes 64
+    python benchmarks/train_throughput.py                        # MobileNetV2 at 224, real posters
+    python benchmarks/train_throughput.py --size 160 --posters 800
+    python benchmarks/train_throughput.py --device cuda --workers 1
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
 import tempfile
 import time
 from pathlib import Path
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-def plain_loop(backbone: str, size: int, amp: str, device: str, batch: int, steps: int) -> float:
+
+def real_catalogue(root: Path, posters: int) -> Path:
+    """The first ``posters`` labelled real posters as a catalogue (the plain loop reads the same rows)."""
+    import csv
+    import shutil
+
+    from posterfusion.jobs.ingest import IngestConfig, run_ingest
+
+    source, target = SHARED / "data" / "multilabel-posters", root / "source"
+    (target / "Images").mkdir(parents=True)
+    with open(source / "train.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, rows = rows[0], rows[1:posters + 1]
+    with open(target / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    for row in rows:
+        shutil.copy(source / "Images" / f"{row[0]}.jpg", target / "Images")
+    run_ingest(IngestConfig(sources=[f"multilabel:{target}"], out=root / "catalogue"))
+    return root / "catalogue"
+
+
+def settings(args, catalogue: Path, out: Path):
+    from posterfusion.features.vocab import VocabConfig
+    from posterfusion.jobs.recipes import train_config
+
+    return train_config("quality", catalogue, out, variant="cnn+metadata", image_size=args.size, warmup_epochs=0,
+                        epochs=args.epochs, batch_size=args.batch, workers=args.workers, gpu=args.device == "cuda",
+                        train_stages=args.train_stages, vocab=VocabConfig(min_count=5), patience=args.epochs,
+                        storage_path=out.parent / "ray_results")
+
+
+def plain_loop(config, device: str, epochs: int) -> float:
+    """samples/s of train_epoch over the decoded posters in memory (mean over epochs after the first)."""
+    import numpy as np
     import torch
 
-    from posterfusion.models.fusion import FusionConfig, build_model
+    from posterfusion.jobs import train as job
+    from posterfusion.models.fusion import build_model
 
-    model = build_model(FusionConfig(backbone=backbone, variant="fused", num_genres=20, object_dim=242,
-                                     metadata_dim=40)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images = torch.randn(batch, 3, size, size, device=device)
-    objects, meta = torch.randn(batch, 242, device=device), torch.randn(batch, 40, device=device)
-    labels = (torch.rand(batch, 20, device=device) > 0.8).float()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if amp != "off" else contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            logits = model(images, objects, meta)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up (allocations, kernel selection)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - started)
+    data = job.prepare(config)
+    loop = job.loop_config(config, data)
+    torch.set_num_threads(loop.threads)
+    rows = np.flatnonzero((data.frame["split"] == "train").to_numpy())
+    images = _decoded(config, data.frame.iloc[rows])
+    sides = {k: v[rows] for k, v in data.sides.items()}
+    model = build_model(loop.model).to(device)
+    model.backbone.train_last_stages(loop.train_stages)
+    optimizer = job._optimizer(model, loop)
+    steps = math.ceil(len(rows) / loop.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, job._schedules(loop, steps))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rates = []
+    for epoch in range(1, epochs + 1):
+        order = np.random.default_rng(epoch).permutation(len(rows))
+        batches = ({"image": torch.from_numpy(images[order[i:i + loop.batch_size]]).to(device),
+                    **{k: torch.from_numpy(v[order[i:i + loop.batch_size]]).to(device) for k, v in sides.items()}}
+                   for i in range(0, len(rows), loop.batch_size))
+        started = time.perf_counter()
+        _, seen = job.train_epoch(model, optimizer, scheduler, scaler, loss_fn, loop, torch.device(device), "full",
+                                  epoch, batches)
+        rates.append(seen / (time.perf_counter() - started))
+    return sum(rates[1:]) / max(1, len(rates) - 1) if len(rates) > 1 else rates[0]
 
 
-def ray_train(backbone: str, size: int, workers: int, epochs: int, root: Path, n: int) -> float:
-    """samples/s of the real train job (mean over epochs after the first)."""
-    from posterfusion.jobs.ingest import IngestConfig, run_ingest
-    from posterfusion.jobs.sample import SampleConfig, write_sample
-    from posterfusion.jobs.train import TrainConfig, run_train
+def _decoded(config, frame):
+    import numpy as np
+    import pyarrow.dataset as pads
 
-    catalogue = root / "catalogue"
-    if not catalogue.exists():
-        sample = write_sample(SampleConfig(out=root / "sample", n=n, unlabelled=0))
-        run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
-                                out=catalogue))
-    name = f"{backbone}-{size}-{workers}"
-    summary = run_train(TrainConfig(catalogue=catalogue, out=root / name, variant="cnn+metadata", backbone=backbone,
-                                    image_size=size, epochs=epochs, batch_size=32, workers=workers, patience=epochs))
-    rates = [h["samples_per_s"] for h in summary["history"][1:]] or [summary["history"][0]["samples_per_s"]]
-    return sum(rates) / len(rates)
+    from posterfusion.features.catalogue import catalogue_files
+    from posterfusion.features.presets import decode_poster
+
+    table = pads.dataset(catalogue_files(config.catalogue), format="parquet").to_table(
+        columns=["movie_id", "poster"]).to_pandas().set_index("movie_id")
+    return np.stack([decode_poster(table.loc[m, "poster"], config.size).numpy() for m in frame["movie_id"]])
+
+
+def ray_train(config) -> tuple[float, float]:
+    """(training samples/s of the job, mean over epochs after the first; its validation seconds per epoch)."""
+    from posterfusion.jobs.train import run_train
+
+    history = run_train(config)["history"]
+    later = history[1:] or history
+    return (sum(h["samples_per_s"] for h in later) / len(later),
+            sum(h["seconds"] - h["train_seconds"] for h in later) / len(later))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="+", default=["keras_cnn", "densenet121", "resnet50"])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
-    parser.add_argument("--amp", nargs="+", default=["off", "bf16"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--posters", type=int, default=600)
+    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--ray", action="store_true", help="also time the Ray Train job (1 and 2 workers)")
-    parser.add_argument("--ray-samples", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--train-stages", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--address", default=None)
     args = parser.parse_args()
 
-    import torch
+    from posterfusion.cluster import ClusterConfig, prepare_environment, ray_cluster
 
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}")
-    print(f"{'backbone':<12} {'size':>4} {'amp':>4} {'samples/s':>10}")
-    plain = {}
-    for backbone in args.backbones:
-        for size in args.sizes:
-            for amp in args.amp:
-                rate = plain_loop(backbone, size, amp, args.device, args.batch, args.steps)
-                plain[(backbone, size, amp)] = rate
-                print(f"{backbone:<12} {size:>4} {amp:>4} {rate:>10.1f}", flush=True)
-        for size in args.sizes:
-            if {"off", "bf16"} <= set(args.amp):
-                ratio = plain[(backbone, size, "bf16")] / plain[(backbone, size, "off")]
-                print(f"{backbone:<12} {size:>4} bf16/fp32 speed-up {ratio:.2f}x")
-    if args.ray:
-        from posterfusion.cluster import ClusterConfig, ray_cluster
-
-        amp = "bf16" if "bf16" in args.amp else "off"
-        with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig()):
-            print(f"\n{'backbone':<12} {'size':>4} {'plain':>8} {'ray 1w':>8} {'ray 2w':>8}  (samples/s, amp auto)")
-            for backbone in args.backbones:
-                for size in args.sizes:
-                    one = ray_train(backbone, size, 1, 3, Path(tmp), args.ray_samples)
-                    two = ray_train(backbone, size, 2, 3, Path(tmp), args.ray_samples)
-                    base = plain[(backbone, size, amp)]
-                    print(f"{backbone:<12} {size:>4} {base:>8.1f} {one:>8.1f} {two:>8.1f}  "
-                          f"ray1/plain {one / base:.2f}x, ray2/plain {two / base:.2f}x", flush=True)
+    prepare_environment()
+    with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(address=args.address)) as cluster:
+        root = Path(tmp)
+        catalogue = real_catalogue(root, args.posters)
+        plain = plain_loop(settings(args, catalogue, root / "plain"), args.device, args.epochs)
+        ray_rate, validation = ray_train(settings(args, catalogue, root / "ray"))
+    stages = "all" if args.train_stages is None else f"last {args.train_stages}"
+    print(f"mobilenet_v2 cnn+metadata, {args.size} px, batch {args.batch}, backbone stages trained: {stages}; "
+          f"{args.posters} real posters (~80 % train); Ray: {cluster.nodes} node(s), {cluster.cpus:g} CPU, "
+          f"{cluster.gpus:g} GPU, {args.workers} worker(s); device {args.device}")
+    print(f"{'loop':<34}{'samples/s':>10}")
+    print(f"{'plain train_epoch over memory':<34}{plain:>10.1f}")
+    print(f"{'Ray Train epoch (object store)':<34}{ray_rate:>10.1f}")
+    print(f"ratio Ray / plain: {ray_rate / plain:.2f}x (the job also validates: {validation:.1f} s per epoch)")
 
 
 if __name__ == "__main__":

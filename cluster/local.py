@@ -98,6 +98,8 @@ class ClusterConfig(BaseModel):
     num_gpus: int | None = Field(None, description="GPUs of a local start (default: detected).")
     include_dashboard: bool = Field(True, description="Serve/job APIs need the dashboard.")
     object_store_mb: int | None = Field(None, description="Object store of a local start.")
+    verbose: bool = Field(default_factory=lambda: os.environ.get("POSTERFUSION_VERBOSE") == "1",
+                          description="Ray workers log at INFO (default: warnings only; `posterfusion -v`).")
 
     def resolved_address(self) -> str | None:
         return self.address or os.environ.get("RAY_ADDRESS") or None
@@ -140,6 +142,7 @@ def _start_local(config: ClusterConfig) -> None:
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             logging_level=logging.WARNING,
+            logging_config=_worker_logging(config),
             log_to_driver=True,
         )
     finally:
@@ -165,13 +168,22 @@ def ray_cluster(config: ClusterConfig | None = None) -> Iterator[ClusterInfo]:
     address = config.resolved_address()
     if address:
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING, **_loopback_driver(address))
+        ray.init(address=address, logging_level=logging.WARNING, logging_config=_worker_logging(config),
+                 **_loopback_driver(address))
     else:
         _start_local(config)
     try:
         yield _describe(local=address is None)
     finally:
         ray.shutdown()
+
+
+def _worker_logging(config: ClusterConfig):
+    import ray
+
+    from posterfusion.cluster.console import worker_logging_level
+
+    return ray.LoggingConfig(log_level=worker_logging_level(config.verbose))
 
 
 def _loopback_driver(address: str) -> dict:
@@ -212,6 +224,7 @@ class ActorPool(BaseModel):
     size: int
     cpus: float
     gpus: float
+    threads: int = Field(1, ge=1, description="torch threads per actor: the cores each can use, never more")
 
 
 def actor_pool(requested: int | None = None, work_items: int | None = None, share: float = 0.75,
@@ -240,4 +253,5 @@ def actor_pool(requested: int | None = None, work_items: int | None = None, shar
     cpus = max(0.01, cpus)
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
     gpus = min(1.0, cluster_gpus / size) if (gpu_capable and cluster_gpus) else 0.0
-    return ActorPool(size=size, cpus=math.floor(cpus * 1000) / 1000, gpus=gpus)
+    threads = max(1, int(total // size))
+    return ActorPool(size=size, cpus=math.floor(cpus * 1000) / 1000, gpus=gpus, threads=threads)

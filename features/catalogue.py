@@ -17,6 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from posterfusion.errors import UserFileNotFound
+
 SPLITS = ("train", "val", "test")
 SMALL_WIDTH = 150  # the README's thumbnails are under 150 px wide
 MAX_PIXELS = 50_000_000  # larger images are rejected as possible decompression bombs
@@ -97,13 +99,31 @@ def _pil_open(stream: io.BytesIO) -> Image.Image:
     return getattr(patches, "_image_open", Image.open)(stream)
 
 
-def decode_image(data: bytes | None) -> Image.Image:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a decoder accepts: a pixel cap, the image formats, and how small a JPEG may be decoded.
+
+    The catalogue default is generous (``MAX_PIXELS``, any format Pillow reads); the online
+    service is stricter (:data:`SERVING_LIMITS`): a poster-sized cap, so a few-KB PNG cannot
+    force a ~150 MB decode, only the formats posters come in, and JPEG "draft" decoding, which
+    lets libjpeg scale a large JPEG down by 2–8× while decoding instead of after.
+    """
+
+    max_pixels: int = MAX_PIXELS
+    formats: tuple[str, ...] | None = None  # Pillow format names; None = any
+    draft: tuple[int, int] | None = None  # decode JPEGs at no less than this size
+
+
+SERVING_LIMITS = DecodeLimits(max_pixels=16_000_000, formats=("JPEG", "PNG", "WEBP"), draft=(1280, 1280))
+
+
+def decode_image(data: bytes | None, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """Decode poster bytes fully: the one decoder of ingest, training, scoring and serving.
 
     Guards: a pixel cap against decompression bombs (checked from the header, before any
-    pixel is decoded) and a full ``load()``, which is what catches JPEGs cut short. Raises
-    :class:`PosterDecodeError` with a reason code: ``empty_file``, ``not_an_image``,
-    ``image_too_large``, ``truncated_image: …``.
+    pixel is decoded), the accepted formats, and a full ``load()``, which is what catches
+    JPEGs cut short. Raises :class:`PosterDecodeError` with a reason code: ``empty_file``,
+    ``not_an_image``, ``unsupported_format``, ``image_too_large``, ``truncated_image: …``.
     """
     if not data:
         raise PosterDecodeError("empty_file")
@@ -111,8 +131,12 @@ def decode_image(data: bytes | None) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = _pil_open(io.BytesIO(bytes(data)))
-            if image.width * image.height > MAX_PIXELS:
+            if limits.formats is not None and image.format not in limits.formats:
+                raise PosterDecodeError(f"unsupported_format: {image.format}; send {', '.join(limits.formats)}")
+            if image.width * image.height > limits.max_pixels:
                 raise PosterDecodeError("image_too_large")
+            if limits.draft is not None and image.format == "JPEG":
+                image.draft("RGB", limits.draft)
             image.load()
             return image
     except PosterDecodeError:
@@ -125,9 +149,9 @@ def decode_image(data: bytes | None) -> Image.Image:
         raise PosterDecodeError(f"truncated_image: {exc}"[:200]) from None
 
 
-def decode_rgb(data: bytes | None) -> Image.Image:
+def decode_rgb(data: bytes | None, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """:func:`decode_image`, converted to RGB (what every model input starts from)."""
-    image = decode_image(data)
+    image = decode_image(data, limits)
     try:
         return image.convert("RGB")
     except (OSError, ValueError) as exc:
@@ -186,5 +210,22 @@ def catalogue_files(catalogue: str | Path) -> list[str]:
     data = root / "data" if (root / "data").is_dir() else root
     files = sorted(str(p) for p in data.glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no catalogue Parquet files under {data}")
+        raise UserFileNotFound(f"no catalogue Parquet files under {data}")
     return files
+
+
+def catalogue_identity(catalogue: str | Path) -> dict:
+    """Where a catalogue is and what it holds: a fingerprint of every row's id, poster hash, split and labels.
+
+    A bundle records it, so a later stage can tell that a bundle was trained on another (or an
+    older) catalogue instead of silently reusing it. Reads only the small columns.
+    """
+    import hashlib
+
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
+        columns=["movie_id", "poster_sha256", "split", "labelled", "genres"])
+    rows = sorted(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
+    digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+    return {"path": str(Path(catalogue).resolve()), "fingerprint": digest, "rows": len(rows)}

@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from posterfusion.errors import UserFileNotFound, UserValueError
 from posterfusion.features.catalogue import decode_rgb
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # Formats whose Ultralytics backend can use a GPU; others (TFLite) always run on the CPU.
-GPU_FORMATS = (".pt", ".torchscript", ".engine", ".onnx")
+GPU_FORMATS = (".safetensors", ".torchscript", ".engine", ".onnx")
 
 DETECTION_TYPE = pa.struct([
     pa.field("class_id", pa.int32()),
@@ -55,11 +56,35 @@ OBJECT_FEATURES_SCHEMA = pa.schema([
 
 
 class DetectorConfig(BaseModel):
-    weights: str = Field("yolov8n.pt", description="Ultralytics weights: .pt (downloaded where online) or .tflite")
+    model_config = ConfigDict(extra="forbid")
+
+    weights: str = Field("yolov8n.safetensors", description="detector weights: .safetensors (a state dict of "
+                         "`architecture`, no pickle), .tflite (LiteRT, CPU), or .pt (only through its "
+                         ".safetensors twin: a .pt file is a pickle)")
+    architecture: str = Field("yolov8n.yaml", description="Ultralytics model config a .safetensors state dict fits")
+    imgsz: int = Field(640, ge=32, multiple_of=32, description="inference size (a .tflite export is fixed at 640)")
     conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
     iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
     max_det: int = Field(50, ge=1, description="most detections kept per poster")
     device: str | None = Field(None, description="torch device; None = cuda if available else cpu")
+
+
+def detector_weights(config: DetectorConfig) -> Path:
+    """The file the detector is loaded from: as given, else its name under ``$POSTERFUSION_WEIGHTS``, and a
+    ``.pt`` replaced by its ``.safetensors`` twin (loading a ``.pt`` would run arbitrary pickled code)."""
+    import os
+
+    path = Path(config.weights)
+    folder = os.environ.get("POSTERFUSION_WEIGHTS")
+    if not path.is_file() and folder and (Path(folder) / path.name).is_file():
+        path = Path(folder) / path.name  # a bundle trained elsewhere: its id's hash says if this is the same file
+    if path.suffix == ".pt":
+        twin = path.with_suffix(".safetensors")
+        if not twin.is_file():
+            raise UserValueError(f"{path} is a pickle, which this project never loads: save its state dict as "
+                                 f"{twin.name} (safetensors) beside it, or use a .tflite export")
+        path = twin
+    return path
 
 
 def detector_id(config: DetectorConfig) -> str:
@@ -70,13 +95,15 @@ def detector_id(config: DetectorConfig) -> str:
     download them). ``iou``/``max_det`` are appended only when they differ from the
     defaults, so the common id stays short while every output-changing setting is in it.
     """
-    path = Path(config.weights)
+    path = detector_weights(config)
     parts = [path.name]
     if path.is_file():
         with open(path, "rb") as handle:
             parts.append(hashlib.file_digest(handle, "sha256").hexdigest()[:12])
     parts.append(f"c{config.conf:g}")
     defaults = DetectorConfig.model_fields
+    if config.imgsz != defaults["imgsz"].default:
+        parts.append(f"s{config.imgsz}")
     if config.iou != defaults["iou"].default:
         parts.append(f"iou{config.iou:g}")
     if config.max_det != defaults["max_det"].default:
@@ -84,9 +111,66 @@ def detector_id(config: DetectorConfig) -> str:
     return "-".join(parts)
 
 
+KEY_COLUMNS = ["movie_id", "poster_sha256"]
+DETECTOR_FILE = "detector.json"  # beside a detector's runs: which weights and thresholds made them
+
+
+def object_store(out: str | Path, detector: str):
+    """The incremental store of one detector's features under ``out`` (``posterfusion features --out``)."""
+    from posterfusion.features.store import FeatureStore
+
+    return FeatureStore(out, detector, OBJECT_FEATURES_SCHEMA, KEY_COLUMNS, error_column="detect_error")
+
+
+def read_object_features(out: str | Path, detector: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every stored row of one detector, oldest run first (error rows and stale shas too)."""
+    return object_store(out, detector).read(columns).to_pandas()
+
+
+def load_object_features(out: str | Path, detector: str, include_errors: bool = False) -> pd.DataFrame:
+    """Features to join on: indexed by (``movie_id``, ``poster_sha256``), one row per key.
+
+    ``objects`` holds the float32 vector (:func:`object_vector`), ``detections`` the raw boxes.
+    Rows whose poster failed are left out unless ``include_errors`` (their ``objects`` is null),
+    so a join that misses a key means "no features", never zeros.
+    """
+    return object_store(out, detector).latest(include_errors=include_errors)
+
+
+def recorded_detector(out: str | Path, detector: str | None = None) -> DetectorConfig:
+    """The detector a features directory was made with (``posterfusion features`` records it).
+
+    ``detector`` picks one id where the directory holds several; with one, it is the one.
+    """
+    root = Path(out)
+    found = {p.parent.name: p for p in sorted(root.glob(f"*/{DETECTOR_FILE}"))}
+    if detector is not None:
+        found = {k: v for k, v in found.items() if k == detector}
+    if len(found) != 1:
+        names = sorted(found) or "none"
+        raise UserValueError(f"{root} holds object features of {len(found)} detectors ({names}): "
+                         "name the detector weights with --detector")
+    return DetectorConfig.model_validate_json(next(iter(found.values())).read_text())
+
+
+def record_detector(out: str | Path, config: DetectorConfig) -> str:
+    """Write ``OUT/<detector_id>/detector.json`` (weights resolved to an absolute path); return the id."""
+    from posterfusion.features.store import commit_text
+
+    key = detector_id(config)
+    commit_text(Path(out) / key / DETECTOR_FILE, resolved_detector(config).model_dump_json(indent=2))
+    return key
+
+
+def resolved_detector(config: DetectorConfig) -> DetectorConfig:
+    """``config`` naming the file it really loads, by absolute path (what a bundle records)."""
+    weights = detector_weights(config)
+    return config.model_copy(update={"weights": str(weights.resolve())}) if weights.is_file() else config
+
+
 def uses_gpu(config: DetectorConfig) -> bool:
     """Whether these weights can run on a GPU at all (a TFLite export never does)."""
-    return Path(config.weights).suffix in GPU_FORMATS and config.device != "cpu"
+    return detector_weights(config).suffix in GPU_FORMATS and config.device != "cpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +257,19 @@ def resolve_device(device: str | None) -> str:
 
 
 class Detector:
-    """A YOLO model loaded once, turning PIL images into normalised ``Detection`` lists."""
+    """A YOLO model loaded once, turning PIL images into normalised ``Detection`` lists.
+
+    One call at a time per instance (a lock): Ultralytics predictors keep per-call state, and a
+    Serve replica may run two batches' worker threads at once.
+    """
 
     def __init__(self, config: DetectorConfig):
+        import threading
+
         self.config = config
         self.device = resolve_device(config.device)
-        self.model = yolo_class()(config.weights, task="detect")
+        self._lock = threading.Lock()
+        self.model = load_yolo(config)
         # Exported formats load lazily on the first predict: pay that here, not in batch one.
         self.detect([Image.new("RGB", (64, 64))])
         names = self.model.names
@@ -188,9 +279,66 @@ class Detector:
         """Detections per image, in input order (RGB PIL images; Ultralytics converts)."""
         if not images:
             return []
-        results = self.model.predict(list(images), verbose=False, conf=self.config.conf,
-                                     iou=self.config.iou, max_det=self.config.max_det, device=self.device)
+        with self._lock:
+            results = self.model.predict(list(images), verbose=False, conf=self.config.conf, iou=self.config.iou,
+                                         max_det=self.config.max_det, device=self.device, imgsz=self.config.imgsz,
+                                         half=self.device.startswith("cuda"), batch=len(images))
         return [_detections(result) for result in results]
+
+    def detect_each(self, images: Sequence[Image.Image]) -> list[list[Detection] | str]:
+        """:meth:`detect` on the batch; if that raises, one image at a time, so one bad image fails alone.
+
+        A failing image gets its reason (``detect_failed: …``) in place of its detections.
+        """
+        try:
+            return list(self.detect(images))
+        except Exception:
+            results: list[list[Detection] | str] = []
+            for image in images:
+                try:
+                    results.append(self.detect([image])[0])
+                except Exception as exc:
+                    results.append(f"detect_failed: {type(exc).__name__}: {exc}"[:200])
+            return results
+
+
+def load_yolo(config: DetectorConfig):
+    """An Ultralytics ``YOLO`` for the config, never unpickling anything.
+
+    A ``.safetensors`` state dict is loaded into the ``architecture`` built from Ultralytics' own
+    YAML (no download), with the COCO class names of Ultralytics' ``coco.yaml``; a ``.tflite``
+    export is opened by LiteRT.
+    """
+    path = detector_weights(config)
+    if not path.is_file():
+        raise UserFileNotFound(f"detector weights not found: {config.weights}")
+    yolo = yolo_class()
+    if path.suffix != ".safetensors":
+        return yolo(str(path), task="detect")
+    import yaml
+    from safetensors.torch import load_file
+    from ultralytics.utils import ROOT
+
+    model = yolo(config.architecture, task="detect")
+    model.model.load_state_dict(load_file(str(path)), strict=True)
+    names = yaml.safe_load((ROOT / "cfg" / "datasets" / "coco.yaml").read_text())["names"]
+    model.model.names = dict(names) if isinstance(names, dict) else dict(enumerate(names))
+    model.model.eval()
+    return model
+
+
+def load_detector(config: DetectorConfig, expected_id: str | None = None) -> Detector:
+    """The detector of ``config``, refusing weights that are not the ones ``expected_id`` names.
+
+    A bundle records the detector its object features came from; other weights at the same path
+    would silently feed the network features it never saw.
+    """
+    if expected_id is not None:
+        found = detector_id(config)
+        if found != expected_id:
+            raise UserValueError(f"detector weights {config.weights} are {found}, but the bundle was trained with "
+                             f"{expected_id}: restore those weights or retrain")
+    return Detector(config)
 
 
 def _detections(result: Any) -> list[Detection]:
@@ -226,7 +374,12 @@ class ObjectFeaturizer:
                 images[i] = decode_rgb(data)
             except ValueError as exc:
                 errors[i] = str(exc)
-        found = self._detect(images, errors)
+        found = {}
+        for i, result in zip(images, self.detector.detect_each(list(images.values())), strict=True):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                found[i] = result
         num_classes = len(self.detector.names)
         return pa.table({
             "movie_id": pa.array(frame["movie_id"].astype(str).tolist(), pa.string()),
@@ -238,16 +391,3 @@ class ObjectFeaturizer:
                                     for i in range(len(frame))], pa.list_(DETECTION_TYPE)),
             "detect_error": pa.array(errors, pa.string()),
         }, schema=OBJECT_FEATURES_SCHEMA)
-
-    def _detect(self, images: dict[int, Image.Image], errors: list[str | None]) -> dict[int, list[Detection]]:
-        """Detect the whole batch; if that fails, retry one by one so one poster fails alone."""
-        try:
-            return dict(zip(images, self.detector.detect(list(images.values())), strict=True))
-        except Exception:
-            found = {}
-            for i, image in images.items():
-                try:
-                    found[i] = self.detector.detect([image])[0]
-                except Exception as exc:
-                    errors[i] = f"detect_failed: {type(exc).__name__}: {exc}"[:200]
-            return found

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from posterfusion.errors import UserFileNotFound, UserValueError
+
 IMDB_ID = re.compile(r"tt\d{5,10}")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -42,14 +44,14 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     """Split a ``--source KIND:DIR`` argument."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in READERS:
-        raise ValueError(f"--source must be KIND:DIR with KIND one of {sorted(READERS)}: {spec!r}")
+        raise UserValueError(f"--source must be KIND:DIR with KIND one of {sorted(READERS)}: {spec!r}")
     return kind, Path(path)
 
 
 def read_source(spec: str) -> list[SourceRow]:
     kind, path = parse_spec(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"source directory not found: {path}")
+        raise UserFileNotFound(f"source directory not found: {path}")
     return list(READERS[kind](path))
 
 
@@ -154,7 +156,7 @@ def detect_metadata_layout(columns: list[str]) -> str:
         return "imdb5000"
     if "imdb_id" in columns:
         return "tmdb"
-    raise ValueError("unrecognised metadata layout: expected an IMDB-5000 `movie_imdb_link` "
+    raise UserValueError("unrecognised metadata layout: expected an IMDB-5000 `movie_imdb_link` "
                      "or a TMDb `imdb_id` column")
 
 

@@ -22,7 +22,9 @@ class VocabConfig(BaseModel):
     synonyms: dict[str, str] = Field(default_factory=lambda: {"Musical": "Music"})
     drop: list[str] = Field(default_factory=lambda: ["N/A"], description="labels that are no genre")
     min_count: int = Field(20, ge=0, description="rarer genres fold into Other")
+    min_share: float = Field(0.0, ge=0, lt=1, description="so do genres on fewer than this share of posters")
     top_n: int | None = Field(None, ge=1, description="keep only the N most frequent")
+    keep: list[str] | None = Field(None, description="keep only these genres (after synonyms)")
     fold_into_other: bool = Field(True, description="False drops rare genres instead")
 
 
@@ -44,7 +46,8 @@ class GenreVocabulary(BaseModel):
         }
         merged = _count(genre_lists, mapping)
         ranked = sorted(merged, key=lambda g: (-merged[g], g))
-        keep = [g for g in ranked[: config.top_n] if merged[g] >= config.min_count]
+        floor = max(config.min_count, config.min_share * len(genre_lists))
+        keep = [g for g in ranked[: config.top_n] if merged[g] >= floor and (config.keep is None or g in config.keep)]
         if config.fold_into_other and len(keep) < len(ranked):
             mapping = {k: (v if v in keep or v is None else OTHER) for k, v in mapping.items()}
         else:

@@ -20,6 +20,22 @@ Address = Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADD
 NumCpus = Annotated[float | None, typer.Option(help="CPUs for a local Ray (default: all).")]
 
 
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs too.")]
+
+
+@app.callback()
+def _options(ctx: typer.Context, verbose: Verbose = False) -> None:
+    """Movie genres from posters, objects and metadata, on Ray."""
+    import os
+
+    from posterfusion.cluster.console import quiet_console
+
+    if verbose:
+        os.environ["POSTERFUSION_VERBOSE"] = "1"  # ClusterConfig's default: Ray workers log at INFO too
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    ctx.with_resource(quiet_console(verbose))
+
+
 def _cluster(address: str | None, num_cpus: float | None = None):
     from posterfusion.cluster import ClusterConfig, ray_cluster
 
@@ -101,97 +117,122 @@ def features(
     typer.echo(format_features_summary(summary))
 
 
+Recipe = Annotated[str | None, typer.Option(help="Named recipe (`posterfusion recipes` lists them); flags override.")]
+
+
 @app.command()
 def train(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
+    recipe: Recipe = "quality",
     features: Annotated[Path | None, typer.Option(help="Object features directory (`features --out`).")] = None,
-    detector: Annotated[str | None, typer.Option(help="Detector weights the features were made with.")] = None,
-    variant: Annotated[str, typer.Option(help="cnn | cnn+objects | cnn+metadata | fused")] = "fused",
-    backbone: Annotated[str, typer.Option(help="densenet121 | resnet50 | vgg16 | keras_cnn")] = "densenet121",
-    weights: Annotated[str, typer.Option(help="none | imagenet | a local weights file")] = "none",
-    fusion: Annotated[str, typer.Option(help="concat | gated")] = "concat",
-    image_size: Annotated[int, typer.Option(help="Square input size.")] = 128,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Per-worker batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 2e-3,
-    patience: Annotated[int, typer.Option(help="Epochs without val AUC gain before stopping.")] = 3,
-    freeze_backbone: Annotated[bool, typer.Option(help="Train only the fusion head.")] = False,
-    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 1,
-    gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
+    detector: Annotated[str | None, typer.Option(help="Detector weights (default: the features dir's).")] = None,
+    variant: Annotated[str | None, typer.Option(help="Which inputs: see `posterfusion recipes`.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="A registered backbone: see `posterfusion recipes`.")] = None,
+    weights: Annotated[str | None, typer.Option(help="none | imagenet | a weights file.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="concat | gated")] = None,
+    mode: Annotated[str | None, typer.Option(help="finetune | frozen (train only the head).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs, head warm-up included.")] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Head-only epochs before fine-tuning.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-worker batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate of the head.")] = None,
+    backbone_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the backbone.")] = None,
+    train_stages: Annotated[int | None, typer.Option(help="Fine-tune only the backbone's last N stages.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without val AUC gain before stopping.")] = None,
+    metadata_dropout: Annotated[float | None, typer.Option(help="Share of samples trained without metadata.")] = None,
+    pos_weight_cap: Annotated[float | None, typer.Option(help="Per-genre loss weight cap (1 = none).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
+    gpu: Annotated[bool | None, typer.Option(help="One GPU per worker.")] = None,
     cpus_per_worker: Annotated[float | None, typer.Option(help="Default: a share of the cluster.")] = None,
-    amp: Annotated[str, typer.Option(help="auto | off | bf16 | fp16")] = "auto",
-    max_failures: Annotated[int, typer.Option(help="Worker failures to recover from.")] = 2,
+    amp: Annotated[str | None, typer.Option(help="auto | off | bf16 | fp16")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="Worker failures to recover from.")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many training posters.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Fine-tune the fusion network with Ray Train and write the model bundle."""
+    """Train the fusion network with Ray Train and write a calibrated model bundle."""
     from posterfusion.features.objects import DetectorConfig
-    from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
+    from posterfusion.jobs.recipes import train_config
+    from posterfusion.jobs.train import format_train_summary, run_train
 
-    detector_config = DetectorConfig(weights=detector) if detector else None
-    config = TrainConfig(
-        catalogue=catalogue, out=out, features=features, detector=detector_config,
-        variant=variant, backbone=backbone, weights=weights, fusion=fusion, image_size=image_size, epochs=epochs,
-        batch_size=batch_size, lr=lr, patience=patience, freeze_backbone=freeze_backbone, workers=workers, gpu=gpu,
-        cpus_per_worker=cpus_per_worker, amp=amp, max_failures=max_failures, limit=limit, seed=seed)
+    config = train_config(
+        recipe, catalogue, out, features=features, detector=DetectorConfig(weights=detector) if detector else None,
+        variant=variant, backbone=backbone, weights=weights, fusion=fusion, mode=mode, image_size=image_size,
+        epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+        train_stages=train_stages,
+        patience=patience, metadata_dropout=metadata_dropout, pos_weight_cap=pos_weight_cap, workers=workers,
+        gpu=gpu, cpus_per_worker=cpus_per_worker, amp=amp, max_failures=max_failures, limit=limit, seed=seed)
     with _cluster(address, num_cpus):
         summary = run_train(config)
     typer.echo(format_train_summary(summary))
 
 
 @app.command()
+def recipes() -> None:
+    """The named training recipes, backbones and variants (each listed from its own registry)."""
+    from posterfusion.jobs.recipes import RECIPES
+    from posterfusion.models.backbones import list_backbones
+    from posterfusion.models.fusion import VARIANTS
+
+    for recipe in RECIPES.values():
+        system = f" ({recipe.system}, judged by {recipe.metric})" if recipe.system else ""
+        typer.echo(f"{recipe.name:<16}{recipe.summary}{system}")
+    typer.echo(f"backbones: {', '.join(list_backbones())}")
+    typer.echo(f"variants: {', '.join(VARIANTS)}")
+
+
+@app.command()
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")],
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
+    catalogue: Annotated[Path, typer.Option(help="Labelled catalogue to evaluate on (any source).")],
     out: Annotated[Path, typer.Option(help="Report directory (metrics.json, report.md, predictions).")],
-    split: Annotated[str, typer.Option(help="val | test (thresholds are tuned on val).")] = "test",
+    split: Annotated[str, typer.Option(help="val | test | all (all: another source's every labelled row).")] = "test",
     features: Annotated[Path | None, typer.Option(help="Reuse cached object features.")] = None,
+    training_catalogue: Annotated[Path | None, typer.Option(help="Where baselines are fitted (default: the "
+                                                                  "bundle's training catalogue).")] = None,
     baselines: Annotated[bool, typer.Option(help="Label-prior and classic baselines beside the model.")] = True,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Every multi-label metric on a split, beside the label-prior and classic baselines."""
-    from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate, summary_table
+    """Every multi-label metric on a labelled catalogue, beside the label-prior and classic baselines."""
+    from posterfusion.jobs.evaluate import EvaluateConfig, report_markdown, run_evaluate
 
     config = EvaluateConfig(model=model, catalogue=catalogue, out=out, split=split, features=features,
-                            baselines=baselines, n_boot=n_boot)
+                            training_catalogue=training_catalogue, baselines=baselines, n_boot=n_boot)
     with _cluster(address, num_cpus):
         report = run_evaluate(config)
-    typer.echo(summary_table(report))
-    typer.echo(f"evaluate: {report['posters']} posters in {report['seconds']:.0f} s → {out}")
+    typer.echo(report_markdown(report))
+    typer.echo(f"evaluate: {report['posters']} posters in {report['seconds']:.0f} s → {out}/report.md")
 
 
 @app.command()
 def compare(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Report directory.")],
-    models: Annotated[Path, typer.Option(help="Bundles in MODELS/model-<variant>; missing ones are trained.")],
-    variant: Annotated[list[str] | None, typer.Option(help="Variants (default: all four).")] = None,
+    models: Annotated[Path, typer.Option(help="Bundles in MODELS/<recipe>/<variant>-s<seed>; missing ones are "
+                                              "trained.")],
+    recipe: Annotated[list[str] | None, typer.Option(help="Recipes to compare (default: quality).")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Variants (default: each recipe's own).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Training seeds (default: 0).")] = None,
     features: Annotated[Path | None, typer.Option(help="Object features directory.")] = None,
-    detector: Annotated[str | None, typer.Option(help="Detector weights the features were made with.")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone for variants trained here.")] = "densenet121",
-    image_size: Annotated[int, typer.Option(help="Image size for variants trained here.")] = 128,
-    epochs: Annotated[int, typer.Option(help="Epochs for variants trained here.")] = 10,
+    detector: Annotated[str | None, typer.Option(help="Detector weights (default: the features dir's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override every recipe's epochs.")] = None,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
-    seed: Annotated[int, typer.Option(help="One seed for every variant.")] = 0,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Train or load cnn / cnn+objects / cnn+metadata / fused and compare them on one split."""
-    from posterfusion.jobs.compare import VARIANTS, CompareConfig, run_compare, verdicts
-    from posterfusion.jobs.evaluate import summary_table
+    """Train (or load) recipes × variants × seeds and compare them on one split."""
+    from posterfusion.jobs.compare import CompareConfig, markdown, run_compare
 
-    config = CompareConfig(catalogue=catalogue, out=out, models=models, variants=variant or VARIANTS,
-                           features=features, detector=detector, n_boot=n_boot, seed=seed,
-                           train={"backbone": backbone, "image_size": image_size, "epochs": epochs})
+    config = CompareConfig(catalogue=catalogue, out=out, models=models, recipes=recipe or ["quality"],
+                           variants=variant or None, seeds=seed or [0], features=features, detector=detector,
+                           n_boot=n_boot, train={"epochs": epochs} if epochs else {})
     with _cluster(address, num_cpus):
-        report = run_compare(config)
-    typer.echo(summary_table(report))
-    typer.echo("\n".join(verdicts(report)))
+        result = run_compare(config)
+    typer.echo(markdown(result, []))
     typer.echo(f"compare: report in {out}/report.md and report.html")
 
 
@@ -230,7 +271,7 @@ def embed(
     num_cpus: NumCpus = None,
 ) -> None:
     """Penultimate-layer embeddings of every catalogue poster, with Ray Data."""
-    from posterfusion.jobs.similar import EmbedConfig, format_embed_summary, run_embeddings
+    from posterfusion.jobs.embed import EmbedConfig, format_embed_summary, run_embeddings
 
     with _cluster(address, num_cpus):
         summary = run_embeddings(EmbedConfig(model=model, catalogue=catalogue, out=out, split=split))
@@ -246,7 +287,7 @@ def similar(
     k: Annotated[int, typer.Option(help="How many neighbours.")] = 8,
 ) -> None:
     """The catalogue posters nearest to a poster in the model's embedding space."""
-    from posterfusion.jobs.similar import format_similar, similar_posters
+    from posterfusion.models.similarity import format_similar, similar_posters
 
     typer.echo(format_similar(similar_posters(model, catalogue, poster, k=k, embeddings=embeddings)))
 
@@ -258,10 +299,17 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Top-3 genres and detected objects for each poster (no Ray needed)."""
+    import json as json_module
+
     from posterfusion.jobs.predict import format_prediction, predict_files
+    from posterfusion.models.predictor import PosterError
 
     for path, prediction in predict_files(model, posters):
-        typer.echo(prediction.model_dump_json() if as_json else format_prediction(path, prediction))
+        if as_json:
+            typer.echo(json_module.dumps({"file": str(path), "error": prediction.reason})
+                       if isinstance(prediction, PosterError) else prediction.model_dump_json())
+        else:
+            typer.echo(format_prediction(path, prediction))
 
 
 @app.command()
@@ -308,24 +356,40 @@ def demo(
     metadata: Annotated[list[Path] | None, typer.Option(help="Metadata CSVs to join.")] = None,
     n: Annotated[int, typer.Option(help="Sample size when no --data is given.")] = 400,
     detector: Annotated[str | None, typer.Option(help="Detector weights; none skips object features.")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone to train.")] = "densenet121",
-    image_size: Annotated[int, typer.Option(help="Square input size.")] = 64,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 4,
+    recipe: Recipe = "quick",
     address: Address = None,
 ) -> None:
     """Run the whole pipeline as it stands, on a synthetic sample or a real folder."""
     from posterfusion.jobs.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(data=data, work=work, metadata=metadata or [], n=n, detector=detector, backbone=backbone,
-                        image_size=image_size, epochs=epochs, address=address))
+    run_demo(DemoConfig(data=data, work=work, metadata=metadata or [], n=n, detector=detector, recipe=recipe,
+                        address=address))
 
 
 def main() -> None:
+    """The console script: a user error is one line on stderr and exit status 2; a bug keeps its traceback."""
+    import sys
+
+    from pydantic import ValidationError
+
     from posterfusion.cluster import prepare_environment
+    from posterfusion.errors import UserError
 
     prepare_environment()  # before anything imports ray
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app()  # usage errors (unknown option, missing argument) are Typer's own: status 2
+    except UserError as exc:
+        sys.exit(_user_error(str(exc)))
+    except ValidationError as exc:  # a flag's value the typed config refuses
+        sys.exit(_user_error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+
+
+def _user_error(message: str) -> int:
+    import sys
+
+    print(f"posterfusion: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""``posterfusion compare``: CNN-only vs object-/metadata-fused variants, on the same splits.
+"""``posterfusion compare``: variants, recipes and seeds side by side, on the same test posters.
 
-Trains each variant (or takes an existing bundle), evaluates all of them on the same test
-posters with thresholds tuned on the same validation posters, and writes one report:
-``report.md``, ``report.html``, ``metrics.json`` and PNG plots (per-genre ROC-AUC by
-variant, precision–recall curves, calibration), with the paired bootstrap difference of
-fused − cnn, stated plainly as significant or not.
+An *entry* is one trained bundle: a recipe (``quality``, ``seed-densenet``, …), a variant
+(``cnn``, ``cnn+objects``, ``cnn+metadata``, ``fused``, ``flags-only``) and a seed. Compare
+trains the entries that have no bundle yet (``MODELS/<recipe>/<variant>-s<seed>``), refuses a
+bundle trained with other settings or on another catalogue (it would be silently stale),
+scores every entry on the same test posters with its own calibration and thresholds, and writes
+one report: ``report.md``/``.html``, ``metrics.json`` and plots.
+
+Entries that share a genre vocabulary are compared with each other and with the label prior and
+classic baseline of that vocabulary, with paired bootstrap differences (each variant − ``cnn``,
+``fused`` − ``cnn+metadata``, ``cnn+metadata`` − ``flags-only``, ``flags-only`` − ``cnn``, each
+within one recipe and seed). Seed recipes with a vocabulary of their own (the six main genres,
+rare genres folded) form groups of their own; one table puts every entry side by side on its
+own vocabulary (beside its own label prior) and on the six main genres all vocabularies share.
+With several seeds, each metric's spread across seeds stands beside the bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -15,100 +24,180 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from posterfusion.jobs.evaluate import (
-    EvaluateConfig,
-    Scores,
-    baseline_scores,
-    build_report,
-    json_default,
-    load_split_frame,
-)
+from posterfusion.errors import UserValueError
+from posterfusion.jobs.evaluate import Scorer, build_report, json_default, load_split_frame, summary_table
+from posterfusion.models.fusion import VARIANTS, Variant
 
-VARIANTS = ["cnn", "cnn+objects", "cnn+metadata", "fused"]
+PAIRS = [("fused", "cnn"), ("cnn+objects", "cnn"), ("cnn+metadata", "cnn"), ("fused", "cnn+metadata"),
+         ("cnn+metadata", "flags-only"), ("flags-only", "cnn")]
+SIDE_BY_SIDE = ["roc_auc_macro", "roc_auc_main6", "map_macro", "hit@3", "top_n_ratio", "f1_micro@tuned", "ece"]
 
 
 class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     catalogue: Path
     out: Path
-    variants: list[str] = Field(default_factory=lambda: list(VARIANTS))
-    models: Path = Field(description="bundles live (or are trained) in MODELS/model-<variant>")
+    models: Path = Field(description="bundles live (or are trained) in MODELS/<recipe>/<variant>-s<seed>")
+    recipes: list[str] = Field(default_factory=lambda: ["quality"])
+    variants: list[Variant] | None = Field(None, description="default: each recipe's own variant")
+    seeds: list[int] = Field(default_factory=lambda: [0])
     features: Path | None = None
     detector: str | None = None
-    train: dict = Field(default_factory=dict, description="TrainConfig overrides for variants trained here")
+    train: dict = Field(default_factory=dict, description="TrainConfig overrides for every entry trained here")
     split: str = "test"
-    n_boot: int = 1000
-    seed: int = 0
+    n_boot: int = Field(1000, ge=0)
+    seed: int = Field(0, description="bootstrap seed")
+
+    @field_validator("train")
+    @classmethod
+    def _known_settings(cls, value: dict) -> dict:
+        from posterfusion.jobs.train import TrainConfig
+
+        unknown = sorted(set(value) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return value
 
 
-def bundle_dir(models: Path, variant: str) -> Path:
-    return models / f"model-{variant.replace('+', '_')}"
+class Entry(BaseModel):
+    recipe: str
+    variant: str
+    seed: int
+    name: str
+    bundle: Path
 
 
-def ensure_bundles(config: CompareConfig) -> dict[str, Path]:
-    """Existing bundles are used as they are; missing ones are trained with one seed."""
+def entries(config: CompareConfig) -> list[Entry]:
+    """Every (recipe, variant, seed), named by what varies between them."""
+    from posterfusion.jobs.recipes import RECIPES
+
+    out = []
+    for recipe in config.recipes:
+        if recipe not in RECIPES:
+            raise UserValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        variants = config.variants or [RECIPES[recipe].settings.get("variant", "fused")]
+        for variant in variants:
+            for seed in config.seeds:
+                parts = [recipe] * (len(config.recipes) > 1) + [variant] + [f"s{seed}"] * (len(config.seeds) > 1)
+                out.append(Entry(recipe=recipe, variant=variant, seed=seed, name="/".join(parts),
+                                 bundle=config.models / recipe / f"{variant.replace('+', '_')}-s{seed}"))
+    return out
+
+
+def entry_config(config: CompareConfig, entry: Entry):
     from posterfusion.features.objects import DetectorConfig
-    from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
+    from posterfusion.jobs.recipes import train_config
 
-    bundles = {}
-    for variant in config.variants:
-        path = bundle_dir(config.models, variant)
-        if not (path / "model.safetensors").is_file():
-            detector = DetectorConfig(weights=config.detector) if config.detector else None
-            summary = run_train(TrainConfig(catalogue=config.catalogue, out=path, variant=variant,
-                                            features=config.features, detector=detector, seed=config.seed,
-                                            **config.train))
-            print("[compare] " + format_train_summary(summary), flush=True)
-        bundles[variant] = path
-    return bundles
+    detector = DetectorConfig(weights=config.detector) if config.detector else None
+    features = config.features if VARIANTS[entry.variant].objects else None
+    return train_config(entry.recipe, config.catalogue, entry.bundle, **(config.train | {
+        "variant": entry.variant, "seed": entry.seed, "features": features,
+        "detector": detector if features else None,
+        "storage_path": config.models / "ray_results"}))
+
+
+def stale_reason(bundle: Path, train) -> str | None:
+    """Why an existing bundle is not what ``train`` would make now (None: it is)."""
+    from posterfusion.features.catalogue import catalogue_identity
+    from posterfusion.models.bundle import read_config
+
+    recorded = read_config(bundle)
+    now = train.model_dump(mode="json")
+    ignored = {"out", "storage_path", "cache", "notes"}
+    changed = sorted(k for k in now if k not in ignored and recorded.train.get(k) != now[k])
+    if changed:
+        return f"trained with other settings ({', '.join(changed)})"
+    if recorded.catalogue.get("fingerprint") != catalogue_identity(train.catalogue)["fingerprint"]:
+        return "trained on another catalogue (or an older version of this one)"
+    return None
+
+
+def ensure_bundles(config: CompareConfig) -> list[Entry]:
+    """Train the entries without a bundle; refuse stale ones (delete them to retrain)."""
+    from posterfusion.jobs.train import format_train_summary, run_train
+
+    todo = entries(config)
+    for entry in todo:
+        train = entry_config(config, entry)
+        if (entry.bundle / "model.safetensors").is_file():
+            reason = stale_reason(entry.bundle, train)
+            if reason:
+                raise UserValueError(f"bundle {entry.bundle} is stale: {reason}; delete it to retrain")
+            continue
+        summary = run_train(train)
+        print("[compare] " + format_train_summary(summary).replace("\n", "\n[compare] "), flush=True)
+    return todo
 
 
 def run_compare(config: CompareConfig) -> dict:
     from posterfusion.features.vocab import GenreVocabulary
-    from posterfusion.jobs.evaluate import model_scores
+    from posterfusion.jobs.evaluate import EvaluateConfig, baseline_scorers, model_scores, poster_statistics
+    from posterfusion.models.predictor import bundle_thresholds
 
     started = time.perf_counter()
-    bundles = ensure_bundles(config)
-    vocabularies = {v: GenreVocabulary.load(b / "genres.json").genres for v, b in bundles.items()}
-    if len({tuple(g) for g in vocabularies.values()}) != 1:
-        raise ValueError(f"variants were trained with different genre vocabularies: {vocabularies}")
-    vocabulary = GenreVocabulary.load(next(iter(bundles.values())) / "genres.json")
-    frames = {s: load_split_frame(config.catalogue, s) for s in ("train", "val", config.split)}
-    frames["test"] = frames[config.split]
-    scorers = {}
-    for variant, bundle in bundles.items():
-        evaluate = EvaluateConfig(model=bundle, catalogue=config.catalogue, out=config.out, features=config.features)
-        scorers[variant] = Scores(val=model_scores(evaluate, frames["val"], "val"),
-                                  test=model_scores(evaluate, frames["test"], config.split))
-    scorers |= baseline_scores(EvaluateConfig(model=next(iter(bundles.values())), catalogue=config.catalogue,
-                                              out=config.out), vocabulary, frames)
-    labels = {s: vocabulary.encode_many(frames[s]["genres"]) for s in ("val", "test")}
-    pairs = [(a, "cnn") for a in ("fused", "cnn+objects", "cnn+metadata") if a in scorers and "cnn" in scorers]
-    if {"fused", "cnn+metadata"} <= set(scorers):
-        pairs.append(("fused", "cnn+metadata"))  # do objects add anything once metadata is in?
-    report = build_report(scorers, labels, vocabulary.genres, pairs, config.n_boot, config.seed)
-    report |= {"split": config.split, "posters": len(frames["test"]),
-               "bundles": {k: str(v) for k, v in bundles.items()}, "seconds": round(time.perf_counter() - started, 1)}
-    write_compare(config.out, report, scorers, labels["test"], vocabulary.genres)
-    _contact_sheet(config, scorers, frames["test"], vocabulary.genres)
-    return report
+    todo = ensure_bundles(config)
+    frame = load_split_frame(config.catalogue, config.split)
+    stats = poster_statistics(config.catalogue, config.catalogue, frame)
+    groups: dict[tuple, list[Entry]] = {}
+    for entry in todo:
+        groups.setdefault(tuple(GenreVocabulary.load(entry.bundle / "genres.json").genres), []).append(entry)
+    reports = []
+    for genres, members in groups.items():
+        vocabulary = GenreVocabulary.load(members[0].bundle / "genres.json")
+        scorers = {e.name: Scorer(scores=model_scores(EvaluateConfig(model=e.bundle, catalogue=config.catalogue,
+                                                                     out=config.out, features=config.features), frame),
+                                  thresholds=bundle_thresholds(e.bundle)) for e in members}
+        scorers |= baseline_scorers(config.catalogue, vocabulary, frame, stats)
+        labels = vocabulary.encode_many(frame["genres"])
+        report = build_report(scorers, labels, list(genres), _pairs(members), config.n_boot, config.seed,
+                              frame["has_metadata"].to_numpy())
+        report |= {"entries": [e.model_dump(mode="json") for e in members], "seed_spread": seed_spread(report, members)}
+        reports.append((report, scorers, labels))
+    result = {"split": config.split, "posters": len(frame), "groups": [r for r, _, _ in reports],
+              "side_by_side": side_by_side([r for r, _, _ in reports]),
+              "seconds": round(time.perf_counter() - started, 1)}
+    write_compare(config, result, reports, frame)
+    return result
 
 
-def _contact_sheet(config: CompareConfig, scorers: dict[str, Scores], frame, genres: list[str]) -> None:
-    """Top test posters per genre by the most complete variant: what the model 'thinks' a genre looks like."""
-    import pandas as pd
+def _pairs(members: list[Entry]) -> list[tuple[str, str]]:
+    """(a, b) names for each PAIRS difference available within one recipe and seed."""
+    by_key = {(e.recipe, e.seed, e.variant): e.name for e in members}
+    runs = sorted({(recipe, seed) for recipe, seed, _ in by_key})
+    return [(by_key[(r, s, a)], by_key[(r, s, b)]) for r, s in runs for a, b in PAIRS
+            if (r, s, a) in by_key and (r, s, b) in by_key]
 
-    from posterfusion.jobs.similar import contact_sheet
 
-    variant = next(v for v in ("fused", "cnn+objects", "cnn+metadata", "cnn") if v in scorers)
-    scores = pd.DataFrame(scorers[variant].test, columns=genres)
-    scores.insert(0, "movie_id", frame["movie_id"].to_numpy())
-    contact_sheet(scores, config.catalogue, genres, config.out / f"contact_sheet_{variant.replace('+', '_')}.png")
+def seed_spread(report: dict, members: list[Entry]) -> dict:
+    """Per (recipe, variant) with several seeds: each headline metric's mean and range over the seeds."""
+    out = {}
+    for key in sorted({(e.recipe, e.variant) for e in members}):
+        names = [e.name for e in members if (e.recipe, e.variant) == key]
+        if len(names) < 2:
+            continue
+        values = {m: [report["intervals"][n][m][0] for n in names] for m in report["intervals"][names[0]]}
+        out[f"{key[0]}/{key[1]}"] = {m: {"mean": float(np.mean(v)), "range": float(np.ptp(v)), "seeds": len(v)}
+                                     for m, v in values.items()}
+    return out
+
+
+def side_by_side(groups: list[dict]) -> list[dict]:
+    """One row per entry (and per group's label prior): point metrics on its own vocabulary + the main genres."""
+    rows = []
+    for group in groups:
+        names = [e["name"] for e in group["entries"]] + ["label_prior"]
+        for name in names:
+            row = {"entry": name, "genres": len(group["genres"])}
+            row |= {m: group["intervals"][name][m][0] for m in SIDE_BY_SIDE}
+            rows.append(row)
+    return rows
 
 
 def verdicts(report: dict) -> list[str]:
-    """Plain sentences: is each variant's difference from cnn significant?"""
+    """Plain sentences: is each paired difference significant?"""
     lines = []
     for pair, by_metric in report["paired"].items():
         for metric, result in by_metric.items():
@@ -119,41 +208,72 @@ def verdicts(report: dict) -> list[str]:
     return lines
 
 
-def markdown(report: dict, plots: list[str]) -> str:
-    from posterfusion.jobs.evaluate import summary_table
+def side_by_side_table(rows: list[dict]) -> str:
+    header = "| entry | genres | " + " | ".join(SIDE_BY_SIDE) + " |"
+    lines = [header, "|---" * (len(SIDE_BY_SIDE) + 2) + "|"]
+    for row in rows:
+        cells = ["n/a" if row[m] is None or not np.isfinite(row[m]) else f"{row[m]:.3f}" for m in SIDE_BY_SIDE]
+        lines.append(f"| {row['entry']} | {row['genres']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-    parts = ["# Variant comparison", "", summary_table(report), "", "## Paired differences against `cnn`", ""]
-    parts += [f"- {line}" for line in verdicts(report)] or ["- (no `cnn` variant to compare against)"]
+
+def markdown(result: dict, plots: list[str]) -> str:
+    parts = ["# Comparison", "", f"Split `{result['split']}`, {result['posters']} posters.", "",
+             "## Side by side (point values; each entry on its own vocabulary, beside its own label prior)", "",
+             side_by_side_table(result["side_by_side"])]
+    for i, group in enumerate(result["groups"], 1):
+        parts += ["", f"## Group {i}: {len(group['genres'])} genres", "", summary_table(group | {
+            "split": result["split"], "posters": result["posters"]})]
+        for subset, block in group.get("by_metadata", {}).items():
+            parts += ["", summary_table(group, block["intervals"],
+                                        f"{subset.replace('_', ' ')}: {block['posters']} posters")]
+        if group["seed_spread"]:
+            parts += ["", "Spread across seeds (max − min of the point value):", ""]
+            parts += [f"- {k}: " + ", ".join(f"{m} {v['range']:.3f}" for m, v in by.items())
+                      for k, by in group["seed_spread"].items()]
+        parts += ["", "Paired differences:", ""] + ([f"- {line}" for line in verdicts(group)] or ["- none"])
     parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    parts += ["", "Top test posters per genre: `contact_sheet_<variant>.png`."]
     return "\n".join(parts) + "\n"
 
 
-def html_page(report: dict, plots: list[str]) -> str:
-    from posterfusion.jobs.evaluate import summary_table
-
-    rows = [line.strip("|").split("|") for line in summary_table(report).splitlines()[2:] if line.startswith("|")]
-    header, body = rows[0], [r for r in rows[2:]]
+def html_page(result: dict, plots: list[str]) -> str:
+    rows = [line.strip("|").split("|") for line in side_by_side_table(result["side_by_side"]).splitlines()]
+    header, body = rows[0], rows[2:]
     table = "<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in header) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body) + "</table>"
-    items = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(report))
+    items = "".join(f"<li>{html.escape(v)}</li>" for g in result["groups"] for v in verdicts(g))
     images = "".join(f'<figure><img src="{p}" alt="{p}"><figcaption>{p}</figcaption></figure>' for p in plots)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>posterfusion comparison</title>"
             f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:4px 8px;"
             f"border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head><body>"
-            f"<h1>Variant comparison</h1><p>Split {report['split']}, {report['posters']} posters; 95 % bootstrap "
-            f"intervals.</p>{table}<h2>Paired differences against cnn</h2><ul>{items}</ul>{images}</body></html>")
+            f"<h1>Comparison</h1><p>Split {result['split']}, {result['posters']} posters.</p>{table}"
+            f"<h2>Paired differences</h2><ul>{items}</ul>{images}</body></html>")
 
 
-def write_compare(out: Path, report: dict, scorers: dict[str, Scores], labels: np.ndarray, genres: list[str]) -> None:
-    from posterfusion.jobs.plots import calibration_plot, per_genre_auc_plot, pr_curves_plot
+def write_compare(config: CompareConfig, result: dict, reports: list, frame) -> None:
+    from posterfusion.jobs.plots import per_genre_auc_plot, pr_curves_plot, reliability_plot
 
+    out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    tests = {name: s.test for name, s in scorers.items()}
-    plots = [per_genre_auc_plot(out / "per_genre_auc.png", report["metrics"], genres),
+    report, scorers, labels = reports[0]  # plots of the first (largest-vocabulary) group
+    tests = {name: s.scores for name, s in scorers.items()}
+    plots = [per_genre_auc_plot(out / "per_genre_auc.png", report["metrics"], report["genres"]),
              pr_curves_plot(out / "pr_curves.png", labels, tests),
-             calibration_plot(out / "calibration.png", labels, tests)]
+             reliability_plot(out / "reliability.png", labels, tests)]
     names = [p.name for p in plots]
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=json_default))
-    (out / "report.md").write_text(markdown(report, names))
-    (out / "report.html").write_text(html_page(report, names))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=json_default))
+    (out / "report.md").write_text(markdown(result, names))
+    (out / "report.html").write_text(html_page(result, names))
+    _contact_sheet(config, report, scorers, frame)
+
+
+def _contact_sheet(config: CompareConfig, report: dict, scorers: dict[str, Scorer], frame) -> None:
+    """Top test posters per genre by the first entry: what the model 'thinks' a genre looks like."""
+    import pandas as pd
+
+    from posterfusion.jobs.contact_sheet import contact_sheet
+
+    name = report["entries"][0]["name"]
+    scores = pd.DataFrame(scorers[name].scores, columns=report["genres"])
+    scores.insert(0, "movie_id", frame["movie_id"].to_numpy())
+    contact_sheet(scores, config.catalogue, report["genres"], config.out / "contact_sheet.png")

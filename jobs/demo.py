@@ -2,9 +2,10 @@
 
 Without ``--data`` it draws a synthetic sample first (``posterfusion sample``); with a real
 multi-label folder it uses that. Stages: ingest → object features → train → predict →
-evaluate (with baselines) → score the whole catalogue, each
-writing under ``--work`` and printing its summary. Without a detector the object stage is
-skipped *and said so*, and the model trained is the ``cnn+metadata`` variant.
+evaluate (with baselines) → score the whole catalogue, each writing under ``--work`` and
+printing a line or two; it ends with the evaluation table, where the predictions are, and the
+commands to try next. Without a detector the object stage is skipped *and said so*, and the
+model trained is the ``cnn+metadata`` variant.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ class DemoConfig(BaseModel):
     metadata: list[Path] = Field(default_factory=list)
     n: int = 400
     detector: str | None = Field(None, description="detector weights; None skips object features")
-    backbone: str = "densenet121"
-    image_size: int = 64
-    epochs: int = 4
+    recipe: str = Field("quick", description="training recipe (`posterfusion recipes`)")
     address: str | None = None
 
 
@@ -39,8 +38,16 @@ def run_demo(config: DemoConfig) -> dict:
         detector = _features(config, catalogue, features)
         _train(config, catalogue, features, detector, bundle)
         _predict(bundle, catalogue)
-        _evaluate(bundle, catalogue, features if detector else None, config.work / "evaluation")
+        table = _evaluate(bundle, catalogue, features if detector else None, config.work / "evaluation")
         predictions = _score(bundle, catalogue, features if detector else None, config.work / "predictions")
+    typer.echo("")
+    typer.echo(table)
+    typer.echo(f"\nPredictions for every catalogue poster: {predictions} (pandas.read_parquet('{predictions}'))")
+    typer.echo("Next:")
+    typer.echo(f"  posterfusion serve --model {bundle}    # then open http://127.0.0.1:8000/ and upload a poster")
+    typer.echo(f"  posterfusion compare --catalogue {catalogue} --models {config.work / 'models'} "
+               f"--out {config.work / 'compare'} --recipe {config.recipe} --variant cnn --variant fused"
+               + (f" --features {features}" if detector else ""))
     return {"catalogue": str(catalogue), "bundle": str(bundle), "predictions": str(predictions)}
 
 
@@ -78,21 +85,22 @@ def _features(config: DemoConfig, catalogue: Path, out: Path):
 
 
 def _train(config: DemoConfig, catalogue: Path, features: Path, detector, bundle: Path) -> None:
-    from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
+    from posterfusion.jobs.recipes import train_config
+    from posterfusion.jobs.train import format_train_summary, run_train
 
-    summary = run_train(TrainConfig(
-        catalogue=catalogue, out=bundle, features=features if detector else None, detector=detector,
-        variant="fused" if detector else "cnn+metadata", backbone=config.backbone,
-        image_size=config.image_size, epochs=config.epochs, batch_size=32, lr=3e-3, patience=config.epochs))
+    summary = run_train(train_config(config.recipe, catalogue, bundle, features=features if detector else None,
+                                     detector=detector, variant="fused" if detector else "cnn+metadata"))
     typer.echo("[train] " + format_train_summary(summary))
 
 
-def _evaluate(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> None:
+def _evaluate(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> str:
+    """Evaluate on the test split; return the headline table (printed last, after scoring)."""
     from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate, summary_table
 
     report = run_evaluate(EvaluateConfig(model=bundle, catalogue=catalogue, out=out, features=features, n_boot=200))
-    typer.echo(f"[evaluate] test split, model beside the label-prior and classic baselines → {out}/report.md")
-    typer.echo(summary_table(report))
+    typer.echo(f"[evaluate] {report['posters']} test posters in {report['seconds']:.0f} s → {out}/report.md "
+               "(with/without metadata, per-genre ECE, reliability diagram)")
+    return "Evaluation — " + summary_table(report)
 
 
 def _score(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> Path:
@@ -100,10 +108,7 @@ def _score(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> P
     from posterfusion.jobs.score import ScoreConfig, format_score_summary, run_score
 
     summary = run_score(ScoreConfig(model=bundle, catalogue=catalogue, out=out, features=features))
-    typer.echo(f"[score] posterfusion score --model {bundle} --catalogue {catalogue} --out {out}")
-    typer.echo(format_score_summary(summary))
-    typer.echo(f"[score] predictions: {out}/run_date={summary['run_date']}/ "
-               f"(read them with pandas.read_parquet('{out}'))")
+    typer.echo("[score] " + format_score_summary(summary).splitlines()[-1])
     return out
 
 

@@ -1,10 +1,16 @@
-"""``posterfusion evaluate``: score a split with the bundle's Predictor and report every metric.
+"""``posterfusion evaluate``: score a labelled catalogue with the bundle's Predictor and report every metric.
 
-The validation split is scored too, so per-genre thresholds are tuned (F1) on validation
-with the very predictor being evaluated and then applied to the evaluated split; metrics are
-reported at those thresholds and at 0.5. Every number stands beside two baselines fitted on
-the training split — the label prior and a classic colour/texture + logistic-regression
-model — with bootstrap 95 % intervals, and paired bootstrap differences model − baseline.
+The model is judged as it is served: the Predictor's calibrated probabilities and the bundle's
+own thresholds (tuned on validation at training time). Every number stands beside two
+baselines fitted on the *training* catalogue's training split — the label prior (each genre at
+its training frequency) and a classic colour/texture logistic regression (its regularisation
+and thresholds tuned on the training catalogue's validation split) — with bootstrap 95 %
+intervals, paired bootstrap differences model − baseline, expected calibration error and a
+reliability diagram, and the headline metrics again for posters with and without metadata.
+
+The evaluated catalogue may be another source entirely (``--catalogue OTHER --split all``): its
+genre names are mapped onto the bundle's vocabulary; vocabulary genres the source never labels,
+and source labels the vocabulary lacks, are left out of every metric and counted in the report.
 """
 
 from __future__ import annotations
@@ -16,51 +22,95 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-HEADLINE = ["roc_auc_macro", "roc_auc_micro", "map_macro", "hit@3", "top_n_ratio", "f1_micro@0.5"]
+from posterfusion.features.metadata import FIELDS as META_COLUMNS
+
+HEADLINE = ["roc_auc_macro", "roc_auc_main6", "roc_auc_micro", "map_macro", "hit@3", "top_n_ratio",
+            "f1_micro@tuned", "f1_micro@0.5", "ece"]
+MIN_SUBSET = 20  # posters a with/without-metadata subset needs before its metrics are reported
 
 
 class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
     model: Path
     catalogue: Path
     out: Path
-    split: Literal["val", "test"] = "test"
+    split: Literal["val", "test", "all"] = Field("test", description="all: every labelled row (another source)")
     features: Path | None = Field(None, description="reuse cached object features instead of detecting again")
+    training_catalogue: Path | None = Field(None, description="where baselines are fitted; default: the "
+                                            "catalogue the bundle records")
     baselines: bool = True
     n_boot: int = Field(1000, ge=0)
     batch_size: int = 32
     seed: int = 0
 
 
-class Scores(BaseModel, arbitrary_types_allowed=True):
-    """One scorer's probabilities on the validation and the evaluated split, rows aligned."""
+class Scorer(BaseModel, arbitrary_types_allowed=True):
+    """One scorer's probabilities on the evaluated rows and its per-genre decision thresholds."""
 
-    val: np.ndarray
-    test: np.ndarray
+    scores: np.ndarray
+    thresholds: np.ndarray
+
+
+class LabelSpace(BaseModel):
+    """Which vocabulary genres are evaluated, and what was left out on either side."""
+
+    genres: list[str]
+    columns: list[int] = Field(description="their positions in the bundle's vocabulary")
+    vocabulary_only: list[str] = Field(default_factory=list, description="genres the source never labels")
+    source_only: dict[str, int] = Field(default_factory=dict, description="source labels the vocabulary "
+                                        "lacks → posters carrying them")
 
 
 def load_split_frame(catalogue: Path, split: str) -> pd.DataFrame:
-    """Labelled rows of one split: ids and genres (the small columns)."""
+    """Labelled rows of one split (``all``: every labelled row): ids, genres, metadata columns."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
-    dataset = pads.dataset(catalogue_files(catalogue), format="parquet")
-    table = dataset.to_table(columns=["movie_id", "poster_sha256", "genres"],
-                             filter=(pc.field("split") == split) & pc.field("labelled"))
-    return table.to_pandas().sort_values("movie_id").reset_index(drop=True)
+    wanted = pc.field("labelled") if split == "all" else (pc.field("split") == split) & pc.field("labelled")
+    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
+        columns=["movie_id", "poster_sha256", "genres", *META_COLUMNS], filter=wanted)
+    frame = table.to_pandas().sort_values("movie_id").reset_index(drop=True)
+    frame["has_metadata"] = frame[list(META_COLUMNS)].notna().any(axis=1)
+    return frame
 
 
-def model_scores(config: EvaluateConfig, frame: pd.DataFrame, split: str) -> np.ndarray:
-    """The Predictor's probabilities for ``frame``'s rows, via Ray Data actors."""
+def label_space(vocabulary, frame: pd.DataFrame, same_source: bool) -> LabelSpace:
+    """All of the vocabulary on its own source; on another, only the genres both sides know."""
+    if same_source:
+        return LabelSpace(genres=vocabulary.genres, columns=list(range(len(vocabulary.genres))))
+    labels = [label for genres in frame["genres"] for label in genres]
+    mapped = {label: vocabulary.mapping.get(label) for label in set(labels)}
+    covered = {genre for genre in mapped.values() if genre in vocabulary.genres}
+    source_only = {label: labels.count(label) for label, genre in mapped.items() if genre not in vocabulary.genres}
+    keep = [i for i, g in enumerate(vocabulary.genres) if g in covered]
+    return LabelSpace(genres=[vocabulary.genres[i] for i in keep], columns=keep,
+                      vocabulary_only=[g for g in vocabulary.genres if g not in covered], source_only=source_only)
 
-    from posterfusion.jobs.batch_predict import PREDICT_COLUMNS, attach_cached_objects, predict_dataset
+
+def encode_labels(vocabulary, frame: pd.DataFrame, space: LabelSpace) -> np.ndarray:
+    """Multi-hot labels over ``space.genres``; a source label the vocabulary lacks is dropped, never folded."""
+    index = {g: i for i, g in enumerate(space.genres)}
+    labels = np.zeros((len(frame), len(space.genres)), np.float32)
+    for row, genres in enumerate(frame["genres"]):
+        for label in genres:
+            genre = vocabulary.mapping.get(label)
+            if genre in index:
+                labels[row, index[genre]] = 1.0
+    return labels
+
+
+def model_scores(config: EvaluateConfig, frame: pd.DataFrame) -> np.ndarray:
+    """The Predictor's calibrated probabilities for ``frame``'s rows, via Ray Data actors."""
     from posterfusion.models.bundle import read_config
+    from posterfusion.models.inference import PREDICT_COLUMNS, attach_cached_objects, predict_dataset
 
     bundle = read_config(config.model)
-    dataset = _labelled_rows(config.catalogue, PREDICT_COLUMNS, split)
+    dataset = _rows(config.catalogue, PREDICT_COLUMNS, frame["movie_id"].tolist())
     detect = True
     if config.features is not None and bundle.detector_id:
         dataset, detect = attach_cached_objects(dataset, config.features, bundle.detector_id), False
@@ -73,35 +123,37 @@ def model_scores(config: EvaluateConfig, frame: pd.DataFrame, split: str) -> np.
     return np.stack(scored["probabilities"].to_list()).astype(np.float32)
 
 
-def _labelled_rows(catalogue: Path, columns: list[str], split: str | None = None):
-    """A Ray Dataset of the catalogue's labelled rows (of one split), with ``columns``."""
+def _rows(catalogue: Path, columns: list[str], ids: list[str]):
+    """A Ray Dataset of the catalogue rows with these ids."""
     import ray
-    from ray.data.expressions import col, lit
+    from ray.data.expressions import col
 
     from posterfusion.features.catalogue import catalogue_files
 
-    wanted = col("labelled") if split is None else col("labelled") & (col("split") == lit(split))
-    dataset = ray.data.read_parquet(catalogue_files(catalogue), columns=[*columns, "labelled", "split"])
-    return dataset.filter(expr=wanted).drop_columns(["labelled", "split"])
+    dataset = ray.data.read_parquet(catalogue_files(catalogue), columns=columns, num_cpus=0.1)
+    return dataset.filter(expr=col("movie_id").is_in(ids))
 
 
-def baseline_scores(config: EvaluateConfig, vocabulary, frames: dict[str, pd.DataFrame]) -> dict[str, Scores]:
-    """Label prior and classic baseline, both fitted on the training split only."""
+def baseline_scorers(training: Path, vocabulary, frame: pd.DataFrame, stats: dict[str, pd.Series]) -> dict:
+    """Label prior and classic baseline, fitted on ``training``'s training split, tuned on its validation split.
+
+    ``stats`` are :func:`poster_statistics` of the training catalogue's train/val rows and of ``frame``'s.
+    """
     from posterfusion.models.evaluation import label_prior_scores
+    from posterfusion.models.metrics import tune_thresholds
 
-    train_labels = vocabulary.encode_many(frames["train"]["genres"])
-    prior = {s: label_prior_scores(train_labels, len(frames[s])) for s in ("val", "test")}
-    out = {"label_prior": Scores(val=prior["val"], test=prior["test"])}
-    out["classic"] = _classic_scores(config, vocabulary, frames, train_labels)
-    return out
+    fit = {s: load_split_frame(training, s) for s in ("train", "val")}
+    labels = {s: vocabulary.encode_many(fit[s]["genres"]) for s in fit}
+    prior, prior_val = (label_prior_scores(labels["train"], n) for n in (len(frame), len(fit["val"])))
+    x = {s: _stack(stats, fit[s]) for s in fit}
+    classic = _tuned_classic(x["train"], labels["train"], x["val"], labels["val"])
+    return {"label_prior": Scorer(scores=prior, thresholds=tune_thresholds(labels["val"], prior_val)),
+            "classic": Scorer(scores=classic.predict_proba(_stack(stats, frame)),
+                              thresholds=tune_thresholds(labels["val"], classic.predict_proba(x["val"])))}
 
 
-def _classic_scores(config: EvaluateConfig, vocabulary, frames: dict[str, pd.DataFrame],
-                    train_labels: np.ndarray) -> Scores:
-    stats = _poster_statistics(config.catalogue)
-    x = {s: np.stack(stats.loc[frames[s]["movie_id"]].to_list()) for s in frames}
-    baseline = _tuned_classic(x["train"], train_labels, x["val"], vocabulary.encode_many(frames["val"]["genres"]))
-    return Scores(val=baseline.predict_proba(x["val"]), test=baseline.predict_proba(x["test"]))
+def _stack(stats: dict[str, pd.Series], frame: pd.DataFrame) -> np.ndarray:
+    return np.stack([stats[key] for key in frame["poster_sha256"]])
 
 
 def _tuned_classic(x_train, y_train, x_val, y_val, grid=(0.01, 0.1, 1.0)):
@@ -113,75 +165,139 @@ def _tuned_classic(x_train, y_train, x_val, y_val, grid=(0.01, 0.1, 1.0)):
     return max(fitted, key=lambda b: macro_auc(y_val, b.predict_proba(x_val)))
 
 
-def _poster_statistics(catalogue: Path) -> pd.Series:
-    """Hand-crafted colour/texture statistics of every labelled poster, computed with Ray Data."""
-
+def poster_statistics(training: Path, catalogue: Path, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Colour/texture statistics (Ray Data) of the training catalogue's train/val posters and of ``frame``'s,
+    keyed by poster sha256 (the image alone decides them)."""
     from posterfusion.features.classic import featurize_posters
 
     def featurize(batch: pd.DataFrame) -> pd.DataFrame:
         features, errors = featurize_posters(batch["poster"].to_list())
         if any(errors):
             raise ValueError(f"undecodable poster in the catalogue: {next(e for e in errors if e)}")
-        return pd.DataFrame({"movie_id": batch["movie_id"], "stats": list(features)})
+        return pd.DataFrame({"poster_sha256": batch["poster_sha256"], "stats": list(features)})
 
-    dataset = _labelled_rows(catalogue, ["movie_id", "poster"])
-    table = dataset.map_batches(featurize, batch_format="pandas", batch_size=128, num_cpus=0.5).to_pandas()
-    return table.set_index("movie_id")["stats"]
+    wanted = {Path(training).resolve(): pd.concat([load_split_frame(training, s) for s in ("train", "val")])}
+    key = Path(catalogue).resolve()
+    wanted[key] = pd.concat([wanted.get(key, frame.iloc[:0]), frame])
+    stats = {}
+    for path, rows in wanted.items():
+        table = _rows(path, ["movie_id", "poster_sha256", "poster"], rows["movie_id"].unique().tolist()).map_batches(
+            featurize, batch_format="pandas", batch_size=128, num_cpus=0.5).to_pandas()
+        stats |= dict(zip(table["poster_sha256"], table["stats"], strict=True))
+    return stats
+
+
+def headline_metrics(genres: list[str], thresholds: np.ndarray) -> dict:
+    """The headline metric functions of one scorer (tuned F1 uses its own thresholds)."""
+    from posterfusion.models.calibration import expected_calibration_error
+    from posterfusion.models.evaluation import (
+        fast_macro_auc,
+        fast_map,
+        fast_micro_auc,
+        hit_at_3,
+        main_genre_auc,
+        make_f1_metric,
+        top_n_ratio,
+    )
+
+    return {"roc_auc_macro": fast_macro_auc, "roc_auc_main6": main_genre_auc(genres), "roc_auc_micro": fast_micro_auc,
+            "map_macro": fast_map, "hit@3": hit_at_3, "top_n_ratio": top_n_ratio,
+            "f1_micro@tuned": make_f1_metric(thresholds), "f1_micro@0.5": make_f1_metric(0.5),
+            "ece": lambda y, s: expected_calibration_error(y, s)[0]}
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
-    """Score, tune thresholds on val, compute metrics + intervals; write the report files."""
+    """Score the evaluated rows, compute metrics + intervals beside the baselines; write the report files."""
     from posterfusion.features.vocab import GenreVocabulary
+    from posterfusion.models.bundle import read_config
+    from posterfusion.models.predictor import bundle_thresholds
 
     started = time.perf_counter()
+    bundle = read_config(config.model)
     vocabulary = GenreVocabulary.load(config.model / "genres.json")
-    frames = {s: load_split_frame(config.catalogue, s) for s in ("train", "val", config.split)}
-    frames["test"] = frames[config.split]
-    scorers = {"model": Scores(val=model_scores(config, frames["val"], "val"),
-                               test=model_scores(config, frames["test"], config.split))}
+    training = config.training_catalogue or Path(bundle.catalogue["path"])
+    same_source = Path(config.catalogue).resolve() == Path(training).resolve()
+    frame = load_split_frame(config.catalogue, config.split)
+    space = label_space(vocabulary, frame, same_source)
+    scorers = {"model": Scorer(scores=model_scores(config, frame), thresholds=bundle_thresholds(config.model))}
     if config.baselines:
-        scorers |= baseline_scores(config, vocabulary, frames)
-    labels = {s: vocabulary.encode_many(frames[s]["genres"]) for s in ("val", "test")}
+        scorers |= baseline_scorers(training, vocabulary, frame, poster_statistics(training, config.catalogue, frame))
+    scorers = {name: restrict(s, space.columns) for name, s in scorers.items()}
+    labels = encode_labels(vocabulary, frame, space)
     pairs = [("model", name) for name in scorers if name != "model"]
-    report = build_report(scorers, labels, vocabulary.genres, pairs, config.n_boot, config.seed)
-    report |= {"split": config.split, "posters": len(frames["test"]), "model": str(config.model),
-               "seconds": round(time.perf_counter() - started, 1)}
-    write_report(config.out, report, frames["test"], scorers, vocabulary.genres)
+    report = build_report(scorers, labels, space.genres, pairs, config.n_boot, config.seed,
+                          frame["has_metadata"].to_numpy())
+    report |= {"split": config.split, "posters": len(frame), "model": str(config.model),
+               "catalogue": str(config.catalogue), "training_catalogue": str(training), "same_source": same_source,
+               "label_space": space.model_dump(), "seconds": round(time.perf_counter() - started, 1)}
+    write_report(config.out, report, frame, scorers, labels)
     return report
 
 
-def build_report(scorers: dict[str, Scores], labels: dict[str, np.ndarray], genres: list[str],
-                 pairs: list[tuple[str, str]], n_boot: int, seed: int) -> dict:
-    """Metrics at val-tuned thresholds, bootstrap intervals per scorer, paired differences a − b.
+def restrict(scorer: Scorer, columns: list[int]) -> Scorer:
+    return Scorer(scores=scorer.scores[:, columns], thresholds=np.asarray(scorer.thresholds)[columns])
+
+
+def build_report(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[str], pairs: list[tuple[str, str]],
+                 n_boot: int, seed: int, has_metadata: np.ndarray | None = None) -> dict:
+    """Metrics at each scorer's thresholds, bootstrap intervals, calibration, paired differences a − b,
+    and the intervals again on posters with and without metadata.
 
     Shared by ``evaluate`` (model − each baseline) and ``compare`` (each variant − cnn).
     """
-    from posterfusion.models.evaluation import HEADLINE_METRICS, bootstrap_ci, evaluate_all, paired_bootstrap
-    from posterfusion.models.metrics import tune_thresholds
+    from posterfusion.models.calibration import expected_calibration_error
+    from posterfusion.models.evaluation import bootstrap_ci, evaluate_all, paired_bootstrap
 
-    y = labels["test"]
-    metrics, intervals, thresholds = {}, {}, {}
-    for name, scores in scorers.items():
-        thresholds[name] = tune_thresholds(labels["val"], scores.val)
-        metrics[name] = evaluate_all(y, scores.test, thresholds[name], genres)
-        intervals[name] = {m: list(bootstrap_ci(y, scores.test, fn, n_boot=n_boot, seed=seed))
-                           for m, fn in HEADLINE_METRICS.items()}
-    paired = {f"{a} - {b}": {m: paired_bootstrap(y, scorers[a].test, scorers[b].test, fn, n_boot=n_boot, seed=seed)
-                             for m, fn in HEADLINE_METRICS.items()}
-              for a, b in pairs}
-    return {"genres": genres, "metrics": metrics, "intervals": intervals, "paired": paired,
-            "thresholds": {k: dict(zip(genres, map(float, v), strict=True)) for k, v in thresholds.items()}}
+    metrics, intervals, calibration = {}, {}, {}
+    for name, scorer in scorers.items():
+        fns = headline_metrics(genres, scorer.thresholds)
+        metrics[name] = evaluate_all(labels, scorer.scores, scorer.thresholds, genres)
+        intervals[name] = {m: list(bootstrap_ci(labels, scorer.scores, fn, n_boot=n_boot, seed=seed))
+                           for m, fn in fns.items()}
+        overall, per_genre = expected_calibration_error(labels, scorer.scores)
+        calibration[name] = {"ece": overall, "per_genre": dict(zip(genres, per_genre.tolist(), strict=True))}
+    paired = {}
+    for a, b in pairs:
+        fns = headline_metrics(genres, scorers[a].thresholds)
+        fns.pop("f1_micro@tuned")  # two scorers' own thresholds: not one metric applied to both
+        paired[f"{a} - {b}"] = {m: paired_bootstrap(labels, scorers[a].scores, scorers[b].scores, fn, n_boot=n_boot,
+                                                    seed=seed) for m, fn in fns.items()}
+    report = {"genres": genres, "metrics": metrics, "intervals": intervals, "calibration": calibration,
+              "paired": paired, "thresholds": {k: dict(zip(genres, map(float, s.thresholds), strict=True))
+                                               for k, s in scorers.items()}}
+    if has_metadata is not None:
+        report["by_metadata"] = _by_metadata(scorers, labels, genres, has_metadata, min(n_boot, 200), seed)
+    return report
 
 
-def write_report(out: Path, report: dict, frame: pd.DataFrame, scorers: dict[str, Scores], genres: list[str]) -> None:
+def _by_metadata(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[str], has_metadata: np.ndarray,
+                 n_boot: int, seed: int) -> dict:
+    """Headline intervals for the posters with metadata and those without (when each has enough posters)."""
+    from posterfusion.models.evaluation import bootstrap_ci
+
+    out = {}
+    for subset, mask in (("with_metadata", has_metadata), ("without_metadata", ~has_metadata)):
+        if mask.sum() < MIN_SUBSET:
+            continue
+        out[subset] = {"posters": int(mask.sum()), "intervals": {
+            name: {m: list(bootstrap_ci(labels[mask], s.scores[mask], fn, n_boot=n_boot, seed=seed))
+                   for m, fn in headline_metrics(genres, s.thresholds).items()}
+            for name, s in scorers.items()}}
+    return out
+
+
+def write_report(out: Path, report: dict, frame: pd.DataFrame, scorers: dict[str, Scorer], labels: np.ndarray) -> None:
+    from posterfusion.jobs.plots import reliability_plot
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=json_default))
     predictions = frame[["movie_id"]].copy()
-    for name, scores in scorers.items():
-        for g, genre in enumerate(genres):
-            predictions[f"{name}:{genre}"] = scores.test[:, g]
+    for name, scorer in scorers.items():
+        for g, genre in enumerate(report["genres"]):
+            predictions[f"{name}:{genre}"] = scorer.scores[:, g]
     predictions.to_parquet(out / "predictions.parquet", index=False)
-    (out / "report.md").write_text(summary_table(report) + "\n")
+    reliability_plot(out / "reliability.png", labels, {k: s.scores for k, s in scorers.items()})
+    (out / "report.md").write_text(report_markdown(report) + "\n")
 
 
 def json_default(value):
@@ -192,18 +308,40 @@ def json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def summary_table(report: dict) -> str:
-    """Markdown: headline metrics with 95 % intervals, model beside each baseline."""
-    names = list(report["intervals"])
-    lines = [f"Split `{report.get('split', '?')}`, {report.get('posters', '?')} posters; "
-             "95 % bootstrap intervals in brackets.", "",
+def summary_table(report: dict, intervals: dict | None = None, title: str | None = None) -> str:
+    """Markdown: headline metrics with 95 % intervals, every scorer (label prior included) side by side."""
+    intervals = intervals or report["intervals"]
+    names = list(intervals)
+    lines = [title or (f"Split `{report.get('split', '?')}`, {report.get('posters', '?')} posters; "
+                       "95 % bootstrap intervals in brackets."), "",
              "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for metric in report["intervals"][names[0]]:
-        cells = [_cell(report["intervals"][n][metric]) for n in names]
+    for metric in intervals[names[0]]:
+        cells = [_cell(intervals[n][metric]) for n in names]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def report_markdown(report: dict) -> str:
+    """The whole report: headline table, label space, by-metadata tables, per-genre ECE."""
+    parts = [summary_table(report)]
+    space = report.get("label_space") or {}
+    if space.get("vocabulary_only") or space.get("source_only"):
+        parts += ["", f"Genres evaluated: {len(space['genres'])}. Left out — never labelled by this source: "
+                  f"{', '.join(space['vocabulary_only']) or 'none'}; source labels the model does not know "
+                  f"(posters): {space['source_only'] or 'none'}."]
+    for subset, block in report.get("by_metadata", {}).items():
+        parts += ["", summary_table(report, block["intervals"], f"{subset.replace('_', ' ')}: {block['posters']} "
+                                    "posters")]
+    ece = {name: c["ece"] for name, c in report.get("calibration", {}).items()}
+    if ece:
+        parts += ["", "Expected calibration error (15 equal-width bins, all poster × genre pairs): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in ece.items()) + "; per genre in metrics.json; "
+                  "reliability diagram in reliability.png."]
+    return "\n".join(parts)
+
+
 def _cell(interval: list[float]) -> str:
     point, low, high = interval
+    if point is None or not np.isfinite(point):
+        return "n/a"
     return f"{point:.3f} [{low:.3f}, {high:.3f}]"

@@ -58,18 +58,29 @@ def pr_curves_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]
     return _save(fig, path)
 
 
-def calibration_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray], bins: int = 10) -> Path:
-    """Reliability diagram: mean predicted probability vs observed frequency, pooled over genres."""
-    from sklearn.calibration import calibration_curve
+def reliability_plot(path: Path, labels: np.ndarray, scores: dict[str, np.ndarray]) -> Path:
+    """Reliability diagram (equal-width bins, all poster × genre pairs) with each scorer's ECE, and bin counts.
+
+    The same bins as :func:`posterfusion.models.calibration.expected_calibration_error`, so the
+    picture and the number agree.
+    """
+    from posterfusion.models.calibration import expected_calibration_error, reliability_table
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(6, 6.5), height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
     for name, s in scores.items():
-        observed, predicted = calibration_curve(labels.ravel(), s.ravel(), n_bins=bins, strategy="quantile")
-        ax.plot(predicted, observed, marker="o", ms=3, label=name)
-    ax.set_xlabel("mean predicted probability")
+        table = reliability_table(labels, s)
+        used = table["count"] > 0
+        ece = expected_calibration_error(labels, s)[0]
+        ax.plot(table["mean_probability"][used], table["frequency"][used], marker="o", ms=3,
+                label=f"{name} (ECE {ece:.3f})")
+        centres = (table["edges"][:-1] + table["edges"][1:]) / 2
+        counts.plot(centres, table["count"], marker=".", lw=0.8, label=name)
     ax.set_ylabel("observed frequency")
-    ax.set_title("calibration (pooled over genres)")
+    ax.set_title("reliability (all poster × genre pairs)")
     ax.legend(fontsize=8)
+    counts.set_yscale("log")
+    counts.set_xlabel("predicted probability")
+    counts.set_ylabel("pairs per bin")
     return _save(fig, path)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
-from posterfusion.models.predictor import Prediction, Predictor
+from posterfusion.models.predictor import PosterError, Prediction, Predictor
 
 
-def predict_files(model: Path, posters: list[Path], batch_size: int = 16) -> list[tuple[Path, Prediction]]:
+def predict_files(model: Path, posters: list[Path], batch_size: int = 16
+                  ) -> list[tuple[Path, Prediction | PosterError]]:
+    """Each file's Prediction, or the PosterError saying why it could not be scored."""
     predictor = Predictor(model)
     results = []
     for start in range(0, len(posters), batch_size):
@@ -17,8 +18,9 @@ def predict_files(model: Path, posters: list[Path], batch_size: int = 16) -> lis
     return results
 
 
-def format_prediction(path: Path, prediction: Prediction) -> str:
+def format_prediction(path: Path, prediction: Prediction | PosterError) -> str:
+    if isinstance(prediction, PosterError):
+        return f"{path.name}: not scored ({prediction.reason})"
     top = ", ".join(f"{genre} {p:.2f}" for genre, p in prediction.top3)
-    objects = Counter(d["name"] for d in prediction.detections)
-    seen = ", ".join(f"{n}×{name}" if n > 1 else name for name, n in objects.most_common()) or "none"
+    seen = ", ".join(f"{o.count}×{o.name}" if o.count > 1 else o.name for o in prediction.objects) or "none"
     return f"{path.name}: {top} | predicted set: {', '.join(prediction.genres) or '-'} | objects: {seen}"

@@ -1,20 +1,31 @@
-"""``posterfusion train``: fine-tune the fusion network with Ray Train.
+"""``posterfusion train``: fine-tune the fusion network with Ray Train and write a calibrated bundle.
 
 Driver: read the catalogue's labelled rows, build the genre vocabulary and fit the metadata
-encoder on the training split only, join cached object features, decode posters once with
-Ray Data into fixed-size uint8 tensors, then hand train/val Datasets to a ``TorchTrainer``.
+encoder and the object-vector statistics on the training split only, then prepare the data
+the run needs — backbone features extracted once (:mod:`posterfusion.models.frozen`, cached
+per catalogue) for head epochs, posters decoded once into fixed-size uint8 tensors and held in
+Ray's object store for fine-tuning epochs — and hand them to a ``TorchTrainer``. After
+training it fits the calibration on the best epoch's validation logits
+(:mod:`posterfusion.models.calibration`), tunes thresholds on the calibrated probabilities and
+writes the bundle.
 
-Workers (``train_loop``): DDP via ``prepare_model``, BCE-with-logits with per-genre
-``pos_weight``, AdamW + one-cycle schedule, autocast (bf16 on AMX CPUs, fp16/bf16 on GPU),
-validation macro ROC-AUC gathered across workers, early stopping, a checkpoint each epoch
-holding model, optimizer, scheduler and history — a restarted worker resumes from it.
+Fine-tuning as the field does it, in two phases: ``warmup_epochs`` train the head on the
+frozen backbone's features (a fresh head's large gradients would otherwise wreck the
+pretrained filters), then the whole network trains with the backbone at a lower learning rate
+(``backbone_lr``), on augmented posters (``TrainPreset``). ``mode="frozen"`` stops after the
+first phase: every epoch is a head epoch (the fast CPU path, and the baseline fine-tuning must
+beat). Each phase warms its learning rate up, then decays it on a cosine.
+
+Workers (``train_loop``): DDP via ``prepare_model``, BCE-with-logits (optionally with
+per-genre ``pos_weight``, undone later by the calibration's logit adjustment), metadata
+dropout (a sample's whole metadata block replaced by the encoding of "no metadata", so the
+model serves clients who send none), autocast, validation gathered across workers, early
+stopping within the last phase, a checkpoint each epoch holding everything needed to resume.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
 import uuid
@@ -23,48 +34,79 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from posterfusion.errors import UserValueError
+from posterfusion.features.metadata import FIELDS as META_COLUMNS
 from posterfusion.features.objects import DetectorConfig
 from posterfusion.features.vocab import VocabConfig
-from posterfusion.models.fusion import FusionConfig
-
-Variant = Literal["cnn", "cnn+objects", "cnn+metadata", "fused"]
-META_COLUMNS = ["year", "runtime", "imdb_score", "num_votes", "budget", "gross", "popularity",
-                "content_rating", "language", "country"]
+from posterfusion.models.fusion import VARIANTS, FusionConfig, Variant
+from posterfusion.models.hardware import Amp
 
 
 class TrainConfig(BaseModel):
+    """Everything a training run is decided by; recipes (:mod:`posterfusion.jobs.recipes`) fill it in."""
+
+    model_config = ConfigDict(extra="forbid")
+
     catalogue: Path
     out: Path = Field(description="bundle directory to write")
     features: Path | None = Field(None, description="object features dir (`posterfusion features --out`)")
-    detector: DetectorConfig | None = None
-    backbone: str = "densenet121"
-    weights: str = "none"
+    detector: DetectorConfig | None = Field(None, description="default: the one the features dir recorded")
+    recipe: str | None = Field(None, description="the recipe these settings came from (recorded in the bundle)")
+    notes: list[str] = Field(default_factory=list, description="what the recipe had to change on this machine")
+    backbone: str = "mobilenet_v2"
+    weights: str = Field("none", description="'none', 'imagenet' (torchvision download) or a weights file")
     variant: Variant = "fused"
     fusion: Literal["concat", "gated"] = "concat"
-    freeze_backbone: bool = False
-    image_size: int = Field(128, ge=32)
-    epochs: int = Field(10, ge=1)
+    mode: Literal["finetune", "frozen"] = Field("finetune", description="frozen: only the head ever trains")
+    image_size: int | None = Field(None, ge=32, description="default: the backbone's native size")
+    epochs: int = Field(10, ge=1, description="all epochs, head warm-up included")
+    warmup_epochs: int = Field(0, ge=0, description="head-only epochs on frozen backbone features first")
     batch_size: int = Field(32, ge=1)
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the head")
+    backbone_lr: float = Field(2e-4, gt=0, description="peak learning rate of the backbone when it trains")
+    train_stages: int | None = Field(None, ge=1, description="fine-tune only the backbone's last N stages "
+                                     "(None: all); frozen stages cost no gradients")
+    weight_decay: float = Field(1e-2, ge=0)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    hidden: int = Field(256, ge=1)
     patience: int = Field(3, ge=1, description="epochs without val macro AUC gain before stopping")
+    pos_weight_cap: float = Field(1.0, ge=1.0, description="per-genre neg/pos loss weight cap; 1 = unweighted")
+    metadata_dropout: float = Field(0.0, ge=0, le=1, description="share of training samples seen without metadata")
+    augment: bool = Field(True, description="random crops, flips and light colour jitter while fine-tuning")
+    freeze_bn: bool | None = Field(None, description="keep backbone BatchNorms in eval mode; default: when pretrained")
     workers: int = Field(1, ge=1)
     gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="default: a share of the cluster's CPUs")
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    max_failures: int = 2
+    amp: Amp = "auto"
+    max_failures: int = Field(2, ge=0)
     storage_path: Path | None = Field(None, description="Ray Train results (default: OUT/../ray_results)")
+    cache: Path | None = Field(None, description="backbone-feature cache (default: CATALOGUE/cache)")
     vocab: VocabConfig = Field(default_factory=VocabConfig)
     seed: int = 0
-    limit: int | None = Field(None, description="use at most this many training rows (quick runs)")
-    fail_after_epoch: int | None = Field(None, description="fault injection for tests: fail once after this epoch")
+    limit: int | None = Field(None, ge=1, description="use at most this many training rows (quick runs)")
 
-    def fusion_config(self, num_genres: int, object_dim: int, metadata_dim: int) -> FusionConfig:
-        return FusionConfig(backbone=self.backbone, weights=self.weights, variant=self.variant,
-                            fusion=self.fusion, num_genres=num_genres, object_dim=object_dim,
-                            metadata_dim=metadata_dim, freeze_backbone=self.freeze_backbone)
+    @property
+    def size(self) -> int:
+        from posterfusion.models.backbones import backbone_class
+
+        return self.image_size or backbone_class(self.backbone).native_size
+
+    @property
+    def head_epochs(self) -> int:
+        return self.epochs if self.mode == "frozen" else min(self.warmup_epochs, self.epochs)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache or self.catalogue / "cache"
+
+    def fusion_config(self, num_genres: int, object_dim: int, metadata_dim: int, flags: list[int]) -> FusionConfig:
+        return FusionConfig(backbone=self.backbone, weights=self.weights, variant=self.variant, fusion=self.fusion,
+                            num_genres=num_genres, object_dim=object_dim, metadata_dim=metadata_dim,
+                            metadata_flags=flags, hidden=self.hidden, dropout=self.dropout,
+                            freeze_backbone=self.mode == "frozen",
+                            freeze_bn=self.weights != "none" if self.freeze_bn is None else self.freeze_bn)
 
 
 class LoopConfig(BaseModel):
@@ -73,17 +115,37 @@ class LoopConfig(BaseModel):
     model: FusionConfig
     image_size: int
     epochs: int
+    head_epochs: int
     batch_size: int
     lr: float
+    backbone_lr: float
+    train_stages: int | None
     weight_decay: float
     patience: int
     pos_weight: list[float]
+    label_prior: list[float]
     train_rows: int
     threads: int
-    amp: str
+    amp: Amp
+    augment: bool
     seed: int
-    fail_after_epoch: int | None
-    fail_marker: str
+    metadata_dropout: float
+    missing_metadata: list[float]
+    object_mean: list[float]
+    object_std: list[float]
+
+
+class Prepared(BaseModel, arbitrary_types_allowed=True):
+    """The driver's view of the labelled data: frame, vocabulary, encoders, side features."""
+
+    frame: pd.DataFrame
+    vocabulary: object
+    encoder: object
+    objects: np.ndarray | None
+    sides: dict[str, np.ndarray] = Field(description="per row: labels, metadata, objects (see _side_inputs)")
+    detector: DetectorConfig | None
+    detector_id: str | None
+    skipped: dict[str, int]
 
 
 # --- driver side -----------------------------------------------------------------------------
@@ -104,67 +166,123 @@ def load_labelled(catalogue: Path, limit: int | None) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def object_lookup(config: TrainConfig, frame: pd.DataFrame) -> tuple[dict, int, str | None]:
-    """(movie_id, sha) → object vector; every row must have one when the variant reads objects."""
-    if config.variant not in ("cnn+objects", "fused"):
-        return {}, 0, None
-    if config.features is None or config.detector is None:
-        raise ValueError(f"variant {config.variant!r} needs --features and --detector (run `posterfusion features`)")
-    from posterfusion.features.objects import detector_id
-    from posterfusion.jobs.features import load_object_features
+def resolve_detector(config: TrainConfig) -> DetectorConfig | None:
+    """The detector whose features a variant reads: as given, else the one the features dir recorded."""
+    if not VARIANTS[config.variant].objects:
+        return None
+    if config.features is None:
+        raise UserValueError(f"variant {config.variant!r} reads object features: pass --features "
+                         "(run `posterfusion features` first)")
+    from posterfusion.features.objects import recorded_detector, resolved_detector
 
-    det_id = detector_id(config.detector)
-    table = load_object_features(config.features, det_id)
-    lookup = {key: np.asarray(vec, np.float32) for key, vec in table["objects"].items()}
-    missing = [k for k in zip(frame["movie_id"], frame["poster_sha256"], strict=True) if k not in lookup]
+    return resolved_detector(config.detector) if config.detector is not None else recorded_detector(config.features)
+
+
+def object_matrix(config: TrainConfig, frame: pd.DataFrame, detector: DetectorConfig):
+    """(frame without posters the detector failed on, their object vectors, detector id, skipped count).
+
+    A poster without any stored row means the features job has not run on it: an error. One
+    whose detection failed (an error row) is left out of training and counted in the summary.
+    """
+    from posterfusion.features.objects import detector_id, load_object_features
+
+    det_id = detector_id(detector)
+    table = load_object_features(config.features, det_id, include_errors=True)
+    keys = list(zip(frame["movie_id"], frame["poster_sha256"], strict=True))
+    missing = [k for k in keys if k not in table.index]
     if missing:
-        raise ValueError(f"{len(missing)} posters have no object features for {det_id} "
+        raise UserValueError(f"{len(missing)} posters have no object features for {det_id} "
                          f"(e.g. {missing[0][0]}): run `posterfusion features` first")
-    return lookup, len(next(iter(lookup.values()))), det_id
+    vectors = table.loc[keys, "objects"].to_list()
+    keep = np.array([v is not None for v in vectors])
+    matrix = np.stack([np.asarray(v, np.float32) for v, k in zip(vectors, keep, strict=True) if k])
+    return frame[keep].reset_index(drop=True), matrix, det_id, int((~keep).sum())
 
 
-def build_datasets(config: TrainConfig, frame: pd.DataFrame, vocabulary, encoder, objects: dict):
-    """Ray Datasets of decoded uint8 images + labels + side features, per split, materialised."""
+def prepare(config: TrainConfig) -> Prepared:
+    from posterfusion.features.metadata import MetadataEncoder
+    from posterfusion.features.vocab import GenreVocabulary
+
+    frame = load_labelled(config.catalogue, config.limit)
+    detector, det_id, objects, skipped = resolve_detector(config), None, None, 0
+    if detector is not None:
+        frame, objects, det_id, skipped = object_matrix(config, frame, detector)
+    train = frame[frame["split"] == "train"]
+    vocabulary = GenreVocabulary.build(train["genres"], config.vocab)
+    unlabelled = np.array([not vocabulary.map_genres(g) for g in frame["genres"]])
+    if unlabelled.any():  # e.g. only N/A, or a genre the vocabulary keeps no trace of
+        frame = frame[~unlabelled].reset_index(drop=True)
+        objects = objects[~unlabelled] if objects is not None else None
+    encoder = MetadataEncoder.fit(frame[frame["split"] == "train"])
+    return Prepared(frame=frame, vocabulary=vocabulary, encoder=encoder, objects=objects,
+                    sides=_side_inputs(frame, vocabulary, encoder, objects), detector=detector, detector_id=det_id,
+                    skipped={"detect_failed": skipped, "no_vocabulary_genre": int(unlabelled.sum())})
+
+
+def pos_weights(labels: np.ndarray, cap: float) -> list[float]:
+    """negatives/positives per genre, capped (1 = no weighting): rare genres get more weight, but not unbounded."""
+    positives = labels.sum(axis=0)
+    return np.clip((len(labels) - positives) / np.maximum(positives, 1), 1.0, cap).tolist()
+
+
+def _side_inputs(frame: pd.DataFrame, vocabulary, encoder, objects: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per labelled row: multi-hot labels, encoded metadata, object vectors (zeros when unused)."""
+    return {"labels": vocabulary.encode_many(frame["genres"]), "metadata": encoder.transform(frame),
+            "objects": objects if objects is not None else np.zeros((len(frame), 1), np.float32)}
+
+
+def feature_datasets(config: TrainConfig, data: Prepared) -> dict:
+    """Ray Datasets of stored backbone features (plain + flipped) and side inputs, per split."""
+    from posterfusion.models.frozen import BackboneFeaturesConfig, ensure_backbone_features, load_backbone_features
+
+    features = BackboneFeaturesConfig(backbone=config.backbone, weights=config.weights, image_size=config.size)
+    ensure_backbone_features(config.catalogue, config.cache_dir, features)
+    plain, flipped = load_backbone_features(config.cache_dir, features, data.frame["poster_sha256"].tolist())
+    sides = data.sides
+    out = {}
+    for split in ("train", "val"):
+        rows = np.flatnonzero((data.frame["split"] == split).to_numpy())
+        columns = {"features": plain[rows], "flipped": flipped[rows], **{k: v[rows] for k, v in sides.items()}}
+        out[f"{split}_features"] = _tensor_dataset(columns)
+    return out
+
+
+def _tensor_dataset(columns: dict[str, np.ndarray]):
+    """A one-block Ray Dataset of numpy columns (a few MB of vectors: no need to spread them)."""
+    import pyarrow as pa
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    return ray.data.from_arrow(pa.table({k: ArrowTensorArray.from_numpy(v) for k, v in columns.items()}))
+
+
+def image_datasets(config: TrainConfig, data: Prepared) -> dict:
+    """Ray Datasets of posters decoded once into uint8 ``size × size`` tensors + side inputs, per split.
+
+    Materialised: every epoch iterates the decoded tensors in Ray's object store, never the JPEGs.
+    """
     import ray
     from ray.data.expressions import col, lit
 
     from posterfusion.features.catalogue import catalogue_files
 
-    meta = pd.DataFrame(encoder.transform(frame), index=frame["movie_id"])
-    labels = pd.DataFrame(vocabulary.encode_many(frame["genres"]), index=frame["movie_id"])
-    splits = dict(zip(frame["movie_id"], frame["split"], strict=True))
-    base = ray.data.read_parquet(catalogue_files(config.catalogue), columns=["movie_id", "poster_sha256", "poster"])
-    prepared = base.filter(expr=col("movie_id").is_in(sorted(splits))).map_batches(
-        _prepare_batch, batch_format="pandas", batch_size=64, num_cpus=0.5,
-        fn_kwargs={"size": config.image_size, "labels": labels, "meta": meta, "objects": objects,
-                   "splits": splits}).materialize()
+    sides = data.sides
+    by_id = {"index": pd.Series(np.arange(len(data.frame)), index=data.frame["movie_id"].to_numpy())}
+    base = ray.data.read_parquet(catalogue_files(config.catalogue), columns=["movie_id", "poster"], num_cpus=0.1)
+    prepared = base.filter(expr=col("movie_id").is_in(data.frame["movie_id"].tolist())).map_batches(
+        _decode_batch, batch_format="pandas", batch_size=64, num_cpus=0.5,
+        fn_kwargs={"size": config.size, "index": by_id["index"], "sides": sides,
+                   "splits": data.frame["split"].to_numpy()}).materialize()
     return {split: prepared.filter(expr=col("split") == lit(split)).drop_columns(["split"]).materialize()
             for split in ("train", "val")}
 
 
-def _prepare_batch(batch: pd.DataFrame, size: int, labels: pd.DataFrame, meta: pd.DataFrame,
-                   objects: dict, splits: dict) -> dict:
+def _decode_batch(batch: pd.DataFrame, size: int, index: pd.Series, sides: dict, splits: np.ndarray) -> dict:
     from posterfusion.features.presets import decode_poster
 
-    ids = batch["movie_id"].tolist()
-    out = {
-        "image": np.stack([decode_poster(b, size).numpy() for b in batch["poster"]]),
-        "labels": labels.loc[ids].to_numpy(np.float32),
-        "metadata": meta.loc[ids].to_numpy(np.float32),
-        "split": np.array([splits[i] for i in ids]),
-    }
-    if objects:
-        keys = zip(ids, batch["poster_sha256"], strict=True)
-        out["objects"] = np.stack([objects[k] for k in keys])
-    else:
-        out["objects"] = np.zeros((len(ids), 1), np.float32)
-    return out
-
-
-def pos_weights(labels: np.ndarray, cap: float = 20.0) -> list[float]:
-    """negatives/positives per genre, capped: rare genres get more weight, but not unbounded."""
-    positives = labels.sum(axis=0)
-    return np.clip((len(labels) - positives) / np.maximum(positives, 1), 1.0, cap).tolist()
+    rows = index.loc[batch["movie_id"].to_numpy()].to_numpy()
+    return {"image": np.stack([decode_poster(b, size).numpy() for b in batch["poster"]]),
+            **{k: v[rows] for k, v in sides.items()}, "split": splits[rows]}
 
 
 def _worker_resources(config: TrainConfig) -> tuple[float, int]:
@@ -173,40 +291,47 @@ def _worker_resources(config: TrainConfig) -> tuple[float, int]:
     total = cpu_budget()
     largest = max(node_cpus(), default=total)  # a worker lives on one node: asking more never schedules
     per_worker = config.cpus_per_worker or max(0.1, min(total * 0.8 / config.workers, largest * 0.8, 8.0))
-    return per_worker, max(1, round(total / config.workers))
+    return per_worker, max(1, round(min(total / config.workers, largest)))
+
+
+def loop_config(config: TrainConfig, data: Prepared) -> LoopConfig:
+    sides = data.sides
+    train = (data.frame["split"] == "train").to_numpy()
+    labels = sides["labels"][train]
+    objects = sides["objects"][train]
+    flags = [i for i, name in enumerate(data.encoder.feature_names())
+             if name.endswith("_missing") or name == "has_metadata"]
+    model = config.fusion_config(len(data.vocabulary.genres), data.objects.shape[1] if data.objects is not None else 0,
+                                 data.encoder.dim, flags)
+    return LoopConfig(
+        model=model, image_size=config.size, epochs=config.epochs, head_epochs=config.head_epochs,
+        batch_size=config.batch_size, lr=config.lr, backbone_lr=config.backbone_lr, train_stages=config.train_stages,
+        weight_decay=config.weight_decay, patience=config.patience,
+        pos_weight=pos_weights(labels, config.pos_weight_cap), label_prior=labels.mean(axis=0).tolist(),
+        train_rows=int(train.sum()), threads=_worker_resources(config)[1], amp=config.amp, augment=config.augment,
+        seed=config.seed, metadata_dropout=config.metadata_dropout,
+        missing_metadata=data.encoder.transform_records([None])[0].tolist(),
+        object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist())
 
 
 def run_train(config: TrainConfig) -> dict:
-    """Train, pick the best checkpoint, write the bundle; return the run summary."""
+    """Train, pick the best checkpoint, calibrate, write the bundle; return the run summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from posterfusion.features.metadata import MetadataEncoder
-    from posterfusion.features.vocab import GenreVocabulary
-
     started = time.perf_counter()
-    frame = load_labelled(config.catalogue, config.limit)
-    train_frame = frame[frame["split"] == "train"]
-    vocabulary = GenreVocabulary.build(train_frame["genres"], config.vocab)
-    encoder = MetadataEncoder.fit(train_frame)
-    objects, object_dim, det_id = object_lookup(config, frame)
-    datasets = build_datasets(config, frame, vocabulary, encoder, objects)
-    train_labels = vocabulary.encode_many(train_frame["genres"])
-    cpus, threads = _worker_resources(config)
+    data = prepare(config)
+    loop = loop_config(config, data)
+    datasets = feature_datasets(config, data) if loop.head_epochs else {}
+    if loop.head_epochs < loop.epochs:
+        datasets |= image_datasets(config, data)
     storage = (config.storage_path or config.out.parent / "ray_results").resolve()
-    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    loop = LoopConfig(
-        model=config.fusion_config(len(vocabulary.genres), object_dim, encoder.dim),
-        image_size=config.image_size, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-        weight_decay=config.weight_decay, patience=config.patience, pos_weight=pos_weights(train_labels),
-        train_rows=len(train_frame), threads=threads, amp=config.amp, seed=config.seed,
-        fail_after_epoch=config.fail_after_epoch, fail_marker=str(storage / run_name / "injected_failure"))
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop.model_dump(mode="json"), datasets=datasets,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
-                                     resources_per_worker={"CPU": cpus}),
+                                     resources_per_worker={"CPU": _worker_resources(config)[0]}),
         run_config=RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_auc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=config.max_failures)),
@@ -215,38 +340,68 @@ def run_train(config: TrainConfig) -> dict:
     best = result.get_best_checkpoint(metric="val_macro_auc", mode="max")
     if best is None:
         raise RuntimeError(f"training reported no checkpoint (error: {result.error})")
-    return _write_bundle(config, loop, best, vocabulary, encoder, det_id, result, time.perf_counter() - started)
+    return _write_bundle(config, loop, data, best, result, time.perf_counter() - started)
 
 
-def _write_bundle(config, loop, checkpoint, vocabulary, encoder, det_id, result, seconds) -> dict:
+def _write_bundle(config: TrainConfig, loop: LoopConfig, data: Prepared, checkpoint, result, seconds: float) -> dict:
     import torch
 
+    from posterfusion.features.catalogue import catalogue_identity
     from posterfusion.models.bundle import BundleConfig, save_bundle
+    from posterfusion.models.calibration import Calibration
+    from posterfusion.models.metrics import tune_thresholds
 
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")
-        thresholds = json.loads((Path(directory) / "thresholds.json").read_text())
-    thresholds = dict(zip(vocabulary.genres, thresholds, strict=True))
+        val = np.load(Path(directory) / "validation.npz")
     with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
         history = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["history"]
+    shift = np.log(np.asarray(loop.pos_weight))
+    calibration = Calibration.fit(val["logits"], val["labels"], shift)
+    calibrated = calibration.probabilities(val["logits"])
+    genres = data.vocabulary.genres
+    thresholds = dict(zip(genres, tune_thresholds(val["labels"], calibrated).tolist(), strict=True))
     best = max(history, key=lambda h: h["val_macro_auc"])
     metrics = {"best": best, "history": history, "seconds": round(seconds, 1),
-               "label_prior": state["label_prior"], "run_path": result.path,
-               "train_rows": loop.train_rows, "workers": config.workers}
-    bundle = BundleConfig(model=loop.model, image_size=config.image_size,
-                          detector=config.detector if det_id else None, detector_id=det_id)
-    save_bundle(config.out, config=bundle, state_dict=state["model"], vocabulary=vocabulary, encoder=encoder,
-                thresholds=thresholds, metrics=metrics)
-    return metrics | {"bundle": str(config.out), "genres": vocabulary.genres, "final_epoch": history[-1]["epoch"]}
+               "validation": validation_summary(val["labels"], calibrated, np.asarray(loop.label_prior), genres),
+               "run_path": result.path, "train_rows": loop.train_rows, "workers": config.workers,
+               "pos_weight": loop.pos_weight, "skipped": data.skipped}
+    bundle = BundleConfig(model=loop.model, image_size=loop.image_size, detector=data.detector,
+                          detector_id=data.detector_id, recipe=config.recipe,
+                          train=config.model_dump(mode="json"), catalogue=catalogue_identity(config.catalogue))
+    save_bundle(config.out, config=bundle, state_dict=state["model"], vocabulary=data.vocabulary,
+                encoder=data.encoder, thresholds=thresholds, calibration=calibration, metrics=metrics)
+    return metrics | {"bundle": str(config.out), "genres": genres, "final_epoch": history[-1]["epoch"],
+                      "recipe": config.recipe, "notes": config.notes}
+
+
+def validation_summary(labels: np.ndarray, probabilities: np.ndarray, prior: np.ndarray, genres: list[str]) -> dict:
+    """The calibrated best model on validation beside the label prior: ranking metrics and ECE."""
+    from posterfusion.models.calibration import expected_calibration_error
+    from posterfusion.models.evaluation import main_genre_auc, ranking_metrics
+
+    prior_scores = np.tile(prior, (len(labels), 1))
+    model, baseline = ranking_metrics(labels, probabilities), ranking_metrics(labels, prior_scores)
+    keys = ("roc_auc_macro", "roc_auc_micro", "hit@3", "top_n_ratio")
+    return {"model": {k: model[k] for k in keys} | {"ece": expected_calibration_error(labels, probabilities)[0],
+                                                    "roc_auc_main6": main_genre_auc(genres)(labels, probabilities)},
+            "label_prior": {k: baseline[k] for k in keys}}
 
 
 def format_train_summary(summary: dict) -> str:
-    best, prior = summary["best"], summary["label_prior"]
-    return (f"train: best epoch {best['epoch']}/{summary['final_epoch']} val macro ROC-AUC "
-            f"{best['val_macro_auc']:.3f} (label prior {prior['val_macro_auc']:.3f}), micro "
-            f"{best['val_micro_auc']:.3f} (prior {prior['val_micro_auc']:.3f}); "
-            f"{summary['train_rows']} train posters, {len(summary['genres'])} genres, "
-            f"{summary['seconds']:.0f} s → {summary['bundle']}")
+    best, val = summary["best"], summary["validation"]
+    model, prior = val["model"], val["label_prior"]
+    skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
+    return "\n".join([
+        f"train{' [' + summary['recipe'] + ']' if summary.get('recipe') else ''}: best epoch "
+        f"{best['epoch']}/{summary['final_epoch']}, {summary['train_rows']} train posters, "
+        f"{len(summary['genres'])} genres, {summary['seconds']:.0f} s → {summary['bundle']}",
+        f"  validation (calibrated): macro ROC-AUC {model['roc_auc_macro']:.3f} (6 main genres "
+        f"{model['roc_auc_main6']:.3f}), hit@3 {model['hit@3']:.3f} "
+        f"(label prior {prior['hit@3']:.3f}), top-n {model['top_n_ratio']:.3f} (prior {prior['top_n_ratio']:.3f}), "
+        f"ECE {model['ece']:.3f}" + (f"; skipped {skipped}" if skipped else ""),
+        *[f"  note: {note}" for note in summary.get("notes", [])],
+    ])
 
 
 # --- worker side -----------------------------------------------------------------------------
@@ -262,26 +417,27 @@ def train_loop(raw_config: dict) -> None:
     torch.manual_seed(config.seed)
     context = ray.train.get_context()
     model, device = _prepare_model(config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(model, config)
     steps = max(1, math.ceil(config.train_rows / (config.batch_size * context.get_world_size())))
-    # At least 10 steps: OneCycleLR's warm-up phase (20 %) must span a whole step, or tiny runs fail.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
-                                                    total_steps=max(10, config.epochs * steps + 1), pct_start=0.2)
-    state = _resume(model, optimizer, scheduler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedules(config, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.amp == "fp16")
+    state = _resume(model, optimizer, scheduler, scaler)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(config.pos_weight, device=device))
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        phase = "head" if epoch <= config.head_epochs else "full"
         started = time.perf_counter()
-        train_loss, seen = _train_epoch(model, optimizer, scheduler, loss_fn, config, device)
-        val = _validate(model, loss_fn, config, device)
-        prior, thresholds = val.pop("label_prior"), val.pop("thresholds")
-        state["label_prior"] = state.get("label_prior") or prior
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "train_loss": train_loss, **val, "lr": scheduler.get_last_lr()[0],
-                  "samples_per_s": seen * context.get_world_size() / seconds, "seconds": seconds}
-        state = _advance(state, record, thresholds)
-        _report(model, optimizer, scheduler, state, context)
-        _maybe_fail(config, epoch)
+        train = _batches("train_features" if phase == "head" else "train", config, device, shuffle=True)
+        train_loss, seen = train_epoch(model, optimizer, scheduler, scaler, loss_fn, config, device, phase, epoch,
+                                       train)
+        trained = time.perf_counter()
+        val = _batches("val_features" if phase == "head" else "val", config, device, shuffle=False)
+        metrics, logits, labels = validate(model, loss_fn, config, device, phase, val)
+        record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, **metrics,
+                  "lr": scheduler.get_last_lr()[-1],
+                  "samples_per_s": seen * context.get_world_size() / (trained - started),  # training alone
+                  "train_seconds": trained - started, "seconds": time.perf_counter() - started}
+        state = _advance(state, record, last_phase=epoch > config.head_epochs or config.head_epochs == config.epochs)
+        _report(model, optimizer, scheduler, scaler, state, context, logits, labels)
         if state["bad_epochs"] >= config.patience:
             break
 
@@ -291,7 +447,13 @@ def _prepare_model(config: LoopConfig):
 
     from posterfusion.models.fusion import build_model
 
-    model = ray.train.torch.prepare_model(build_model(config.model))
+    model = build_model(config.model)
+    model.set_object_statistics(config.object_mean, config.object_std)
+    if not config.model.freeze_backbone:
+        model.backbone.train_last_stages(config.train_stages)
+    # head epochs leave the backbone without gradients: DDP must be told some parameters may be unused
+    kwargs = {"find_unused_parameters": True} if 0 < config.head_epochs < config.epochs else {}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
     return model, ray.train.torch.get_device()
 
 
@@ -299,46 +461,58 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _resume(model, optimizer, scheduler) -> dict:
+def _optimizer(model, config: LoopConfig):
+    """AdamW with two groups: the backbone (its own, lower rate) and everything else (the head)."""
+    import torch
+
+    net = _unwrap(model)
+    backbone = [p for p in net.backbone.parameters() if p.requires_grad]
+    head = [p for name, p in net.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
+    return torch.optim.AdamW([{"params": backbone, "lr": config.backbone_lr}, {"params": head, "lr": config.lr}],
+                             weight_decay=config.weight_decay)
+
+
+def _schedules(config: LoopConfig, steps_per_epoch: int):
+    """Per-group LR multipliers over global steps: each phase warms up (5 %), then decays on a cosine.
+
+    The backbone's multiplier is 0 during head epochs (it receives no gradients there anyway).
+    """
+    head_steps = config.head_epochs * steps_per_epoch
+    full_steps = (config.epochs - config.head_epochs) * steps_per_epoch
+
+    def phase(step: int, length: int) -> float:
+        if length == 0:  # past the last step (the scheduler steps once more than it is read)
+            return 0.02
+        warm = max(1, int(0.05 * length))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, length - warm))))
+
+    def head(step: int) -> float:
+        return phase(step, head_steps) if step < head_steps else phase(step - head_steps, full_steps)
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < head_steps else phase(step - head_steps, full_steps)
+
+    return [backbone, head]
+
+
+def _resume(model, optimizer, scheduler, scaler) -> dict:
     """Continue from the last checkpoint (after a worker failure) or start at epoch 0."""
     import ray.train
     import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": [], "thresholds": None}
+        return {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
     with checkpoint.as_directory() as directory:
         saved = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")
-        thresholds = json.loads((Path(directory) / "thresholds.json").read_text())
     _unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
     print(f"[train] resumed from the epoch-{saved['epoch']} checkpoint", flush=True)
-    return {k: saved[k] for k in ("epoch", "best", "bad_epochs", "history", "label_prior")} | {
-        "thresholds": thresholds, "resumed_from": saved["epoch"]}
-
-
-def _autocast(config: LoopConfig, device):
-    import contextlib
-
-    import torch
-
-    if config.amp == "off":
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
-    if config.amp == "bf16" or (config.amp == "auto" and _cpu_has_amx()):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _cpu_has_amx() -> bool:
-    """bf16 autocast pays off on CPUs with AMX (measured ~2x here); elsewhere it can be slower."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return {k: saved[k] for k in ("epoch", "best", "bad_epochs", "history")} | {"resumed_from": saved["epoch"]}
 
 
 def _batches(name: str, config: LoopConfig, device, shuffle: bool):
@@ -346,61 +520,109 @@ def _batches(name: str, config: LoopConfig, device, shuffle: bool):
 
     shard = ray.train.get_dataset_shard(name)
     return shard.iter_torch_batches(batch_size=config.batch_size, device=device,
-                                    local_shuffle_buffer_size=config.batch_size * 8 if shuffle else None)
+                                    local_shuffle_buffer_size=config.batch_size * 8 if shuffle else None,
+                                    local_shuffle_seed=config.seed if shuffle else None)
 
 
-def _inputs(model, batch):
+def _side(model, batch, config: LoopConfig, train: bool):
+    """(objects, metadata) for the variant; in training, metadata dropout blanks whole metadata blocks."""
+    import torch
+
     net = _unwrap(model)
-    return (batch["objects"] if net.uses_objects else None, batch["metadata"] if net.uses_metadata else None)
+    objects = batch["objects"] if net.uses_objects else None
+    metadata = batch["metadata"] if net.uses_metadata else None
+    if metadata is not None and train and config.metadata_dropout > 0:
+        drop = torch.rand(len(metadata), 1, device=metadata.device) < config.metadata_dropout
+        missing = torch.tensor(config.missing_metadata, dtype=metadata.dtype, device=metadata.device)
+        metadata = torch.where(drop, missing.expand_as(metadata), metadata)
+    return objects, metadata
 
 
-def _train_epoch(model, optimizer, scheduler, loss_fn, config: LoopConfig, device) -> tuple[float, int]:
-    from posterfusion.features.presets import TrainPreset
+def _inputs(batch, phase: str, config: LoopConfig, preset, train: bool):
+    """Backbone features (head phase: stored, flipped at random while training) or preset images."""
+    import torch
 
-    preset = TrainPreset(size=config.image_size)
+    if phase == "head":
+        if not train:
+            return batch["features"]
+        flip = torch.rand(len(batch["features"]), 1, device=batch["features"].device) < 0.5
+        return torch.where(flip, batch["flipped"], batch["features"])
+    return preset(batch["image"])
+
+
+def _forward(model, inputs, objects, metadata, phase: str):
+    """Through DDP's own forward (so gradients synchronise), pooled features or images."""
+    return model(inputs, objects, metadata, pooled=phase == "head")
+
+
+def train_epoch(model, optimizer, scheduler, scaler, loss_fn, config: LoopConfig, device, phase: str, epoch: int,
+                batches) -> tuple[float, int]:
+    """One pass over ``batches`` (dicts of tensors: image or features/flipped, labels, metadata, objects).
+
+    The Ray Train worker passes its dataset shard; ``benchmarks/train_throughput.py`` passes the
+    same decoded posters from memory, so both time exactly this function.
+    """
+    import torch
+
+    from posterfusion.models.fusion import input_preset
+    from posterfusion.models.hardware import autocast
+
+    stage = "train" if config.augment else "eval"
+    preset = input_preset(config.model, config.image_size, stage)
     model.train()
+    torch.manual_seed(config.seed * 1000 + epoch)  # augmentation and dropout draws, reproducible per epoch
     total, seen = 0.0, 0
-    for batch in _batches("train", config, device, shuffle=True):
-        with _autocast(config, device):
-            logits = model(preset(batch["image"]), *_inputs(model, batch))
+    for batch in batches:
+        objects, metadata = _side(model, batch, config, train=True)
+        inputs = _inputs(batch, phase, config, preset, train=True)  # in full precision: under autocast the
+        with autocast(device, config.amp if phase == "full" else "off"):  # preset's bf16 output slows the net ~1.5×
+            logits = _forward(model, inputs, objects, metadata, phase)
         loss = loss_fn(logits.float(), batch["labels"])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         total += loss.item() * len(batch["labels"])
         seen += len(batch["labels"])
     return total / max(seen, 1), seen
 
 
-def _validate(model, loss_fn, config: LoopConfig, device) -> dict:
-    """Validation on this worker's shard, gathered so every worker computes the same metrics."""
+def validate(model, loss_fn, config: LoopConfig, device, phase: str, batches):
+    """Validation on this worker's shard, gathered so every worker computes the same metrics.
+
+    Returns the metrics and the raw (uncalibrated) logits with their labels: the driver fits the
+    calibration on the best epoch's.
+    """
     import torch
 
-    from posterfusion.features.presets import EvalPreset
-    from posterfusion.models.metrics import macro_auc, micro_auc, tune_thresholds
+    from posterfusion.models.evaluation import hit_at_k, top_n_ratio
+    from posterfusion.models.fusion import input_preset
+    from posterfusion.models.hardware import autocast
+    from posterfusion.models.metrics import macro_auc, micro_auc
 
-    preset = EvalPreset(size=config.image_size)
+    preset = input_preset(config.model, config.image_size, "eval")
     model.eval()
-    scores, labels, loss_sum = [], [], 0.0
+    logits_out, labels, loss_sum = [], [], 0.0
     with torch.inference_mode():
-        for batch in _batches("val", config, device, shuffle=False):
-            with _autocast(config, device):
-                logits = model(preset(batch["image"]), *_inputs(model, batch)).float()
+        for batch in batches:
+            objects, metadata = _side(model, batch, config, train=False)
+            inputs = _inputs(batch, phase, config, preset, train=False)
+            with autocast(device, config.amp if phase == "full" else "off"):
+                logits = _forward(model, inputs, objects, metadata, phase).float()
             loss_sum += float(loss_fn(logits, batch["labels"])) * len(logits)
-            scores.append(torch.sigmoid(logits).cpu().numpy())
+            logits_out.append(logits.cpu().numpy())
             labels.append(batch["labels"].cpu().numpy())
-    y, p, loss_sum = _gather(labels, scores, loss_sum)
-    prior = np.broadcast_to(y.mean(axis=0), y.shape)
-    return {"val_loss": loss_sum / max(len(y), 1), "val_macro_auc": macro_auc(y, p), "val_micro_auc": micro_auc(y, p),
-            "thresholds": tune_thresholds(y, p).tolist(),
-            "label_prior": {"val_macro_auc": macro_auc(y, prior), "val_micro_auc": micro_auc(y, prior)}}
+    y, z, loss_sum = _gather(labels, logits_out, loss_sum)
+    adjusted = 1 / (1 + np.exp(-(z - np.log(np.asarray(config.pos_weight)))))
+    return ({"val_loss": loss_sum / max(len(y), 1), "val_macro_auc": macro_auc(y, z), "val_micro_auc": micro_auc(y, z),
+             "val_hit@3": hit_at_k(y, adjusted, 3), "val_top_n_ratio": top_n_ratio(y, adjusted)}, z, y)
 
 
-def _gather(labels: list, scores: list, loss_sum: float):
+def _gather(labels: list, logits: list, loss_sum: float):
     import torch.distributed as dist
 
-    local = (np.concatenate(labels) if labels else np.zeros((0, 0)), np.concatenate(scores) if scores else None,
+    local = (np.concatenate(labels) if labels else np.zeros((0, 0)), np.concatenate(logits) if logits else None,
              loss_sum)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
@@ -411,19 +633,18 @@ def _gather(labels: list, scores: list, loss_sum: float):
             sum(p[2] for p in parts))
 
 
-def _advance(state: dict, record: dict, thresholds: list[float]) -> dict:
-    """Append the epoch and its tuned thresholds; count epochs without improvement."""
+def _advance(state: dict, record: dict, last_phase: bool) -> dict:
+    """Append the epoch; count epochs without improvement (only in the last phase: a warm-up may plateau)."""
     improved = record["val_macro_auc"] > state["best"] + 1e-4
     return state | {
         "epoch": record["epoch"], "history": [*state["history"], record],
         "best": record["val_macro_auc"] if improved else state["best"],
-        "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
-        "thresholds": thresholds,
+        "bad_epochs": 0 if improved or not last_phase else state["bad_epochs"] + 1,
     }
 
 
-def _report(model, optimizer, scheduler, state: dict, context) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (all state needed to resume)."""
+def _report(model, optimizer, scheduler, scaler, state: dict, context, logits: np.ndarray, labels: np.ndarray) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (all state needed to resume + validation logits)."""
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -432,20 +653,14 @@ def _report(model, optimizer, scheduler, state: dict, context) -> None:
     if context.get_world_rank() != 0:
         ray.train.report(dict(record))
         return
-    print(f"[train] epoch {record['epoch']}: loss {record['train_loss']:.4f} val loss {record['val_loss']:.4f} "
-          f"val macro AUC {record['val_macro_auc']:.4f} ({record['samples_per_s']:.1f} samples/s)", flush=True)
+    print(f"[train] epoch {record['epoch']} ({record['phase']}): loss {record['train_loss']:.4f} "
+          f"val macro AUC {record['val_macro_auc']:.4f} hit@3 {record['val_hit@3']:.3f} "
+          f"({record['samples_per_s']:.1f} samples/s)", flush=True)
     with tempfile.TemporaryDirectory() as directory:
-        saved = {k: state[k] for k in ("epoch", "best", "bad_epochs", "history", "label_prior")}
+        saved = {k: state[k] for k in ("epoch", "best", "bad_epochs", "history")}
         torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), **saved}, Path(directory) / "state.pt")
-        (Path(directory) / "thresholds.json").write_text(json.dumps(state["thresholds"]))
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **saved},
+                   Path(directory) / "state.pt")
+        np.savez(Path(directory) / "validation.npz", logits=logits, labels=labels)
         ray.train.report(dict(record), checkpoint=Checkpoint.from_directory(directory))
 
-
-def _maybe_fail(config: LoopConfig, epoch: int) -> None:
-    """Fault injection for the resume test: fail once, after this epoch's checkpoint."""
-    if config.fail_after_epoch != epoch or os.path.exists(config.fail_marker):
-        return
-    Path(config.fail_marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(config.fail_marker).write_text(f"failed after epoch {epoch}\n")
-    raise RuntimeError(f"injected failure after epoch {epoch}")

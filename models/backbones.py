@@ -10,6 +10,9 @@ apart from the classifier, so one loader serves both.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,19 +21,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posterfusion.errors import UserFileNotFound, UserValueError
+from posterfusion.features.presets import IMAGENET_MEAN, IMAGENET_STD
+
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 class Backbone(nn.Module):
-    """A CNN without its classifier. Subclasses set the class attributes below."""
+    """A CNN without its classifier. Subclasses set the class attributes below.
+
+    ``input_mean``/``input_std`` say how the pretrained weights expect pixels in [0, 1] to be
+    normalised (torchvision's ImageNet statistics for most; [−1, 1] for TF-trained nets) and
+    ``native_size`` the image size they were trained at: the presets read both, so a backbone
+    is never fed inputs scaled for another.
+    """
 
     feature_dim: int
     imagenet_weights: str | None = None  # torchvision weights enum member, e.g. "ResNet50_Weights.IMAGENET1K_V2"
     classifier_prefixes: tuple[str, ...] = ()  # torchvision keys to ignore when loading a full state dict
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
+    native_size: int = 224
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a loaded state dict onto this module's keys (drops the torchvision classifier)."""
         return {k: v for k, v in state.items() if not k.startswith(self.classifier_prefixes)}
+
+    def stages(self) -> list[nn.Module]:
+        """The backbone in order, input side first, in the pieces fine-tuning may unfreeze from the top.
+
+        One piece by default; backbones whose resolution stages are known split further, so a
+        recipe can train only the last stages (cheaper on a CPU: no gradients below them).
+        """
+        return [self]
+
+    def train_last_stages(self, count: int | None) -> None:
+        """Freeze every stage but the last ``count`` (None: train all of them)."""
+        stages = self.stages()
+        keep = len(stages) if count is None else count
+        for i, stage in enumerate(stages):
+            stage.requires_grad_(i >= len(stages) - keep)
 
 
 _REGISTRY: dict[str, Callable[[], Backbone]] = {}
@@ -64,16 +94,55 @@ def resolve_weights(name: str, weights: str = "none"):
     if weights == "imagenet":
         enum_name = getattr(builder, "imagenet_weights", None)
         if enum_name is None:
-            raise ValueError(f"backbone {name!r} has no ImageNet weights; use 'none' or a weights file")
+            raise UserValueError(f"backbone {name!r} has no ImageNet weights; use 'none' or a weights file")
         from torchvision.models import get_weight
 
         return get_weight(enum_name)
+    return weights_file(weights)
+
+
+def weights_dir() -> Path | None:
+    """Where named weights files are looked up: ``$POSTERFUSION_WEIGHTS`` (``make`` points it at ../shared)."""
+    folder = os.environ.get("POSTERFUSION_WEIGHTS")
+    return Path(folder) if folder else None
+
+
+def weights_file(weights: str | Path) -> Path:
+    """A weights file given by path, or by bare file name under :func:`weights_dir` (recipes name them so)."""
     path = Path(weights)
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"weights must be 'none', 'imagenet' or a {'/'.join(WEIGHT_SUFFIXES)} file, got {weights!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    return path
+        kinds = "/".join(WEIGHT_SUFFIXES)
+        raise UserValueError(f"weights must be 'none', 'imagenet' or a {kinds} file, got {weights!r}")
+    if path.is_file():
+        return path
+    folder = weights_dir()
+    if len(path.parts) == 1 and folder is not None and (folder / path).is_file():
+        return folder / path
+    where = f" or in $POSTERFUSION_WEIGHTS ({folder})" if folder else " (POSTERFUSION_WEIGHTS names a weights folder)"
+    raise UserFileNotFound(f"weights file not found: {path}{where}")
+
+
+def weights_id(weights: str) -> str:
+    """A short name of the starting weights for cache keys: 'none', 'imagenet' or the file's sha256 prefix."""
+    if weights in ("none", "imagenet"):
+        return weights
+    with open(weights_file(weights), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+
+
+def imagenet_cached(name: str) -> bool:
+    """Whether torchvision's ImageNet weights for ``name`` are already in the local torch hub cache.
+
+    Recipes use this to decide, without any network access, between ImageNet weights and
+    training from scratch (and say which in their summary).
+    """
+    enum_name = getattr(_builder(name), "imagenet_weights", None)
+    if enum_name is None:
+        return False
+    from torch.hub import get_dir
+    from torchvision.models import get_weight
+
+    return (Path(get_dir()) / "checkpoints" / Path(get_weight(enum_name).url).name).is_file()
 
 
 def create_backbone(name: str, weights: str = "none") -> Backbone:
@@ -116,14 +185,28 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor], sour
         problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
                     for label, keys in (("missing", missing), ("unexpected", unexpected),
                                         ("mis-shaped", mis_shaped)) if keys]
-        raise ValueError(f"weights from {source} do not fit backbone {type(backbone).__name__}: "
+        raise UserValueError(f"weights from {source} do not fit backbone {type(backbone).__name__}: "
                          + "; ".join(problems))
     backbone.load_state_dict(state, strict=False)
 
 
+def backbone_class(name: str) -> type[Backbone]:
+    """The registered class (its normalisation, native size, feature width) without building it."""
+    return _builder(name)
+
+
+def imagenet_classifier(weights: str | Path) -> nn.Linear:
+    """The 1000-class ImageNet head of a full torchvision-layout state dict (for checking the weights)."""
+    state = read_state_dict(weights_file(weights))
+    weight, bias = state["classifier.1.weight"], state["classifier.1.bias"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return head
+
+
 def _builder(name: str) -> Callable[[], Backbone]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; registered: {list_backbones()}")
+        raise UserValueError(f"unknown backbone {name!r}; registered: {list_backbones()}")
     return _REGISTRY[name]
 
 
@@ -176,6 +259,91 @@ class ResNet50(Backbone):
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return _pool(x)
+
+    def stages(self) -> list[nn.Module]:
+        return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
+
+
+@register_backbone("resnet34")
+class ResNet34(ResNet50):
+    """torchvision's ResNet-34 up to its average pool (the seed-001 system's backbone)."""
+
+    feature_dim = 512
+    imagenet_weights = "ResNet34_Weights.IMAGENET1K_V1"
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        from torchvision.models import resnet34
+
+        net = resnet34()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+
+class Conv2dSame(nn.Conv2d):
+    """A convolution padded like TensorFlow's ``"SAME"``: nothing before, the remainder after.
+
+    TF pads a stride-2 convolution of an even input by one pixel on the right/bottom only;
+    torchvision pads one on every side, which shifts every feature map by half a pixel and
+    degrades TF-trained weights (the check image's "military uniform" 0.92 → 0.36). The
+    padding depends on the input size, so it is computed per call. Parameter names are
+    those of ``nn.Conv2d``: state dicts load unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, kernel, stride, dilation in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
+                                                  reversed(self.stride), reversed(self.dilation), strict=True):
+            total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
+
+
+def _tf_same_padding(module: nn.Module) -> None:
+    """Swap every padded strided convolution of ``module`` for :class:`Conv2dSame`, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and child.stride != (1, 1) and child.kernel_size != (1, 1):
+            same = Conv2dSame(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                              child.dilation, child.groups, child.bias is not None)
+            same.load_state_dict(child.state_dict())
+            setattr(module, name, same)
+        else:
+            _tf_same_padding(child)
+
+
+@register_backbone("mobilenet_v2")
+class MobileNetV2(Backbone):
+    """torchvision's MobileNetV2-1.0 features → global average pool (1280), TF conventions.
+
+    Built for Google's ImageNet weights (``../shared/weights/mobilenet_v2_imagenet.safetensors``,
+    the one pretrained CNN that can be had offline here): pixels scaled to [−1, 1] and
+    TF-``SAME`` padding on the stride-2 convolutions, as it was trained. Its BatchNorms are
+    folded into affine layers (running mean 0, var 1 − eps): fine-tune it with BatchNorm in
+    eval mode (``FusionConfig.freeze_bn``), or batch statistics replace the folded ones.
+    ``classifier.1.*`` of a full state dict is the ImageNet head (:func:`imagenet_classifier`).
+    """
+
+    feature_dim = 1280
+    # No "imagenet": torchvision's own MobileNetV2 weights expect ImageNet mean/std and symmetric
+    # padding, so they do not belong to this TF-convention network. Weights come from a file.
+    classifier_prefixes = ("classifier.",)
+    input_mean = (0.5, 0.5, 0.5)
+    input_std = (0.5, 0.5, 0.5)
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        self.features = mobilenet_v2().features
+        _tf_same_padding(self.features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _pool(self.features(images))
+
+    def stages(self) -> list[nn.Module]:
+        """By output resolution: 1/2, 1/4, 1/8, 1/16 (blocks 7–13), 1/32 (14–17), the 1280-wide head conv."""
+        bounds = [(0, 2), (2, 4), (4, 7), (7, 14), (14, 18), (18, 19)]
+        return [nn.ModuleList(self.features[a:b]) for a, b in bounds]
 
 
 @register_backbone("vgg16")

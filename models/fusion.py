@@ -1,15 +1,27 @@
 """The fusion network: CNN poster features, optionally joined by object and metadata features.
 
-The four variants share one code path so their comparison is fair: ``cnn`` uses the poster
-alone, ``cnn+objects`` adds detected-object features, ``cnn+metadata`` adds encoded metadata,
-``fused`` adds both. Side features are projected (LayerNorm → Linear → ReLU → dropout) to a
-few dozen dimensions before the concatenation, so a 1024-d CNN vector cannot drown them simply
-by outnumbering them, and an MLP maps the concatenation to one logit per genre (multi-label:
-train with ``BCEWithLogitsLoss``).
+The variants share one code path so their comparison is fair (:data:`VARIANTS` is the one list
+of them): ``cnn`` uses the poster alone, ``cnn+objects`` adds detected-object features,
+``cnn+metadata`` adds encoded metadata, ``fused`` adds both, and ``flags-only`` adds only the
+metadata encoder's presence flags (``has_metadata``, one ``<field>_missing`` each): it separates
+what the metadata *says* from the fact that a poster *has* metadata, which is itself a label
+signal in this data (Documentary posters rarely have any).
+
+Side features are projected (→ Linear → ReLU → dropout) to a few dozen dimensions before the
+concatenation, so a 1280-d CNN vector cannot drown them simply by outnumbering them, and an
+MLP maps the concatenation to one logit per genre (multi-label: train with
+``BCEWithLogitsLoss``). Object vectors are standardised with mean/std fitted on the training
+split and stored as buffers (so they travel in ``model.safetensors``); the metadata encoder
+already standardises its own output.
+
+The network splits into :attr:`FusionNet.backbone` (image → pooled features) and the head
+(:meth:`FusionNet.head`: pooled features + side inputs → logits), so a frozen-backbone run can
+train the head on features extracted once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,30 +30,49 @@ from torch import nn
 
 from posterfusion.models.backbones import create_backbone
 
-Variant = Literal["cnn", "cnn+objects", "cnn+metadata", "fused"]
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Which side inputs a variant reads: objects or not; metadata none, all of it, or its flags only."""
+
+    objects: bool
+    metadata: Literal["none", "full", "flags"]
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "cnn": VariantSpec(objects=False, metadata="none"),
+    "cnn+objects": VariantSpec(objects=True, metadata="none"),
+    "cnn+metadata": VariantSpec(objects=False, metadata="full"),
+    "fused": VariantSpec(objects=True, metadata="full"),
+    "flags-only": VariantSpec(objects=False, metadata="flags"),
+}
+Variant = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
 
 
 class FusionConfig(BaseModel):
-    backbone: str = "densenet121"
-    weights: str = Field("none", description="'none', 'imagenet' or a local weights file")
+    backbone: str = "mobilenet_v2"
+    weights: str = Field("none", description="what training started from: 'none', 'imagenet' or a weights file")
     variant: Variant = "fused"
     fusion: Literal["concat", "gated"] = "concat"
     num_genres: int = Field(ge=1)
     object_dim: int = Field(0, ge=0)
     metadata_dim: int = Field(0, ge=0)
+    metadata_flags: list[int] = Field(default_factory=list,
+                                      description="columns of the metadata vector that are presence flags")
     object_proj: int = Field(64, ge=1)
     metadata_proj: int = Field(32, ge=1)
     hidden: int = Field(256, ge=1)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    freeze_backbone: bool = False
+    freeze_backbone: bool = Field(False, description="the backbone is never trained (frozen-features mode)")
+    freeze_bn: bool = Field(False, description="backbone BatchNorms stay in eval mode (pretrained statistics)")
 
     @property
     def uses_objects(self) -> bool:
-        return self.variant in ("cnn+objects", "fused")
+        return VARIANTS[self.variant].objects
 
     @property
     def uses_metadata(self) -> bool:
-        return self.variant in ("cnn+metadata", "fused")
+        return VARIANTS[self.variant].metadata != "none"
 
     @model_validator(mode="after")
     def _inputs_match_variant(self) -> FusionConfig:
@@ -49,37 +80,58 @@ class FusionConfig(BaseModel):
             raise ValueError(f"variant {self.variant!r} uses object features: object_dim must be > 0")
         if self.uses_metadata and self.metadata_dim <= 0:
             raise ValueError(f"variant {self.variant!r} uses metadata: metadata_dim must be > 0")
+        if VARIANTS[self.variant].metadata == "flags" and not self.metadata_flags:
+            raise ValueError("variant 'flags-only' needs metadata_flags (the encoder's flag columns)")
+        if any(not 0 <= i < self.metadata_dim for i in self.metadata_flags):
+            raise ValueError(f"metadata_flags must index the {self.metadata_dim} metadata columns")
         return self
 
 
-def _side_branch(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
-    """LayerNorm first: object counts and metadata flags come on very different scales."""
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
+class Standardise(nn.Module):
+    """``(x − mean) / std`` with statistics fitted on the training split, stored as buffers."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean, std, floor: float = 1e-3) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=floor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def _projection(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
 
 
 class FusionNet(nn.Module):
     """Poster CNN + optional side branches → MLP → genre logits.
 
     With ``fusion="gated"`` every side branch is multiplied by a learned sigmoid gate computed
-    from the whole concatenation (one scalar per branch and sample). Most posters have no
-    metadata and many have no detected objects; the gate lets the network learn to turn a
-    branch down for those samples instead of letting uninformative inputs shift the hidden
-    layer, and the gate values show how much each branch is relied on.
+    from the whole concatenation (one scalar per branch and sample): most posters have no
+    metadata and many have no detected objects, and the gate lets the network turn a branch
+    down for those samples instead of letting uninformative inputs shift the hidden layer.
 
     Inputs a variant does not use are ignored, so callers may always pass everything.
     """
 
-    def __init__(self, config: FusionConfig):
+    def __init__(self, config: FusionConfig, load_weights: bool = True):
         super().__init__()
         self.config = config
-        self.backbone = create_backbone(config.backbone, config.weights)
+        self.backbone = create_backbone(config.backbone, config.weights if load_weights else "none")
         width = self.backbone.feature_dim
-        self.object_branch = self.metadata_branch = self.gate = None
+        self.object_norm = self.object_branch = self.metadata_branch = self.gate = None
         if config.uses_objects:
-            self.object_branch = _side_branch(config.object_dim, config.object_proj, config.dropout)
+            self.object_norm = Standardise(config.object_dim)
+            self.object_branch = _projection(config.object_dim, config.object_proj, config.dropout)
             width += config.object_proj
         if config.uses_metadata:
-            self.metadata_branch = _side_branch(config.metadata_dim, config.metadata_proj, config.dropout)
+            self.register_buffer("metadata_columns", torch.tensor(self._metadata_columns(), dtype=torch.long),
+                                 persistent=False)
+            self.metadata_branch = _projection(len(self.metadata_columns), config.metadata_proj, config.dropout)
             width += config.metadata_proj
         num_branches = int(config.uses_objects) + int(config.uses_metadata)
         if config.fusion == "gated" and num_branches:
@@ -89,7 +141,12 @@ class FusionNet(nn.Module):
         self.classifier = nn.Linear(config.hidden, config.num_genres)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
-            self.backbone.eval()
+        self.train()
+
+    def _metadata_columns(self) -> list[int]:
+        if VARIANTS[self.config.variant].metadata == "flags":
+            return list(self.config.metadata_flags)
+        return list(range(self.config.metadata_dim))
 
     @property
     def uses_objects(self) -> bool:
@@ -100,39 +157,78 @@ class FusionNet(nn.Module):
         return self.config.uses_metadata
 
     def train(self, mode: bool = True) -> FusionNet:
-        """A frozen backbone stays in eval mode, so its BatchNorm statistics stay frozen too."""
+        """A frozen backbone stays in eval mode; so do its BatchNorms under ``freeze_bn``."""
         super().train(mode)
         if self.config.freeze_backbone:
             self.backbone.eval()
+        elif self.config.freeze_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm):
+                    module.eval()
         return self
+
+    def set_object_statistics(self, mean, std) -> None:
+        """Training-split mean/std of the object vectors (a no-op for variants without objects)."""
+        if self.object_norm is not None:
+            self.object_norm.set_statistics(mean, std)
+
+    def embed_features(self, features: torch.Tensor, objects: torch.Tensor | None = None,
+                       metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled CNN features (+ side inputs) → the penultimate ``(N, hidden)`` representation."""
+        parts = [features]
+        sides = []
+        if self.object_branch is not None:
+            objects = self._checked(objects, "objects", self.config.object_dim, features)
+            sides.append(self.object_branch(self.object_norm(objects)))
+        if self.metadata_branch is not None:
+            metadata = self._checked(metadata, "metadata", self.config.metadata_dim, features)
+            sides.append(self.metadata_branch(metadata[:, self.metadata_columns]))
+        if self.gate is not None:
+            gates = torch.sigmoid(self.gate(torch.cat(parts + sides, dim=1)))
+            sides = [side * gates[:, i : i + 1] for i, side in enumerate(sides)]
+        return self.hidden(self.dropout(torch.cat(parts + sides, dim=1)))
+
+    def head(self, features: torch.Tensor, objects: torch.Tensor | None = None,
+             metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled CNN features (+ side inputs) → genre logits."""
+        return self.classifier(self.dropout(self.embed_features(features, objects, metadata)))
 
     def embed(self, images: torch.Tensor, objects: torch.Tensor | None = None,
               metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Penultimate ``(N, hidden)`` features: the fused representation used for similarity search."""
-        parts = [self.backbone(images)]
-        sides = []
-        if self.object_branch is not None:
-            sides.append(self.object_branch(self._checked(objects, "objects", self.config.object_dim, images)))
-        if self.metadata_branch is not None:
-            sides.append(self.metadata_branch(self._checked(metadata, "metadata", self.config.metadata_dim, images)))
-        if self.gate is not None:
-            gates = torch.sigmoid(self.gate(torch.cat(parts + sides, dim=1)))
-            sides = [side * gates[:, i : i + 1] for i, side in enumerate(sides)]
-        fused = torch.cat(parts + sides, dim=1)
-        return self.hidden(self.dropout(fused))
+        return self.embed_features(self.backbone(images), objects, metadata)
 
-    def forward(self, images: torch.Tensor, objects: torch.Tensor | None = None,
-                metadata: torch.Tensor | None = None) -> torch.Tensor:
-        """Genre logits ``(N, num_genres)``; apply a sigmoid for per-genre probabilities."""
-        return self.classifier(self.dropout(self.embed(images, objects, metadata)))
+    def forward(self, inputs: torch.Tensor, objects: torch.Tensor | None = None,
+                metadata: torch.Tensor | None = None, pooled: bool = False) -> torch.Tensor:
+        """Genre logits ``(N, num_genres)``; the bundle's calibration turns them into probabilities.
 
-    def _checked(self, features: torch.Tensor | None, name: str, dim: int, images: torch.Tensor) -> torch.Tensor:
-        if features is None:
+        ``inputs`` are images, or with ``pooled=True`` the backbone's pooled features (head
+        epochs train on stored features, through this same forward so DDP syncs their gradients).
+        """
+        return self.head(inputs if pooled else self.backbone(inputs), objects, metadata)
+
+    def _checked(self, side: torch.Tensor | None, name: str, dim: int, features: torch.Tensor) -> torch.Tensor:
+        if side is None:
             raise ValueError(f"variant {self.config.variant!r} needs {name} features of shape (N, {dim})")
-        if features.dim() != 2 or features.shape[1] != dim or features.shape[0] != images.shape[0]:
-            raise ValueError(f"{name} features must have shape ({images.shape[0]}, {dim}), got {tuple(features.shape)}")
-        return features.to(images.dtype)
+        if side.dim() != 2 or side.shape[1] != dim or side.shape[0] != features.shape[0]:
+            raise ValueError(f"{name} features must have shape ({features.shape[0]}, {dim}), got {tuple(side.shape)}")
+        return side.to(features.dtype)
 
 
-def build_model(config: FusionConfig) -> FusionNet:
-    return FusionNet(config)
+def build_model(config: FusionConfig, load_weights: bool = True) -> FusionNet:
+    """The network of ``config``; ``load_weights=False`` skips the backbone's starting weights.
+
+    Training starts from ``config.weights``; a bundle's Predictor loads all weights from the
+    bundle itself and must never fetch the starting ones (a download at every replica start,
+    or a path that exists only where training ran).
+    """
+    return FusionNet(config, load_weights=load_weights)
+
+
+def input_preset(config: FusionConfig, size: int, stage: Literal["train", "eval"] = "eval"):
+    """The image preset of ``stage`` at ``size``, normalised the way ``config``'s backbone expects."""
+    from posterfusion.features.presets import preset_for
+    from posterfusion.models.backbones import backbone_class
+
+    backbone = backbone_class(config.backbone)
+    return preset_for(stage, size, backbone.input_mean, backbone.input_std)

@@ -1,14 +1,23 @@
 """``Predictor``: the one class that turns posters (+ optional metadata) into genres.
 
-Batch scoring (Ray Data actors) and the online service (Ray Serve replicas) both hold one
-``Predictor`` loaded from a bundle, so the two paths cannot drift apart: same decode, same
-preset, same detector, same thresholds.
+Batch scoring (Ray Data actors), evaluation, embedding, ``predict`` and the online service (Ray
+Serve replicas) all hold one ``Predictor`` loaded from a bundle and call its public methods, so
+the paths cannot drift apart: same decode, same preset, same detector, same calibration, same
+thresholds, same top-k.
+
+* :meth:`Predictor.score` — the batch method: poster bytes (+ metadata, + cached object
+  vectors) → a :class:`Scored` batch of arrays. Every poster is isolated: one that cannot be
+  decoded, whose metadata cannot be encoded, or that makes the detector raise gets an error
+  reason in its row and the rest of the batch is scored.
+* :meth:`Predictor.predict` / :meth:`Predictor.predict_one` — :class:`Prediction` objects
+  (probabilities, top-3, thresholded genres, objects) for the CLI and the service.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,165 +25,250 @@ from pydantic import BaseModel
 
 from posterfusion.models.bundle import read_config
 
+TOP_K = 3
+
 
 class PosterError(ValueError):
-    """A poster that cannot be used, with its position in the batch and the reason."""
+    """A poster that cannot be scored: a stable reason code (``not_an_image``, …) and a message."""
 
-    def __init__(self, index: int, reason: str):
-        super().__init__(f"poster {index}: {reason}")
-        self.index, self.reason = index, reason
+    def __init__(self, reason: str, index: int | None = None):
+        super().__init__(reason if index is None else f"poster {index}: {reason}")
+        self.reason, self.index = reason, index
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+class ObjectCount(BaseModel):
+    name: str
+    count: int
+    max_confidence: float
 
 
 class Prediction(BaseModel):
     probabilities: dict[str, float]
     top3: list[tuple[str, float]]
     genres: list[str]
+    objects: list[ObjectCount]
     detections: list[dict]
+    objects_source: str
+
+
+@dataclass
+class Scored:
+    """A scored batch, aligned with the input posters; a row with an ``error`` has NaN probabilities."""
+
+    probabilities: np.ndarray  # (N, G) float32, calibrated
+    detections: list[list[dict]]  # detections found now, or the cached ones passed in
+    objects_source: list[str]  # cache | detected | none
+    errors: list[str | None]
+    embeddings: np.ndarray | None = None  # (N, hidden) unit rows, when asked for
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def top_indices(probabilities: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """(N, k) genre indices, most probable first; ties keep vocabulary order (a stable sort)."""
+    return np.argsort(-np.nan_to_num(np.asarray(probabilities), nan=-1.0), axis=-1, kind="stable")[..., :k]
+
+
+def object_summary(detections: Sequence[dict]) -> list[dict]:
+    """Detections → one entry per class: how many, and the best confidence; most frequent first."""
+    from collections import Counter
+
+    counts = Counter(d["name"] for d in detections)
+    best: dict[str, float] = {}
+    for d in detections:
+        best[d["name"]] = max(best.get(d["name"], 0.0), float(d["confidence"]))
+    return [{"name": name, "count": n, "max_confidence": best[name]} for name, n in counts.most_common()]
+
+
+def bundle_thresholds(bundle: str | Path) -> np.ndarray:
+    """The bundle's per-genre thresholds, in its vocabulary's order."""
+    genres = json.loads((Path(bundle) / "genres.json").read_text())["genres"]
+    thresholds = json.loads((Path(bundle) / "thresholds.json").read_text())
+    return np.array([thresholds[g] for g in genres], dtype=np.float32)
 
 
 class Predictor:
-    """Loads a bundle once; predicts batches on CPU or GPU."""
+    """Loads a bundle once; scores batches on CPU or GPU."""
 
-    def __init__(self, bundle: str | Path, device: str | None = None, detect: bool = True):
+    def __init__(self, bundle: str | Path, device: str | None = None, detect: bool = True, limits=None):
         import torch
         from safetensors.torch import load_file
 
+        from posterfusion.features.catalogue import DecodeLimits
         from posterfusion.features.metadata import MetadataEncoder
-        from posterfusion.features.presets import EvalPreset
         from posterfusion.features.vocab import GenreVocabulary
         from posterfusion.models.bundle import model_version
-        from posterfusion.models.fusion import build_model
+        from posterfusion.models.calibration import Calibration
+        from posterfusion.models.fusion import build_model, input_preset
 
         self.bundle = Path(bundle)
+        self.limits = limits or DecodeLimits()  # the service passes its stricter SERVING_LIMITS
         self.config = read_config(bundle)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.vocabulary = GenreVocabulary.load(self.bundle / "genres.json")
         self.encoder = MetadataEncoder.load(self.bundle / "metadata_encoder.json")
-        thresholds = json.loads((self.bundle / "thresholds.json").read_text())
-        self.thresholds = np.array([thresholds[g] for g in self.vocabulary.genres], dtype=np.float32)
-        self.preset = EvalPreset(size=self.config.image_size)
-        self.model = build_model(self.config.model)
+        self.thresholds = bundle_thresholds(self.bundle)
+        self.calibration = Calibration.model_validate_json((self.bundle / "calibration.json").read_text())
+        self.preset = input_preset(self.config.model, self.config.image_size)
+        self.model = build_model(self.config.model, load_weights=False)  # every weight comes from the bundle
         self.model.load_state_dict(load_file(str(self.bundle / "model.safetensors")))
         self.model.to(self.device).eval()
         self.version = model_version(self.bundle)
         self.detector = self._load_detector(detect)
 
     def _load_detector(self, detect: bool):
-        """The detector is required when the network reads objects; a failure is an error."""
+        """The bundle's own detector (checked against its recorded id); required when the network reads objects."""
         needed = self.model.uses_objects
         if self.config.detector is None or not (detect or needed):
             if needed:
                 raise ValueError("bundle reads object features but names no detector")
             return None
-        from posterfusion.features.objects import Detector
+        from posterfusion.features.objects import load_detector
 
-        return Detector(self.config.detector)
+        return load_detector(self.config.detector, expected_id=self.config.detector_id)
 
     @property
     def genres(self) -> list[str]:
         return self.vocabulary.genres
 
-    def decode(self, posters: list[bytes]):
-        """Bytes → RGB images, raising PosterError for the first unusable poster."""
-        from posterfusion.features.catalogue import decode_rgb
+    # --- the batch method -------------------------------------------------------------------
+
+    def score(self, posters: Sequence[bytes | None], metadata=None, objects: Sequence | None = None,
+              detections: Sequence | None = None, embed: bool = False) -> Scored:
+        """Poster bytes → calibrated probabilities, every poster isolated from the others.
+
+        ``metadata``: a frame of catalogue rows, or one record (dict or None) per poster.
+        ``objects``: per poster a cached object vector or None (then the detector runs on it);
+        ``detections``: the cached boxes that go with them. ``embed`` also returns the
+        L2-normalised penultimate features (one forward pass for both).
+        """
+        n = len(posters)
+        errors: list[str | None] = [None] * n
+        images = self._decode(posters, errors)
+        meta = self._metadata(metadata, n, errors)
+        vectors, found, sources = self._objects(images, objects, detections, errors)
+        probabilities = np.full((n, len(self.genres)), np.nan, dtype=np.float32)
+        embeddings = np.zeros((n, self.config.model.hidden), np.float32) if embed else None
+        good = [i for i in range(n) if errors[i] is None]
+        if good:
+            hidden, logits = self._forward([images[i] for i in good], meta[good],
+                                           vectors[good] if vectors is not None else None)
+            probabilities[good] = self.calibration.probabilities(logits)
+            if embed:
+                embeddings[good] = hidden
+        return Scored(probabilities=probabilities, detections=found,
+                      objects_source=[s if e is None else "none" for s, e in zip(sources, errors, strict=True)],
+                      errors=errors, embeddings=embeddings)
+
+    def _decode(self, posters: Sequence[bytes | None], errors: list[str | None]) -> list:
+        from posterfusion.features.catalogue import PosterDecodeError, decode_rgb
 
         images = []
-        for index, data in enumerate(posters):
+        for i, data in enumerate(posters):
             try:
-                images.append(decode_rgb(data))
-            except ValueError as exc:
-                raise PosterError(index, str(exc)) from None
+                images.append(decode_rgb(data, self.limits))
+            except PosterDecodeError as exc:
+                images.append(None)
+                errors[i] = str(exc)
         return images
 
-    def probabilities(self, images: list, metadata=None, objects=None) -> tuple[np.ndarray, list]:
-        """RGB images (+ metadata, + precomputed object vectors) → (N, G) probabilities.
-
-        ``metadata`` is a list of records (online requests, ``None`` = unknown) or a frame of
-        catalogue rows (batch scoring). ``objects`` is an ``(N, D)`` array, or a list whose
-        ``None`` entries are posters without cached features: the detector runs on exactly
-        those (batch scoring reuses the features job's output and detects only what is new).
-        Returns the probabilities and the fresh detections (empty for cached posters).
-        """
-        import torch
-
-        from posterfusion.features.presets import image_to_tensor
-
-        objects, detections = self.object_vectors(images, objects)
-        batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
-        meta = self._encode_metadata(metadata, len(images))
-        with torch.inference_mode():
-            logits = self.model(
-                self.preset(batch.to(self.device)),
-                torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
-                torch.as_tensor(meta, device=self.device) if self.model.uses_metadata else None,
-            )
-        return torch.sigmoid(logits.float()).cpu().numpy(), detections
-
-    def object_vectors(self, images: list, objects=None) -> tuple[np.ndarray | None, list]:
-        """Object vectors for a batch: given ones kept, missing ones detected (if a detector is loaded)."""
-        from posterfusion.features.objects import object_vector
-
-        detections: list = [[] for _ in images]
-        if self.detector is None:
-            return (None if objects is None else np.stack(objects)), detections
-        vectors = [None] * len(images) if objects is None else list(objects)
-        todo = [i for i, v in enumerate(vectors) if v is None]
-        if todo:
-            for i, found in zip(todo, self.detector.detect([images[i] for i in todo]), strict=True):
-                detections[i], vectors[i] = found, object_vector(found, len(self.detector.names))
-        return np.stack(vectors).astype(np.float32), detections
-
-    def _encode_metadata(self, metadata, n: int) -> np.ndarray:
+    def _metadata(self, metadata, n: int, errors: list[str | None]) -> np.ndarray:
+        """Encoded metadata rows; a record that cannot be encoded is that poster's error, not the batch's."""
         import pandas as pd
 
         if isinstance(metadata, pd.DataFrame):
-            return self.encoder.transform(metadata)
-        return self.encoder.transform_records(metadata if metadata is not None else [None] * n)
+            return self.encoder.transform(metadata.reset_index(drop=True))
+        records = list(metadata) if metadata is not None else [None] * n
+        try:
+            return self.encoder.transform_records(records)
+        except (ValueError, TypeError, OverflowError):
+            rows = []
+            for i, record in enumerate(records):
+                try:
+                    rows.append(self.encoder.transform_records([record])[0])
+                except (ValueError, TypeError, OverflowError) as exc:
+                    rows.append(self.encoder.transform_records([None])[0])
+                    errors[i] = errors[i] or f"invalid_metadata: {exc}"[:300]
+            return np.stack(rows)
 
-    def predict(self, posters: list[bytes], metadata: list[dict | None] | None = None) -> list[Prediction]:
-        """Poster bytes → one Prediction each (top-3, thresholded genres, detections)."""
-        probs, detections = self.probabilities(self.decode(posters), metadata)
-        return [self._prediction(p, d) for p, d in zip(probs, detections, strict=True)]
+    def _objects(self, images: list, objects, detections, errors: list[str | None]):
+        """(object vectors or None, detections per poster, source per poster); detects what is not cached."""
+        from posterfusion.features.objects import object_vector
 
-    def _prediction(self, probs: np.ndarray, detections: list) -> Prediction:
-        order = np.argsort(-probs)
-        return Prediction(
-            probabilities={g: round(float(p), 6) for g, p in zip(self.genres, probs, strict=True)},
-            top3=[(self.genres[i], round(float(probs[i]), 6)) for i in order[:3]],
-            genres=[g for g, p, t in zip(self.genres, probs, self.thresholds, strict=True) if p >= t],
-            detections=[asdict(d) for d in detections],
-        )
+        n = len(images)
+        found: list[list[dict]] = [[] if detections is None or detections[i] is None else list(detections[i])
+                                   for i in range(n)]
+        if self.detector is None:
+            return None, found, ["none"] * n
+        width = 3 * len(self.detector.names) + 2
+        vectors = np.zeros((n, width), np.float32)
+        sources = ["cache"] * n
+        todo = []
+        for i in range(n):
+            cached = None if objects is None else objects[i]
+            if cached is not None:
+                vectors[i] = np.asarray(cached, np.float32)
+            elif errors[i] is None:
+                todo.append(i)
+        for i, result in zip(todo, self.detector.detect_each([images[i] for i in todo]), strict=True):
+            sources[i] = "detected"
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                vectors[i], found[i] = object_vector(result, len(self.detector.names)), [asdict(d) for d in result]
+        return vectors, found, sources
 
-    def embeddings(self, images: list, metadata=None, objects: np.ndarray | None = None) -> np.ndarray:
-        """RGB images (+ metadata, + object vectors) → L2-normalised penultimate features ``(N, hidden)``.
-
-        Same inputs as :meth:`probabilities`, so a poster embedded for similarity search sees exactly
-        the network inputs it is scored with. Unit length turns cosine similarity into a dot product.
-        """
-        return self.embed_and_score(images, metadata, objects)[0]
-
-    def embed_and_score(self, images: list, metadata=None,
-                        objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(L2-normalised embeddings, (N, G) probabilities) from one forward pass.
-
-        The embeddings job stores both; running :meth:`probabilities` beside :meth:`embeddings` would
-        pay for the backbone twice. The detector runs only when the network reads objects (no
-        detections are returned here). An all-zero feature vector stays zero (similar to nothing).
-        """
+    def _forward(self, images: list, metadata: np.ndarray, objects: np.ndarray | None):
+        """(unit-length hidden features, raw logits) for decoded images, in one batch."""
         import torch
 
         from posterfusion.features.presets import image_to_tensor
 
-        if self.model.uses_objects:
-            objects = self.object_vectors(images, objects)[0]
         batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
-        meta = self._encode_metadata(metadata, len(images))
         with torch.inference_mode():
             hidden = self.model.embed(
                 self.preset(batch.to(self.device)),
                 torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
-                torch.as_tensor(meta, device=self.device) if self.model.uses_metadata else None,
+                torch.as_tensor(metadata, device=self.device) if self.model.uses_metadata else None,
             )
             logits = self.model.classifier(hidden).float()  # forward() minus dropout, an identity in eval
             unit = torch.nn.functional.normalize(hidden.float(), dim=1)
-        return unit.cpu().numpy(), torch.sigmoid(logits).cpu().numpy()
+        return unit.cpu().numpy(), logits.cpu().numpy()
+
+    # --- predictions for people -------------------------------------------------------------
+
+    def prediction(self, scored: Scored, i: int) -> Prediction:
+        """Row ``i`` of a scored batch as a :class:`Prediction` (raises its PosterError if it failed)."""
+        if scored.errors[i] is not None:
+            raise PosterError(scored.errors[i], i)
+        probs = scored.probabilities[i]
+        return Prediction(
+            probabilities={g: round(float(p), 6) for g, p in zip(self.genres, probs, strict=True)},
+            top3=[(self.genres[j], round(float(probs[j]), 6)) for j in top_indices(probs)],
+            genres=[g for g, p, t in zip(self.genres, probs, self.thresholds, strict=True) if p >= t],
+            objects=object_summary(scored.detections[i]), detections=scored.detections[i],
+            objects_source=scored.objects_source[i])
+
+    def predict(self, posters: Sequence[bytes], metadata: Sequence[dict | None] | None = None
+                ) -> list[Prediction | PosterError]:
+        """One Prediction per poster, or the PosterError saying why that poster was not scored."""
+        scored = self.score(posters, metadata)
+        return [self.prediction(scored, i) if scored.errors[i] is None else PosterError(scored.errors[i], i)
+                for i in range(len(posters))]
+
+    def predict_one(self, poster: bytes, metadata: dict | None = None) -> Prediction:
+        """One poster's Prediction; raises :class:`PosterError` when it cannot be scored."""
+        return self.prediction(self.score([poster], [metadata]), 0)
+
+    def embed_one(self, poster: bytes, metadata: dict | None = None) -> np.ndarray:
+        """One poster's unit-length embedding (the similarity query); raises :class:`PosterError`."""
+        scored = self.score([poster], [metadata], embed=True)
+        if scored.errors[0] is not None:
+            raise PosterError(scored.errors[0])
+        return scored.embeddings[0]

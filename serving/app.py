@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from posterfusion.serving.schemas import MovieMetadata
 
 PAGE = Path(__file__).with_name("index.html")
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 
 
 class ServeConfig(BaseModel):
@@ -41,7 +41,8 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="wait for a batch to fill")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(4, gt=0, description="autoscaling target per model replica")
+    target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per model replica; "
+                                           ">= max_batch_size")
     max_ongoing_requests: int = Field(16, ge=1, description="in flight per replica; >= max_batch_size")
     max_queued_requests: int = Field(64, ge=1, description="queued beyond that → 503")
     replica_cpus: float = Field(0.5, gt=0)
@@ -49,6 +50,9 @@ class ServeConfig(BaseModel):
     ingress_cpus: float = Field(0.1, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     max_upload_bytes: int = Field(8_000_000, ge=1, description="largest poster accepted (413 above)")
+    max_pixels: int = Field(16_000_000, ge=1, description="largest poster in pixels (413 above; checked before "
+                            "decoding)")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="largest metadata JSON (413 above)")
     max_batch_posters: int = Field(32, ge=1, description="most posters in one /v1/predict/batch")
 
     @model_validator(mode="after")
@@ -56,6 +60,9 @@ class ServeConfig(BaseModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches can never fill")
+        if self.target_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"target_ongoing_requests ({self.target_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): autoscaling would add replicas before a batch can fill")
         if self.max_replicas < max(self.min_replicas, 1):
             raise ValueError("max_replicas must be >= min_replicas and >= 1")
         return self
@@ -70,16 +77,34 @@ class ApiError(Exception):
 
 
 # Decode failures the replica reports, mapped to statuses (413 for the pixel cap: too big, not malformed).
-DECODE_STATUS = {"image_too_large": 413}
+DECODE_STATUS = {"image_too_large": 413, "unsupported_format": 415}
 
 
-def _read_json_field(raw: str | None, field: str):
-    if raw is None or raw == "":
+async def read_json_field(value, field: str, limit: int):
+    """A form field (text, or a file part: ``curl -F metadata=@m.json``) parsed as JSON; None when absent.
+
+    Bounded before parsing (413), and every way ``json.loads`` can refuse — bad syntax, an integer
+    of thousands of digits, nesting deeper than the parser recurses — is the client's 422.
+    """
+    if value is None:
+        return None
+    raw = value if isinstance(value, str) else await value.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, "metadata_too_large", f"{field} is over {limit} bytes")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(422, "invalid_metadata", f"{field} is not UTF-8 text") from None
+    if raw.strip() == "":
         return None
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "invalid_metadata", f"{field} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except (ValueError, RecursionError) as exc:
+        message = f"{field} cannot be parsed: {type(exc).__name__}: {exc}"[:300]
+        raise ApiError(422, "invalid_metadata", message) from None
 
 
 def parse_metadata(value) -> dict | None:
@@ -124,23 +149,47 @@ def check_poster_part(part, limit: int, name: str) -> None:
 
 
 def _form_options(config: ServeConfig) -> dict:
-    return {"max_files": config.max_batch_posters, "max_fields": 8, "max_part_size": 1_000_000}
+    return {"max_files": config.max_batch_posters + 1, "max_fields": 8, "max_part_size": config.max_metadata_bytes}
+
+
+def body_limit(config: ServeConfig, posters: int) -> int:
+    return config.max_upload_bytes * posters + config.max_metadata_bytes + 1_000_000
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The whole body, counted while it streams: a chunked upload (no Content-Length) is cut off at ``limit``."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "body_too_large", f"request body is {length} bytes; the limit is {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_form(request, config: ServeConfig, posters: int = 1):
-    """The multipart body, refusing a wrong content type (415) or an oversized body (413) first."""
+    """The multipart body, refusing a wrong content type (415) or an oversized body (413) first.
+
+    The body is read under :func:`read_body`'s cap, then parsed from memory: Starlette alone
+    would spool file parts of any size to disk.
+    """
     from starlette.exceptions import HTTPException
+    from starlette.requests import Request
 
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type",
                        f"send multipart/form-data with an image in 'poster' (got {content_type or 'no content type'})")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > config.max_upload_bytes * posters + 1_000_000:
-        raise ApiError(413, "body_too_large", f"request body is {length} bytes; the limit is "
-                       f"{config.max_upload_bytes} per poster")
+    body = await read_body(request, body_limit(config, posters))
+
+    async def replay() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        return await request.form(**_form_options(config))
+        return await Request(request.scope, replay).form(**_form_options(config))
     except HTTPException as exc:
         raise ApiError(400, "bad_multipart", str(exc.detail)) from None
     except Exception as exc:  # a malformed multipart body (starlette raises several kinds)

@@ -20,12 +20,12 @@ from posterfusion.serving.app import (
     PAGE,
     ApiError,
     ServeConfig,
-    _read_json_field,
     batch_metadata,
     check_poster_part,
     parse_metadata,
     raise_first,
     read_form,
+    read_json_field,
 )
 from posterfusion.serving.metrics import ApiMetrics, ModelMetrics
 from posterfusion.serving.schemas import BatchResponse, GenresResponse, PredictResponse
@@ -48,11 +48,20 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 @api.middleware("http")
 async def _record(request: Request, call_next):
+    """Every answer is counted by endpoint and status, an unhandled exception as the 500 it becomes.
+
+    That 500 is a bug by definition (bad input is 4xx, overload 503): the count is what an
+    alert on ``status="500"`` watches.
+    """
     started = time.perf_counter()
-    response = await call_next(request)
     if not _metrics:
         _metrics.append(ApiMetrics())
     endpoint = request.url.path if request.url.path in ROUTES else "other"
+    try:
+        response = await call_next(request)
+    except Exception:
+        _metrics[0].observe(endpoint, 500, time.perf_counter() - started)
+        raise
     _metrics[0].observe(endpoint, response.status_code, time.perf_counter() - started)
     return response
 
@@ -61,10 +70,13 @@ async def _record(request: Request, call_next):
 class PosterModel:
     """One Predictor per replica; concurrent posters (from any request) are scored in batches."""
 
-    def __init__(self, bundle: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, bundle: str, max_batch_size: int, batch_wait_timeout_s: float, max_pixels: int):
+        from dataclasses import replace
+
+        from posterfusion.features.catalogue import SERVING_LIMITS
         from posterfusion.models.predictor import Predictor
 
-        self.predictor = Predictor(bundle)
+        self.predictor = Predictor(bundle, limits=replace(SERVING_LIMITS, max_pixels=max_pixels))
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.metrics = ModelMetrics(self.predictor.genres)
@@ -87,27 +99,23 @@ class PosterModel:
         return results
 
     def _predict_sync(self, items: list[tuple[bytes, dict | None]]) -> list[dict]:
-        """Undecodable posters become ``{"error": reason}``; the rest share one Predictor call."""
-        from posterfusion.jobs.batch_predict import decode_posters
-        from posterfusion.jobs.score import object_summary
-
-        decoded, errors = decode_posters([poster for poster, _ in items])
-        results: list[dict] = [{} if error is None else {"error": error} for error in errors]
-        good = [i for i, error in enumerate(errors) if error is None]
-        if good:
-            probs, detections = self.predictor.probabilities([decoded[i] for i in good],
-                                                             [items[i][1] for i in good])
-            for k, i in enumerate(good):
-                prediction = self.predictor._prediction(probs[k], detections[k])
-                results[i] = {
-                    "model_version": self.predictor.version,
-                    "probabilities": prediction.probabilities,
-                    "top3": [{"genre": g, "probability": p} for g, p in prediction.top3],
-                    "genres": prediction.genres,
-                    "objects": object_summary(prediction.detections),
-                    "detections": prediction.detections,
-                    "batch_size": len(items),
-                }
+        """One Predictor call for the batch; a poster that fails is ``{"error": reason}``, alone."""
+        scored = self.predictor.score([poster for poster, _ in items], [metadata for _, metadata in items])
+        results: list[dict] = []
+        for i in range(len(items)):
+            if scored.errors[i] is not None:
+                results.append({"error": scored.errors[i]})
+                continue
+            prediction = self.predictor.prediction(scored, i)
+            results.append({
+                "model_version": self.predictor.version,
+                "probabilities": prediction.probabilities,
+                "top3": [{"genre": g, "probability": p} for g, p in prediction.top3],
+                "genres": prediction.genres,
+                "objects": [o.model_dump() for o in prediction.objects],
+                "detections": prediction.detections,
+                "batch_size": len(items),
+            })
         return results
 
 
@@ -120,11 +128,15 @@ class Api:
         self.model = model
         self.config = ServeConfig.model_validate(config)
 
-    async def _predict(self, poster: bytes, metadata: dict | None, index: int | None = None) -> dict:
+    async def _call(self, method: str, *args):
+        """A model call; Serve's back-pressure (the queue is full) is the client's 503, on every route."""
         try:
-            result = await self.model.predict.remote(poster, metadata)
+            return await getattr(self.model, method).remote(*args)
         except BackPressureError:
             raise ApiError(503, "overloaded", "the model's queue is full; retry with backoff") from None
+
+    async def _predict(self, poster: bytes, metadata: dict | None, index: int | None = None) -> dict:
+        result = await self._call("predict", poster, metadata)
         if "error" in result:
             code = result["error"].split(":", 1)[0]
             where = f"poster {index}: " if index is not None else ""
@@ -146,7 +158,8 @@ class Api:
         """Multipart: ``poster`` (image file), optional ``metadata`` (a JSON object)."""
         form = await read_form(request, self.config)
         data = await self._poster_bytes(form.get("poster"), "poster")
-        metadata = parse_metadata(_read_json_field(form.get("metadata"), "metadata"))
+        metadata = parse_metadata(await read_json_field(form.get("metadata"), "metadata",
+                                                        self.config.max_metadata_bytes))
         return await self._predict(data, metadata)
 
     @api.post("/v1/predict/batch", response_model=BatchResponse)
@@ -160,7 +173,8 @@ class Api:
             raise ApiError(413, "too_many_posters", f"{len(parts)} posters; the limit is "
                            f"{self.config.max_batch_posters}")
         posters = [await self._poster_bytes(p, f"posters[{i}]") for i, p in enumerate(parts)]
-        metadata = batch_metadata(_read_json_field(form.get("metadata"), "metadata"), len(posters))
+        raw = await read_json_field(form.get("metadata"), "metadata", self.config.max_metadata_bytes)
+        metadata = batch_metadata(raw, len(posters))
         results = await asyncio.gather(*(self._predict(p, m, i) for i, (p, m) in
                                          enumerate(zip(posters, metadata, strict=True))), return_exceptions=True)
         raise_first(results)
@@ -168,11 +182,11 @@ class Api:
 
     @api.get("/v1/genres", response_model=GenresResponse)
     async def genres(self) -> dict:
-        return await self.model.info.remote()
+        return await self._call("info")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        info = await self.model.info.remote()
+        info = await self._call("info")
         return {"status": "ok", "model_version": info["model_version"]}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -189,7 +203,7 @@ def bind(config: ServeConfig):
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-    ).bind(str(config.model), config.max_batch_size, config.batch_wait_timeout_s)
+    ).bind(str(config.model), config.max_batch_size, config.batch_wait_timeout_s, config.max_pixels)
     return Api.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=max(64, 4 * config.max_ongoing_requests * config.max_replicas),

@@ -12,15 +12,15 @@ class MovieMetadata(BaseModel):
     a value to encode. The field names are the metadata encoder's (``features.metadata.FIELDS``).
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     year: int | None = Field(None, ge=1870, le=2100)
     runtime: float | None = Field(None, gt=0, le=1000, description="minutes")
     imdb_score: float | None = Field(None, ge=0, le=10)
-    num_votes: int | None = Field(None, ge=0)
-    budget: float | None = Field(None, ge=0, description="US dollars")
-    gross: float | None = Field(None, ge=0, description="US dollars")
-    popularity: float | None = Field(None, ge=0, description="TMDb popularity")
+    num_votes: int | None = Field(None, ge=0, le=100_000_000, description="IMDb's most-voted film has ~3 M")
+    budget: float | None = Field(None, ge=0, le=1e10, description="US dollars")
+    gross: float | None = Field(None, ge=0, le=1e11, description="US dollars")
+    popularity: float | None = Field(None, ge=0, le=1e5, description="TMDb popularity")
     content_rating: str | None = Field(None, min_length=1, max_length=32)
     language: str | None = Field(None, min_length=1, max_length=64)
     country: str | None = Field(None, min_length=1, max_length=64)

@@ -8,7 +8,8 @@ from collections import Counter
 from PIL import Image
 
 from posterfusion.features.catalogue import assign_splits, check_poster, split_of
-from tests.conftest import jpeg_bytes, noisy_jpeg_bytes
+
+from support import jpeg_bytes, noisy_jpeg_bytes
 
 
 def test_a_good_poster_passes_with_its_size(tmp_path):

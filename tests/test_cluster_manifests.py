@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from posterfusion.serving.app import ServeConfig
-from tests.conftest import REPO
+
+from support import REPO
 
 CLUSTER = REPO / "cluster"
 
@@ -118,6 +119,16 @@ def test_the_cluster_launcher_yaml_is_valid_for_ray_up():
     assert config["head_node_type"] in types and {"cpu_worker", "gpu_worker"} <= set(types)
     assert types["gpu_worker"]["max_workers"] > types["gpu_worker"]["min_workers"] == 0
     assert "--gpus all" in types["gpu_worker"]["docker"]["worker_run_options"]
+
+
+def test_the_launched_cluster_requires_ray_token_auth_on_every_node():
+    """Its dashboard and job API listen on 0.0.0.0: no node may start without the shared token."""
+    config = yaml.safe_load((CLUSTER / "launcher.yaml").read_text())
+    token = "/tmp/ray_auth_token"
+    assert token in config["file_mounts"]
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    assert all("RAY_AUTH_MODE=token" in c and f"RAY_AUTH_TOKEN_PATH={token}" in c for c in starts)
 
 
 def test_the_runtime_env_is_a_valid_ray_runtime_env_without_heavy_files():

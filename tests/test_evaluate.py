@@ -1,5 +1,5 @@
-"""``evaluate`` and ``compare`` end to end on the synthetic sample (metric arithmetic itself is
-specified in test_evaluation.py)."""
+"""``evaluate`` and ``compare`` end to end on the synthetic sample, and on another source (metric
+arithmetic itself is specified in test_evaluation.py, calibration in test_calibration.py)."""
 
 from __future__ import annotations
 
@@ -9,47 +9,94 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from posterfusion.jobs.compare import CompareConfig, bundle_dir, run_compare
-from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate
-from posterfusion.jobs.train import TrainConfig, run_train
-from tests.conftest import detector, sample_catalogue
+from posterfusion.jobs.compare import CompareConfig, run_compare
+from posterfusion.jobs.evaluate import HEADLINE, EvaluateConfig, run_evaluate
+from posterfusion.jobs.recipes import train_config
+from posterfusion.jobs.train import run_train
+
+from support import detector, sample_catalogue
 
 pytestmark = pytest.mark.slow
 DETECTOR = detector()
+SMALL = {"backbone": "keras_cnn", "weights": "none", "image_size": 48, "epochs": 4, "batch_size": 16, "lr": 3e-3,
+         "backbone_lr": 3e-3}
 
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
-    """sample → catalogue → features → cnn and fused bundles (models/model-<variant>)."""
+    """sample → catalogue → features → cnn and fused bundles, where ``compare`` looks for them."""
     root = sample_catalogue(tmp_path_factory.mktemp("evaluate"), n=200, seed=1, features=True)
     for variant in ("cnn", "fused"):
-        run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=DETECTOR,
-                              out=bundle_dir(root / "models", variant), storage_path=root / "ray_results",
-                              variant=variant, backbone="keras_cnn", image_size=48, epochs=4, batch_size=16, lr=3e-3))
+        run_train(train_config("quick", root / "catalogue", root / "models" / "quick" / f"{variant}-s0",
+                               features=root / "features", variant=variant, storage_path=root / "ray_results",
+                               **SMALL))
     return root
+
+
+def bundle(trained, variant):
+    return trained / "models" / "quick" / f"{variant}-s0"
 
 
 def test_evaluate_reports_the_model_beside_both_baselines(trained):
     out = trained / "eval"
-    report = run_evaluate(EvaluateConfig(model=bundle_dir(trained / "models", "fused"), catalogue=trained / "catalogue",
-                                         out=out, features=trained / "features", n_boot=200))
-    assert set(report["metrics"]) == {"model", "label_prior", "classic"}
+    report = run_evaluate(EvaluateConfig(model=bundle(trained, "fused"), catalogue=trained / "catalogue", out=out,
+                                         features=trained / "features", n_boot=200))
+    assert set(report["metrics"]) == {"model", "label_prior", "classic"} and report["same_source"]
     for name, intervals in report["intervals"].items():
+        assert list(intervals) == HEADLINE
         for metric, (point, low, high) in intervals.items():
             assert low <= point <= high, (name, metric)
     assert report["intervals"]["label_prior"]["roc_auc_macro"][0] == pytest.approx(0.5)
-    assert report["intervals"]["model"]["roc_auc_macro"][0] > 0.7  # the sample's cues are learnable
+    model, prior = report["intervals"]["model"], report["intervals"]["label_prior"]
+    assert model["roc_auc_macro"][0] > 0.7  # the sample's cues are learnable
+    assert model["top_n_ratio"][0] > prior["top_n_ratio"][0]
+    assert 0 <= report["calibration"]["model"]["ece"] < 0.25 and len(report["calibration"]["model"]["per_genre"])
+    subsets = report["by_metadata"]
+    assert subsets["with_metadata"]["posters"] + subsets["without_metadata"]["posters"] == report["posters"]
     written = json.loads((out / "metrics.json").read_text())
     assert written["posters"] == report["posters"] == len(pd.read_parquet(out / "predictions.parquet"))
-    assert "hit@3" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "hit@3" in text and "f1_micro@tuned" in text and "without metadata" in text and "ece" in text
+    assert (out / "reliability.png").stat().st_size > 0
     assert {"tuned", "at_0.5", "ranking", "per_genre"} <= set(report["metrics"]["model"])
 
 
+def test_the_model_is_judged_with_its_own_calibration_and_thresholds(trained):
+    from posterfusion.jobs.evaluate import load_split_frame
+    from posterfusion.models.predictor import Predictor, bundle_thresholds
+
+    path = bundle(trained, "cnn")
+    report = run_evaluate(EvaluateConfig(model=path, catalogue=trained / "catalogue", out=trained / "e0",
+                                         baselines=False, n_boot=0))
+    predictor = Predictor(path)
+    assert report["thresholds"]["model"] == pytest.approx(dict(zip(predictor.genres, bundle_thresholds(path).tolist(),
+                                                                   strict=True)))
+    from posterfusion.features.metadata import FIELDS
+
+    frame = load_split_frame(trained / "catalogue", "test")
+    stored = pd.read_parquet(trained / "e0" / "predictions.parquet").set_index("movie_id")
+    for _, row in frame.head(3).iterrows():  # the Predictor a user calls gives the probabilities evaluated
+        record = {field: row[field] for field in FIELDS}
+        expected = predictor.predict([_poster(trained, row["movie_id"])], [record])[0].probabilities
+        got = {g: stored.loc[row["movie_id"], f"model:{g}"] for g in predictor.genres}
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def _poster(trained, movie_id):
+    import pyarrow.dataset as pads
+
+    from posterfusion.features.catalogue import catalogue_files
+
+    table = pads.dataset(catalogue_files(trained / "catalogue"), format="parquet").to_table(
+        columns=["movie_id", "poster"]).to_pandas().set_index("movie_id")
+    return table.loc[movie_id, "poster"]
+
+
 def test_cached_object_features_and_fresh_detection_score_alike(trained):
-    bundle = bundle_dir(trained / "models", "fused")
-    cached = run_evaluate(EvaluateConfig(model=bundle, catalogue=trained / "catalogue", out=trained / "e1",
+    path = bundle(trained, "fused")
+    cached = run_evaluate(EvaluateConfig(model=path, catalogue=trained / "catalogue", out=trained / "e1",
                                          features=trained / "features", baselines=False, n_boot=0))
-    fresh = run_evaluate(EvaluateConfig(model=bundle, catalogue=trained / "catalogue", out=trained / "e2",
+    fresh = run_evaluate(EvaluateConfig(model=path, catalogue=trained / "catalogue", out=trained / "e2",
                                         baselines=False, n_boot=0))
     a = pd.read_parquet(trained / "e1" / "predictions.parquet").drop(columns="movie_id").to_numpy()
     b = pd.read_parquet(trained / "e2" / "predictions.parquet").drop(columns="movie_id").to_numpy()
@@ -57,15 +104,41 @@ def test_cached_object_features_and_fresh_detection_score_alike(trained):
     assert cached["posters"] == fresh["posters"]
 
 
+def test_another_labelled_source_is_evaluated_on_the_genres_both_sides_know(trained, shared_data, tmp_path):
+    """The MovieGenre slice: never seen in training, 15 genre columns of its own."""
+    from posterfusion.features.vocab import GenreVocabulary
+    from posterfusion.jobs.ingest import IngestConfig, run_ingest
+
+    run_ingest(IngestConfig(sources=[f"moviegenre:{shared_data / 'moviegenre-posters'}"], out=tmp_path / "other"))
+    path = bundle(trained, "cnn")
+    report = run_evaluate(EvaluateConfig(model=path, catalogue=tmp_path / "other", out=tmp_path / "report",
+                                         split="all", n_boot=100))
+    vocabulary = GenreVocabulary.load(path / "genres.json").genres
+    space = report["label_space"]
+    assert not report["same_source"] and report["posters"] == 300
+    assert report["training_catalogue"] == str((trained / "catalogue").resolve())
+    assert "Documentary" in space["vocabulary_only"]  # MovieGenre.csv has no Documentary column
+    assert set(space["genres"]) | set(space["vocabulary_only"]) == set(vocabulary)
+    assert "Thriller" in space["source_only"] and all(g not in vocabulary for g in space["source_only"])
+    assert report["genres"] == space["genres"]
+    prior = report["intervals"]["label_prior"]
+    assert prior["roc_auc_macro"][0] == pytest.approx(0.5)
+    assert "never labelled by this source" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_compare_writes_the_report_and_says_whether_fused_beats_cnn(trained):
     out = trained / "compare"
-    report = run_compare(CompareConfig(catalogue=trained / "catalogue", out=out, models=trained / "models",
-                                       variants=["cnn", "fused"], features=trained / "features", n_boot=200))
-    assert {"cnn", "fused", "label_prior", "classic"} == set(report["intervals"])
-    paired = report["paired"]["fused - cnn"]["roc_auc_macro"]
+    result = run_compare(CompareConfig(catalogue=trained / "catalogue", out=out, models=trained / "models",
+                                       recipes=["quick"], variants=["cnn", "fused"], features=trained / "features",
+                                       n_boot=200, train=SMALL))
+    group = result["groups"][0]
+    assert {"cnn", "fused", "label_prior", "classic"} == set(group["intervals"])
+    paired = group["paired"]["fused - cnn"]["roc_auc_macro"]
     assert paired["low"] <= paired["diff"] <= paired["high"]
+    assert paired["significant"] == (paired["low"] > 0 or paired["high"] < 0)
     text = (out / "report.md").read_text()
-    assert "fused - cnn, roc_auc_macro" in text and ("NOT significant" in text or "significant" in text)
-    for name in ("report.html", "metrics.json", "per_genre_auc.png", "pr_curves.png", "calibration.png",
-                 "contact_sheet_fused.png"):
+    expected = "NOT significant" if not paired["significant"] else "— significant"
+    assert f"fused - cnn, roc_auc_macro: {paired['diff']:+.4f}" in text and expected in text
+    for name in ("report.html", "metrics.json", "per_genre_auc.png", "pr_curves.png", "reliability.png",
+                 "contact_sheet.png"):
         assert (out / name).stat().st_size > 0, name

@@ -9,7 +9,8 @@ import pytest
 
 from posterfusion.features.catalogue import CATALOGUE_SCHEMA
 from posterfusion.jobs.ingest import IngestConfig, run_ingest
-from tests.conftest import jpeg_bytes, noisy_jpeg_bytes
+
+from support import jpeg_bytes, noisy_jpeg_bytes
 
 GOOD = [f"tt10000{i:02d}" for i in range(12)]
 

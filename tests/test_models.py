@@ -18,10 +18,11 @@ from posterfusion.models import (
     resolve_weights,
 )
 from posterfusion.models.backbones import Backbone
+from posterfusion.models.fusion import VARIANTS
 
 
-@pytest.mark.parametrize(("name", "dim"), [("densenet121", 1024), ("resnet50", 2048), ("vgg16", 512),
-                                           ("keras_cnn", 64)])
+@pytest.mark.parametrize(("name", "dim"), [("densenet121", 1024), ("resnet50", 2048), ("resnet34", 512),
+                                           ("vgg16", 512), ("mobilenet_v2", 1280), ("keras_cnn", 64)])
 def test_every_backbone_gives_pooled_features(name, dim):
     torch.manual_seed(0)
     backbone = create_backbone(name).eval()
@@ -142,10 +143,13 @@ def test_register_backbone_adds_a_name(monkeypatch):
 G, OBJ, META = 5, 7, 11
 
 
+FLAGS = [8, 9, 10]  # the metadata columns that are presence flags
+
+
 def model_for(variant="fused", fusion="concat", **overrides):
     torch.manual_seed(0)
     config = FusionConfig(backbone="keras_cnn", variant=variant, fusion=fusion, num_genres=G,
-                          object_dim=OBJ, metadata_dim=META, hidden=16, **overrides)
+                          object_dim=OBJ, metadata_dim=META, metadata_flags=FLAGS, hidden=16, **overrides)
     return build_model(config)
 
 
@@ -154,16 +158,44 @@ def inputs(n=3):
 
 
 @pytest.mark.parametrize("fusion", ["concat", "gated"])
-@pytest.mark.parametrize("variant", ["cnn", "cnn+objects", "cnn+metadata", "fused"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_gives_one_logit_per_genre(variant, fusion):
-    model = model_for(variant, fusion)
+    model = model_for(variant, fusion).eval()
     images, objects, metadata = inputs()
     assert model(images, objects, metadata).shape == (3, G)
     assert model.embed(images, objects, metadata).shape == (3, 16)
     assert model.uses_objects == (variant in ("cnn+objects", "fused"))
-    assert model.uses_metadata == (variant in ("cnn+metadata", "fused"))
+    assert model.uses_metadata == (variant in ("cnn+metadata", "fused", "flags-only"))
     if variant == "cnn":
         assert model(images).shape == (3, G)  # side inputs are optional when unused
+    pooled = model.backbone(images)  # the head alone, on stored backbone features, is the same function
+    torch.testing.assert_close(model(pooled, objects, metadata, pooled=True), model(images, objects, metadata))
+
+
+def test_flags_only_reads_nothing_but_the_presence_flags():
+    model = model_for("flags-only").eval()
+    images, objects, metadata = inputs()
+    changed = metadata.clone()
+    changed[:, :8] = torch.rand(3, 8) * 100  # every value column changes, no flag does
+    torch.testing.assert_close(model(images, objects, changed), model(images, objects, metadata))
+    flipped = metadata.clone()
+    flipped[:, FLAGS] = 1 - flipped[:, FLAGS]
+    assert not torch.allclose(model(images, objects, flipped), model(images, objects, metadata))
+    with pytest.raises(ValueError, match="metadata_flags"):
+        FusionConfig(variant="flags-only", num_genres=G, metadata_dim=META)
+
+
+def test_object_vectors_are_standardised_with_training_statistics_stored_in_the_weights():
+    model = model_for("cnn+objects").eval()
+    images, objects, _ = inputs()
+    mean, std = objects.mean(0), objects.std(0) + 0.5
+    model.set_object_statistics(mean, std)
+    state = model.state_dict()
+    torch.testing.assert_close(state["object_norm.mean"], mean)
+    torch.testing.assert_close(model.object_norm(objects), (objects - mean) / std)
+    again = model_for("cnn+objects").eval()
+    again.load_state_dict(state)  # a bundle carries them: the Predictor standardises exactly as training did
+    torch.testing.assert_close(again(images, objects), model(images, objects))
 
 
 def test_configs_and_inputs_must_match_the_variant():
@@ -211,3 +243,73 @@ def test_frozen_densenet_batchnorm_statistics_do_not_move():
         model(torch.randn(2, 3, 64, 64))
     after = model.backbone.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_freeze_bn_keeps_pretrained_batchnorm_statistics_while_the_rest_trains():
+    model = build_model(FusionConfig(backbone="mobilenet_v2", variant="cnn", num_genres=G, freeze_bn=True))
+    model.train()
+    batchnorms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and not any(m.training for m in batchnorms)
+    assert model.classifier.training and all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_a_predictor_build_never_loads_the_starting_weights(tmp_path):
+    """A bundle holds every weight: rebuilding from its config must not read (or download) the start."""
+    config = FusionConfig(backbone="keras_cnn", weights=str(tmp_path / "gone.safetensors"), variant="cnn",
+                          num_genres=G)
+    with pytest.raises(FileNotFoundError):
+        build_model(config)
+    assert build_model(config, load_weights=False)(torch.randn(1, 3, 32, 32)).shape == (1, G)
+
+
+def test_tf_same_padding_pads_only_after_on_even_inputs():
+    from posterfusion.models.backbones import Conv2dSame
+
+    conv = Conv2dSame(1, 1, 3, stride=2, bias=False)
+    torch.nn.init.ones_(conv.weight)
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    out = conv(image)
+    # TF "SAME": output 2×2, window of output (0, 0) covers rows/cols 0..2 (no padding before)
+    assert out.shape == (1, 1, 2, 2) and out[0, 0, 0, 0] == image[0, 0, :3, :3].sum()
+    assert out[0, 0, 1, 1] == image[0, 0, 2:, 2:].sum()  # the last window runs into one padded row/col
+
+
+def test_weights_files_are_found_by_name_under_the_weights_folder(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from posterfusion.models.backbones import weights_file, weights_id
+
+    save_file({k: v.contiguous() for k, v in create_backbone("keras_cnn").state_dict().items()},
+              str(tmp_path / "mine.safetensors"))
+    monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(tmp_path))
+    assert weights_file("mine.safetensors") == tmp_path / "mine.safetensors"
+    assert len(weights_id("mine.safetensors")) == 12 and weights_id("none") == "none"
+    with pytest.raises(FileNotFoundError, match="POSTERFUSION_WEIGHTS"):
+        weights_file("absent.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("image", "index", "label"), [("cat.jpg", 285, "Egyptian cat"),
+                                                       ("grace_hopper.jpg", 652, "military uniform")])
+def test_the_pretrained_mobilenet_classifies_the_check_images(image, index, label):
+    """../shared/weights/README.md: the ImageNet MobileNetV2, loaded with TF-same padding and [-1, 1] input."""
+    import numpy as np
+    from PIL import Image
+
+    from posterfusion.models.backbones import imagenet_classifier
+    from posterfusion.models.fusion import input_preset
+
+    from support import SHARED
+
+    weights = SHARED / "weights" / "mobilenet_v2_imagenet.safetensors"
+    backbone = create_backbone("mobilenet_v2", str(weights)).eval()
+    head = imagenet_classifier(weights)
+    pixels = Image.open(SHARED / "weights" / "check" / image).convert("RGB").resize((224, 224),
+                                                                                     Image.Resampling.BILINEAR)
+    batch = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None]
+    preset = input_preset(FusionConfig(backbone="mobilenet_v2", variant="cnn", num_genres=1), 224)
+    with torch.no_grad():
+        probabilities = head(backbone(preset(batch))).softmax(1)[0]
+    labels = (SHARED / "weights" / "check" / "imagenet_labels.txt").read_text().splitlines()
+    assert int(probabilities.argmax()) == index and labels[index + 1] == label  # line 0: TF's background class
+    assert float(probabilities[index]) > 0.75

@@ -20,8 +20,9 @@ import yaml
 
 from posterfusion.cluster.multinode import LocalCluster
 from posterfusion.jobs.sample import SampleConfig, write_sample
-from posterfusion.jobs.score import read_predictions
-from tests.conftest import REPO
+from posterfusion.models.predictions import read_predictions
+
+from support import REPO
 
 pytestmark = pytest.mark.cluster
 

@@ -17,8 +17,9 @@ import psutil
 import pytest
 
 from posterfusion.jobs.sample import SampleConfig, write_sample
-from tests.conftest import REPO
-from tests.netaudit import is_loopback, offending, read_events
+
+from netaudit import is_loopback, offending, read_events
+from support import REPO
 
 AUDIT_PATH = REPO / "tests" / "netaudit"
 
@@ -103,7 +104,8 @@ def test_the_service_stays_on_loopback(ray_session, tmp_path):
 
     from posterfusion.cluster.multinode import free_port
     from posterfusion.jobs.train import TrainConfig, run_train
-    from tests.conftest import jpeg_bytes, sample_catalogue
+
+    from support import jpeg_bytes, sample_catalogue
 
     root = sample_catalogue(tmp_path, n=24)
     run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",

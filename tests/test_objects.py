@@ -25,7 +25,8 @@ from posterfusion.features.objects import (
     object_feature_names,
     object_vector,
 )
-from tests.conftest import SHARED, jpeg_bytes, noisy_jpeg_bytes
+
+from support import SHARED, jpeg_bytes, noisy_jpeg_bytes
 
 WEIGHTS = SHARED / "weights" / "yolov8n_int8.tflite"
 # Real posters: tt0086425 shows two people; the others are a mix for the job tests.
@@ -87,9 +88,49 @@ def test_detector_id_names_weights_by_content_and_thresholds(tmp_path):
     assert detector_id(config) == base
     assert detector_id(config.model_copy(update={"conf": 0.5})) != base
     assert detector_id(config.model_copy(update={"iou": 0.6})) != base
+    assert detector_id(config.model_copy(update={"imgsz": 320})) == base.replace("-c0.25", "-c0.25-s320")
     weights.write_bytes(b"weights two")
     assert detector_id(config) != base
-    assert detector_id(DetectorConfig()) == "yolov8n.pt-c0.25"  # not a local file: no hash
+    assert detector_id(DetectorConfig(weights="absent.safetensors")) == "absent.safetensors-c0.25"  # no file: no hash
+
+
+def test_a_pickled_detector_is_never_loaded_only_its_safetensors_twin(tmp_path):
+    from posterfusion.features.objects import detector_weights
+
+    (tmp_path / "y.pt").write_bytes(b"a pickle")
+    with pytest.raises(ValueError, match="is a pickle, which this project never loads"):
+        detector_weights(DetectorConfig(weights=str(tmp_path / "y.pt")))
+    (tmp_path / "y.safetensors").write_bytes(b"tensors")
+    assert detector_weights(DetectorConfig(weights=str(tmp_path / "y.pt"))) == tmp_path / "y.safetensors"
+    assert detector_id(DetectorConfig(weights=str(tmp_path / "y.pt"))).startswith("y.safetensors-")
+
+
+@pytest.mark.slow
+def test_the_safetensors_detector_finds_what_the_tflite_reference_finds(shared_data):
+    """The same COCO weights two ways: a PyTorch state dict (no pickle, batched) and the int8 TFLite export."""
+    from posterfusion.features.catalogue import decode_rgb
+    from posterfusion.features.objects import Detector
+
+    images = [decode_rgb(p.read_bytes()) for p in sorted((shared_data / "multilabel-posters" / "Images")
+                                                         .glob("*.jpg"))[:24]]
+    torch_model = Detector(DetectorConfig(weights=str(WEIGHTS.with_name("yolov8n_from_int8.safetensors")),
+                                          device="cpu"))
+    reference = Detector(DetectorConfig(weights=str(WEIGHTS), device="cpu"))
+    assert torch_model.names == reference.names and len(torch_model.names) == 80
+    same = [{d.name for d in a} == {d.name for d in b}
+            for a, b in zip(torch_model.detect(images), reference.detect(images), strict=True)]
+    assert sum(same) >= 0.75 * len(images)  # the README measured 43/48 identical class multisets
+
+
+def test_a_bundle_refuses_a_detector_whose_weights_changed(tmp_path):
+    from posterfusion.features.objects import load_detector
+
+    weights = tmp_path / "w.tflite"
+    weights.write_bytes(b"trained with these")
+    trained = detector_id(DetectorConfig(weights=str(weights)))
+    weights.write_bytes(b"not the same weights")
+    with pytest.raises(ValueError, match="but the bundle was trained with"):
+        load_detector(DetectorConfig(weights=str(weights)), expected_id=trained)
 
 
 def test_shared_weights_id_is_the_documented_one():
@@ -194,18 +235,20 @@ def feature_rows(*keys: tuple[str, str, float | None]) -> pa.Table:
 
 
 def test_readers_take_finished_runs_only_and_the_latest_row_per_key(tmp_path):
-    from posterfusion.jobs.features import feature_files, load_object_features, read_object_features
+    from posterfusion.features.objects import load_object_features, object_store, read_object_features
 
-    assert feature_files(tmp_path, "d") == [] and read_object_features(tmp_path, "d").empty
+    assert object_store(tmp_path, "d").files() == [] and read_object_features(tmp_path, "d").empty
     for run, rows in {"run-1": [("a", "1", 1.0), ("b", "2", None)], "run-2": [("a", "1", 2.0)],
                       "_run-3": [("c", "3", 3.0)]}.items():
         (tmp_path / "d" / run).mkdir(parents=True)
         pq.write_table(feature_rows(*rows), tmp_path / "d" / run / "part.parquet")
-    assert len(feature_files(tmp_path, "d")) == 2  # _run-3 is still being written
+    assert len(object_store(tmp_path, "d").files()) == 2  # _run-3 is still being written
     assert len(read_object_features(tmp_path, "d")) == 3
     features = load_object_features(tmp_path, "d")
     assert list(features.index) == [("a", "1")] and features.loc[("a", "1"), "objects"][0] == 2.0
     assert len(load_object_features(tmp_path, "d", include_errors=True)) == 2
+    present = object_store(tmp_path, "d").present_keys().to_pylist()
+    assert present == ["a\x1f1"] * 2  # b failed: not present, so the next run computes it again
 
 
 def test_actor_pool_leaves_a_whole_cpu_for_file_listing(ray_session, tmp_path):
@@ -220,13 +263,8 @@ def test_actor_pool_leaves_a_whole_cpu_for_file_listing(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_features_job_is_incremental_and_never_drops_a_row(ray_session, shared_data, tmp_path):
-    from posterfusion.jobs.features import (
-        FeaturesConfig,
-        format_features_summary,
-        load_object_features,
-        read_object_features,
-        run_features,
-    )
+    from posterfusion.features.objects import load_object_features, read_object_features, recorded_detector
+    from posterfusion.jobs.features import FeaturesConfig, format_features_summary, run_features
 
     images = shared_data / "multilabel-posters" / "Images"
     posters = {i: (images / f"{i}.jpg").read_bytes() for i in REAL_IDS}
@@ -244,17 +282,19 @@ def test_features_job_is_incremental_and_never_drops_a_row(ray_session, shared_d
     files = list((out / first["detector_id"]).rglob("*.parquet"))
     assert files and all(pq.read_schema(f).types == OBJECT_FEATURES_SCHEMA.types for f in files)
 
-    second = run_features(config)
-    assert second["already_present"] == 9 and second["computed"] == 0 and second["run"] is None
-    assert len(read_object_features(out, first["detector_id"])) == 9
+    assert recorded_detector(out).weights == str(WEIGHTS.resolve())  # later stages take it from here
+
+    second = run_features(config)  # only the failed poster is tried again
+    assert second["already_present"] == 8 and second["computed"] == 1 and second["errors"]["count"] == 1
+    assert len(read_object_features(out, first["detector_id"])) == 10
 
     changed = dict(posters, tt0084058=jpeg_bytes(color=(10, 200, 10)))
     write_catalogue(catalogue, changed)
     third = run_features(config)
-    assert third["already_present"] == 8 and third["computed"] == 1 and third["errors"]["count"] == 0
+    assert third["already_present"] == 7 and third["computed"] == 2 and third["errors"]["count"] == 1
 
     stored = read_object_features(out, first["detector_id"])
-    assert len(stored) == 10 and set(stored["detector_id"]) == {first["detector_id"]}
+    assert len(stored) == 12 and set(stored["detector_id"]) == {first["detector_id"]}
     features = load_object_features(out, first["detector_id"])
     assert len(features) == 9  # 7 unchanged + old and new sha of the changed one; the bad one left out
     new_sha = pq.read_table(catalogue / "data").to_pandas().set_index("movie_id").loc["tt0084058", "poster_sha256"]

@@ -17,7 +17,8 @@ from posterfusion.features.presets import (
     image_to_tensor,
     preset_for,
 )
-from tests.conftest import jpeg_bytes, noisy_jpeg_bytes
+
+from support import jpeg_bytes, noisy_jpeg_bytes
 
 
 def test_decode_gives_a_uint8_rgb_square():

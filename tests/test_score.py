@@ -1,13 +1,16 @@
 """``posterfusion score``: every catalogue row scored exactly once per model version, incrementally.
 
 A run writes only what is missing; a rerun adds nothing; a run stopped half-way or a Ray
-worker killed mid-run still ends, after a rerun, with each row present once. Cached object
-features are reused and the posters they lack are detected in the same actor.
+worker killed mid-run still ends, after a rerun, with each row present once; two runs started
+at once never both write; a poster the detector chokes on is one error row, not a failed run.
+Cached object features are reused and the posters they lack are detected in the same actor.
+Failure injection comes from ``tests/faults.py``, installed with monkeypatch.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from datetime import date
 
 import numpy as np
@@ -16,12 +19,16 @@ import pyarrow.dataset as pads
 import pytest
 
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.jobs.batch_predict import PREDICT_COLUMNS
-from posterfusion.jobs.score import RunStopped, ScoreConfig, object_summary, read_predictions, run_score
+from posterfusion.jobs import score
+from posterfusion.jobs.score import ScoreConfig, run_score
 from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.bundle import model_version
-from posterfusion.models.predictor import Predictor
-from tests.conftest import detector, sample_catalogue
+from posterfusion.models.inference import PREDICT_COLUMNS
+from posterfusion.models.predictions import read_predictions
+from posterfusion.models.predictor import Predictor, object_summary
+
+import faults
+from support import detector, sample_catalogue
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +40,7 @@ def scored_setup(ray_session, tmp_path_factory):
     run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
                           out=root / "bundle", storage_path=root / "ray_results", variant="fused",
                           backbone="keras_cnn", image_size=48, epochs=1, batch_size=16))
+    faults.by_value()
     return root
 
 
@@ -63,9 +71,10 @@ def test_a_rerun_scores_nothing_and_adds_no_rows(scored_setup, tmp_path):
     stored = _assert_each_row_once(scored_setup, out)
     assert set(stored["run_date"]) == {"2026-11-21"}  # partitioned by run date; the rerun wrote nothing
     assert len(list((out / "_runs").glob("*.json"))) == 2
+    assert not (out / "_lease").exists()  # released
 
 
-def test_rows_carry_probabilities_top3_thresholded_set_and_objects(scored_setup, tmp_path):
+def test_rows_carry_calibrated_probabilities_top3_thresholded_set_and_objects(scored_setup, tmp_path):
     out = tmp_path / "predictions"
     run_score(_config(scored_setup, out))
     stored = read_predictions(out).set_index("movie_id")
@@ -79,20 +88,18 @@ def test_rows_carry_probabilities_top3_thresholded_set_and_objects(scored_setup,
     assert np.all(np.diff(row["top3_probabilities"]) <= 0)
     # Same probabilities as the Predictor called directly on the poster (cached objects are the same detections).
     catalogue = _catalogue(scored_setup).set_index("movie_id")
-    direct = predictor.probabilities(predictor.decode([catalogue.loc[row.name, "poster"]]),
-                                     catalogue.loc[[row.name]].reset_index())[0][0]
-    np.testing.assert_allclose(row[probability_columns].to_numpy(float), direct, atol=1e-5)
+    direct = predictor.score([catalogue.loc[row.name, "poster"]], catalogue.loc[[row.name]].reset_index())
+    np.testing.assert_allclose(row[probability_columns].to_numpy(float), direct.probabilities[0], atol=1e-5)
     assert set(stored["objects_source"]) == {"cache"}
     people = [o for objects in stored["objects"] for o in objects if o["name"] == "person"]
     assert all(o["count"] >= 1 and 0 < o["max_confidence"] <= 1 for o in people)
 
 
 def test_posters_without_cached_features_are_detected_in_the_same_pass(scored_setup, tmp_path):
-    features = tmp_path / "features"
-    # Keep the cached features of only half of the posters.
     import shutil
 
-    shutil.copytree(scored_setup / "features", features)
+    features = tmp_path / "features"
+    shutil.copytree(scored_setup / "features", features)  # keep the cached features of only half the posters
     files = sorted(features.rglob("*.parquet"))
     table = pd.concat([pd.read_parquet(f) for f in files])
     for f in files:
@@ -104,46 +111,114 @@ def test_posters_without_cached_features_are_detected_in_the_same_pass(scored_se
     _assert_each_row_once(scored_setup, out)
 
 
-def test_a_stopped_run_finishes_on_rerun_with_every_row_once(scored_setup, tmp_path):
+def test_a_stopped_run_finishes_on_rerun_with_every_row_once(scored_setup, tmp_path, monkeypatch):
     out = tmp_path / "predictions"
-    with pytest.raises(RunStopped):
-        run_score(_config(scored_setup, out, stop_after_files=2))
+    with monkeypatch.context() as patch:
+        patch.setattr(score.Committer, "commit", faults.stopping_commit(files=2))
+        with pytest.raises(faults.StopAfter):
+            run_score(_config(scored_setup, out))
+    (out / "_lease").unlink()  # the "killed" driver never released it (a dead process would leave it stale)
     (out / "run_date=2026-01-01").mkdir(parents=True)
-    (out / "run_date=2026-01-01" / ".part-dead-00000.parquet").write_bytes(b"half a file")  # a killed writer
+    (out / "run_date=2026-01-01" / ".part-dead-00000.parquet.1a2b3c4d").write_bytes(b"half a file")
     partial = read_predictions(out)
-    assert 32 <= len(partial) < 66
+    assert len(partial) == 32
     summary = run_score(_config(scored_setup, out))
-    assert summary["already_scored"] == len(partial) and summary["scored"] == 66 - len(partial)
+    assert summary["already_scored"] == 32 and summary["scored"] == 34
+    assert summary["dead_staging_files_removed"] == 1
     _assert_each_row_once(scored_setup, out)
     assert not list(out.rglob(".part-*"))
 
 
-def test_a_worker_killed_mid_run_still_yields_every_row_once(scored_setup, tmp_path):
-    out = tmp_path / "predictions"
-    summary = run_score(_config(scored_setup, out, kill_worker_after=3))
-    assert len(list((out / "_chaos").glob("killed-*"))) == 1  # the injected exit really happened
+def test_a_worker_killed_mid_run_still_yields_every_row_once(scored_setup, tmp_path, monkeypatch):
+    out, marker = tmp_path / "predictions", tmp_path / "killed"
+    monkeypatch.setattr(score, "ScoreBatch", faults.dying_score_batch(after_calls=3, marker=marker))
+    summary = run_score(_config(scored_setup, out))
+    assert marker.is_file()  # the injected exit really happened
     assert summary["scored"] == 66 and summary["reconciles"]
     _assert_each_row_once(scored_setup, out)
 
 
-def test_a_new_model_version_rescores_and_reports_drift(scored_setup, tmp_path):
+def test_a_poster_that_makes_the_detector_raise_is_one_error_row(scored_setup, tmp_path, monkeypatch):
+    """Without cached features every poster meets the detector; one of them makes it raise."""
+    from posterfusion.features.catalogue import decode_rgb
+
+    catalogue = _catalogue(scored_setup)
+    target = catalogue.iloc[5]
     out = tmp_path / "predictions"
-    run_score(_config(scored_setup, out))
+    monkeypatch.setattr(score, "ScoreBatch", faults.detector_failing_on(faults.pixels_id(decode_rgb(target["poster"]))))
+    summary = run_score(_config(scored_setup, out).model_copy(update={"features": None}))
+    assert summary["reconciles"] and summary["scored"] == 66
+    assert summary["errors"] == {"count": 1, "reasons": {"detect_failed": 1}}
+    stored = _assert_each_row_once(scored_setup, out)
+    failed = stored[stored["error"].notna()]
+    assert list(failed["movie_id"]) == [target["movie_id"]] and "injected detector failure" in failed["error"].iloc[0]
+    assert failed["top3"].isna().all() and stored[stored["error"].isna()]["top3"].notna().all()
+
+
+def test_two_runs_started_at_once_write_every_row_exactly_once(scored_setup, tmp_path):
+    out, results, failures = tmp_path / "predictions", [], []
+
+    def run():
+        try:
+            results.append(run_score(_config(scored_setup, out, wait_s=300)))
+        except Exception as exc:  # surfaced below, with the test's own assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert sorted(r["scored"] for r in results) == [0, 66]  # the second waited for the lease, then had no work
+    assert all(r["reconciles"] for r in results)
+    _assert_each_row_once(scored_setup, out)
+
+
+def test_a_held_lease_stops_a_second_run_and_a_dead_runs_lease_is_taken_over(tmp_path):
+    import os
+    import time
+
+    from posterfusion.features.store import Lease, LeaseHeld
+
+    second = Lease(tmp_path, "second", wait_s=0.5)
+    with Lease(tmp_path, "first", heartbeat_s=0.2), pytest.raises(LeaseHeld, match="being written by run first"):
+        second.__enter__()
+    (tmp_path / "_lease").write_text(json.dumps({"run_id": "dead", "pid": 2**22 + 7, "host": os.uname().nodename}))
+    with Lease(tmp_path, "third") as lease:  # its pid does not exist: a dead run's lease
+        assert json.loads(lease.path.read_text())["run_id"] == "third"
+    (tmp_path / "_lease").write_text(json.dumps({"run_id": "elsewhere", "pid": 1, "host": "another-host"}))
+    old = time.time() - 120
+    os.utime(tmp_path / "_lease", (old, old))
+    with Lease(tmp_path, "fourth", stale_s=30) as lease:  # no heartbeat for two minutes: stale
+        assert json.loads(lease.path.read_text())["run_id"] == "fourth"
+
+
+def test_drift_compares_runs_of_one_model_version_and_says_whether_it_exceeds_noise(scored_setup, tmp_path):
+    out = tmp_path / "predictions"
+    first = run_score(_config(scored_setup, out))
+    assert first["drift"] is None  # nothing earlier of this model version
     retrained = tmp_path / "bundle2"
     run_train(TrainConfig(catalogue=scored_setup / "catalogue", features=scored_setup / "features",
                           detector=detector(), out=retrained, storage_path=tmp_path / "ray_results", variant="fused",
                           backbone="keras_cnn", image_size=48, epochs=1, batch_size=16, seed=7))
-    summary = run_score(_config(scored_setup, out).model_copy(update={"model": retrained}))
-    assert summary["scored"] == 66
-    stored = read_predictions(out)
-    assert stored.groupby("model_version").size().to_dict() == {model_version(scored_setup / "bundle"): 66,
-                                                                model_version(retrained): 66}
-    shift = summary["drift"]["mean_probability_shift"]
-    first = json.loads(next(iter(sorted((out / "_runs").glob("*.json")))).read_text())
-    for genre, value in shift.items():
-        expected = (summary["genre_distribution"]["mean_probability"][genre]
-                    - first["genre_distribution"]["mean_probability"][genre])
-        assert value == pytest.approx(expected, abs=1e-4)
+    other = run_score(_config(scored_setup, out).model_copy(update={"model": retrained}))
+    assert other["scored"] == 66 and other["drift"] is None  # a new model version is not drift
+    # The same version again over the same posters (a fresh output): identical means, zero shift.
+    again_out = tmp_path / "again"
+    run_score(_config(scored_setup, again_out))
+    for path in list(again_out.glob("run_date=*/*.parquet")):
+        path.unlink()  # forget the rows (not the run summary): the next run rescores everything
+    second = run_score(_config(scored_setup, again_out))
+    drift = second["drift"]
+    assert drift["n"] == drift["previous_n"] == 66
+    for genre, values in drift["genres"].items():
+        assert values["shift"] == pytest.approx(0.0, abs=1e-5) and values["se"] > 0, genre
+    assert drift["beyond_noise"] == []
+    mean = second["genre_distribution"]["mean_probability"]
+    sd = second["genre_distribution"]["sd_probability"]
+    genre = next(iter(mean))
+    assert drift["genres"][genre]["se"] == pytest.approx(np.sqrt(2 * sd[genre] ** 2 / 66), rel=1e-3)
 
 
 def test_object_summary_counts_each_class_once_with_its_best_confidence():

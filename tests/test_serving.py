@@ -22,9 +22,20 @@ from posterfusion.features.vocab import VocabConfig
 from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.predictor import Predictor
 from posterfusion.serving.app import ServeConfig, start_service
-from tests.conftest import REPO, detector, jpeg_bytes, noisy_jpeg_bytes, sample_catalogue
+
+from support import REPO, detector, jpeg_bytes, noisy_jpeg_bytes, sample_catalogue
 
 pytestmark = pytest.mark.slow
+
+
+def gif_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 60), (200, 20, 20)).save(buffer, "GIF")
+    return buffer.getvalue()
 
 
 def png_header_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
@@ -80,7 +91,7 @@ def test_a_poster_gets_probabilities_top3_genres_and_objects(service, bundle):
     predictor = Predictor(bundle)
     assert body["model_version"] == predictor.version
     assert list(body["probabilities"]) == predictor.genres
-    expected = predictor.probabilities(predictor.decode([poster]), [None])[0][0]
+    expected = predictor.score([poster], [None]).probabilities[0]
     np.testing.assert_allclose([body["probabilities"][g] for g in predictor.genres], expected, atol=1e-5)
     top = [t["genre"] for t in body["top3"]]
     assert top == [predictor.genres[i] for i in np.argsort(-expected)[:3]]
@@ -94,7 +105,7 @@ def test_metadata_is_used_when_given(service, bundle):
     response = post(f"{service}/v1/predict", files=poster_file(poster), data={"metadata": json.dumps(meta)})
     assert response.status_code == 200, response.text
     predictor = Predictor(bundle)
-    expected = predictor.probabilities(predictor.decode([poster]), [meta])[0][0]
+    expected = predictor.score([poster], [meta]).probabilities[0]
     np.testing.assert_allclose(list(response.json()["probabilities"].values()), expected, atol=1e-5)
 
 
@@ -128,6 +139,21 @@ BAD_REQUESTS = {
                                422, "invalid_metadata"),
     "garbled multipart": (dict(content=b"--x\r\nContent-Disposition: form-data; name=\"poster\"\r\n\r\nabc",
                                headers={"content-type": "multipart/form-data; boundary=x"}), 400, None),
+    "a GIF (not a poster format)": (dict(files=poster_file(gif_bytes(), "image/jpeg", "p.jpg")), 415,
+                                    "unsupported_format"),
+    "metadata as a file part, invalid": (dict(files={**poster_file(jpeg_bytes()),
+                                                     "metadata": ("m.json", b"{nope", "application/json")}),
+                                         422, "invalid_metadata"),
+    "an integer of 5000 digits": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"year": ' + "9" * 5000
+                                                                               + "}"}), 422, "invalid_metadata"),
+    "nesting deeper than the parser": (dict(files=poster_file(jpeg_bytes()), data={"metadata": "[" * 5000}), 422,
+                                       "invalid_metadata"),
+    "metadata over its byte limit": (dict(files=poster_file(jpeg_bytes()), data={"metadata": "[" * 200_000}), 413,
+                                     None),
+    "a 309-digit vote count": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"num_votes": 1' + "0" * 308
+                                                                            + "}"}), 422, "invalid_metadata"),
+    "an infinite budget": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"budget": Infinity}'}), 422,
+                           "invalid_metadata"),
 }
 
 
@@ -141,6 +167,46 @@ def test_bad_input_is_a_4xx_json_error_and_the_service_keeps_serving(service, ca
     if code is not None:
         assert error["code"] == code
     assert post(f"{service}/v1/predict", files=poster_file(jpeg_bytes())).status_code == 200
+
+
+def test_metadata_sent_as_a_file_part_is_read_like_a_field(service, bundle):
+    poster, meta = noisy_jpeg_bytes(7), {"year": 1999, "language": "English"}
+    part = ("m.json", json.dumps(meta).encode(), "application/json")
+    as_file = post(f"{service}/v1/predict", files={**poster_file(poster), "metadata": part})
+    as_field = post(f"{service}/v1/predict", files=poster_file(poster), data={"metadata": json.dumps(meta)})
+    assert as_file.status_code == as_field.status_code == 200, as_file.text
+    assert as_file.json()["probabilities"] == as_field.json()["probabilities"]
+
+
+def test_a_chunked_upload_over_the_limit_is_cut_off_while_it_streams(service):
+    """No Content-Length to check up front: the service counts bytes as they arrive."""
+    boundary = "fuzzboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"poster\"; filename=\"p.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(40):  # 40 × 64 KB: far over the test app's 200 KB poster limit
+            yield b"\xff" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = httpx.post(f"{service}/v1/predict", content=body(), timeout=60,
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert post(f"{service}/v1/predict", files=poster_file(jpeg_bytes())).status_code == 200
+
+
+def test_inside_a_batch_one_posters_failure_is_that_posters_alone(bundle):
+    """The replica's Predictor: a bad poster or metadata record fails its own row, never its neighbours'."""
+    predictor = Predictor(bundle)
+    posters = [noisy_jpeg_bytes(11), b"not an image", noisy_jpeg_bytes(12), noisy_jpeg_bytes(13)]
+    metadata = [{"year": 2001}, None, {"num_votes": 10**400}, None]  # an int no float can hold
+    scored = predictor.score(posters, metadata)
+    assert scored.errors[0] is None and scored.errors[3] is None
+    assert scored.errors[1] == "not_an_image" and scored.errors[2].startswith("invalid_metadata")
+    alone = predictor.score([posters[0]], [metadata[0]])
+    np.testing.assert_allclose(scored.probabilities[0], alone.probabilities[0], atol=1e-6)
+    assert np.isnan(scored.probabilities[[1, 2]]).all()
 
 
 def test_the_batch_endpoint_answers_each_poster_or_names_the_bad_one(service):
@@ -215,21 +281,28 @@ def test_the_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
     ServeConfig.model_validate(app.args)
 
 
-def test_serve_run_builds_the_yaml_application_with_rays_own_builder_call(bundle):
-    """What `serve run serving/serve_config.yaml` does: import the builder, call it with the YAML's args."""
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve.deployment import Application
-
+def test_serve_run_builds_the_yaml_application_from_its_args(bundle):
+    """What `serve run serving/serve_config.yaml` does: call the builder with the YAML's args; the graph it
+    returns carries those settings to both deployments."""
     from posterfusion.serving.app import build_app
 
     app = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())["applications"][0]
-    built = call_user_app_builder_with_args_if_necessary(build_app, app["args"] | {"model": str(bundle)})
-    assert isinstance(built, Application)
+    args = app["args"] | {"model": str(bundle)}
+    built = build_app(args)
+    ingress = built._bound_deployment
+    model = ingress.init_args[0]._bound_deployment  # the PosterModel handle the ingress calls
+    assert ingress.name == "Api" and model.name == "PosterModel"
+    assert model.init_args == (str(bundle), args["max_batch_size"], args["batch_wait_timeout_s"],
+                               ServeConfig.model_validate(args).max_pixels)
+    assert model._deployment_config.max_ongoing_requests == args["max_ongoing_requests"]
+    assert model._deployment_config.autoscaling_config.max_replicas == args["max_replicas"]
 
 
 def test_the_config_refuses_batches_that_could_never_fill(tmp_path):
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        ServeConfig(model=tmp_path, max_batch_size=32, max_ongoing_requests=8)
+        ServeConfig(model=tmp_path, max_batch_size=32, max_ongoing_requests=8, target_ongoing_requests=32)
+    with pytest.raises(ValueError, match="target_ongoing_requests"):
+        ServeConfig(model=tmp_path, max_batch_size=8, target_ongoing_requests=4)
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -292,3 +365,73 @@ def test_the_services_own_metrics_reach_prometheus(service):
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
     assert 'status="422"' in text and 'status="200"' in text
+
+
+def multipart(parts: list[tuple[str, bytes, str | None, str | None]], boundary: str = "fz0") -> bytes:
+    """Encode (name, payload, filename, content type) parts by hand, so the fuzz can send what httpx would not."""
+    out = b""
+    for name, payload, filename, content_type in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if content_type:
+            out += f"Content-Type: {content_type}\r\n".encode()
+        out += b"\r\n" + payload + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def fuzz_cases():
+    """Hypothesis strategy: a route and a multipart body of posters (good, broken, foreign) and metadata."""
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                               lambda children: st.lists(children, max_size=4)
+                               | st.dictionaries(st.text(max_size=12), children, max_size=4), max_leaves=12)
+    fields = st.sampled_from(["year", "runtime", "imdb_score", "num_votes", "budget", "gross", "popularity",
+                              "content_rating", "language", "country", "genre"])
+    metadata = st.one_of(
+        st.dictionaries(fields, json_values | st.integers(min_value=-10**320, max_value=10**320), max_size=5)
+        .map(lambda d: json.dumps(d).encode()),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.binary(max_size=64),
+        st.sampled_from([b"[" * 3000, b'{"year": ' + b"9" * 5000 + b"}", b'{"budget": NaN}', b"\xff\xfe"]))
+    payloads = st.one_of(
+        st.sampled_from([jpeg_bytes(), noisy_jpeg_bytes(5), noisy_jpeg_bytes(6)[:700], png_header_bomb(), gif_bytes(),
+                         b"", b"\x89PNG\r\n\x1a\n"]),
+        st.binary(max_size=256))
+    content_types = st.sampled_from(["image/jpeg", "image/png", "image/webp", "text/plain",
+                                     "application/octet-stream", "image/jpeg; charset=x", None])
+    part = st.one_of(
+        st.tuples(st.sampled_from(["poster", "posters"]), payloads, st.sampled_from(["p.jpg", None]), content_types),
+        st.tuples(st.just("metadata"), metadata, st.sampled_from([None, "m.json"]), st.sampled_from([None,
+                                                                                                      "text/plain"])),
+        st.tuples(st.text(max_size=8).filter(lambda t: '"' not in t and "\r" not in t and "\n" not in t),
+                  st.binary(max_size=32), st.none(), st.none()))
+    route = st.sampled_from(["/v1/predict", "/v1/predict/batch"])
+    return st.tuples(route, st.lists(part, max_size=4), st.sampled_from(["fz0", "other"]))
+
+
+def test_fuzzed_requests_never_get_a_5xx_and_the_service_keeps_serving(service, capsys):
+    """Hypothesis-generated multipart requests (bounded count, derandomized) against the running service."""
+    from collections import Counter
+
+    from hypothesis import HealthCheck, given, settings
+
+    statuses: Counter[int] = Counter()
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(fuzz_cases())
+    def fuzz(case):
+        route, parts, boundary = case
+        response = httpx.post(f"{service}{route}", content=multipart(parts), timeout=60,
+                              headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        statuses[response.status_code] += 1
+        assert response.status_code < 500 or response.status_code == 503, (route, parts, response.text)
+        assert "error" in response.json() or response.status_code == 200
+
+    fuzz()
+    with capsys.disabled():
+        print(f"\nfuzz: {sum(statuses.values())} cases, statuses {dict(sorted(statuses.items()))}, "
+              f"5xx: {sum(n for code, n in statuses.items() if code >= 500 and code != 503)}")
+    assert sum(statuses.values()) == 150 and 200 in statuses and len(statuses) > 3
+    assert post(f"{service}/v1/predict", files=poster_file(jpeg_bytes())).status_code == 200

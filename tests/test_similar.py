@@ -17,23 +17,14 @@ import pytest
 from PIL import Image
 
 from posterfusion.features.catalogue import catalogue_files
+from posterfusion.features.metadata import FIELDS as METADATA_COLUMNS
 from posterfusion.features.vocab import VocabConfig
-from posterfusion.jobs.similar import (
-    CELL_WIDTH,
-    LABEL_WIDTH,
-    METADATA_COLUMNS,
-    ROW_HEIGHT,
-    EmbedConfig,
-    contact_sheet,
-    format_embed_summary,
-    format_similar,
-    nearest,
-    read_scores,
-    run_embeddings,
-    similar_posters,
-)
+from posterfusion.jobs.contact_sheet import CELL_WIDTH, LABEL_WIDTH, ROW_HEIGHT, contact_sheet
+from posterfusion.jobs.embed import EmbedConfig, format_embed_summary, run_embeddings
 from posterfusion.jobs.train import TrainConfig, run_train
-from tests.conftest import sample_catalogue
+from posterfusion.models.similarity import format_similar, nearest, read_scores, similar_posters
+
+from support import sample_catalogue
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def built(ray_session, tmp_path_factory):
     root = sample_catalogue(tmp_path_factory.mktemp("similar"), n=80, unlabelled=4)
     run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
                           variant="cnn+metadata", backbone="keras_cnn", image_size=48, epochs=2, batch_size=16,
-                          lr=3e-3, vocab=VocabConfig(min_count=5)))  # several genres, so top-3 means something
+                          lr=3e-3, backbone_lr=3e-3, vocab=VocabConfig(min_count=5)))  # several genres: top-3 matters
     summary = run_embeddings(EmbedConfig(model=root / "bundle", catalogue=root / "catalogue", out=root / "emb",
                                          batch_size=16))
     catalogue = pads.dataset(catalogue_files(root / "catalogue"), format="parquet").to_table().to_pandas()
@@ -79,12 +70,12 @@ def test_batch_and_online_embeddings_agree(built):
 
     predictor = Predictor(built["root"] / "bundle")
     rows = built["catalogue"].head(4).reset_index(drop=True)
-    images = predictor.decode(list(rows["poster"]))
-    vectors, probs = predictor.embed_and_score(images, rows[METADATA_COLUMNS])
+    scored = predictor.score(rows["poster"].tolist(), rows[list(METADATA_COLUMNS)], embed=True)
     stored = built["stored"].set_index("movie_id").loc[rows["movie_id"]]
-    np.testing.assert_allclose(vectors, np.stack(stored["embedding"].to_list()), atol=1e-5)
-    np.testing.assert_allclose(probs, predictor.probabilities(images, rows[METADATA_COLUMNS])[0], atol=1e-6)
-    np.testing.assert_allclose(predictor.embeddings(images, rows[METADATA_COLUMNS]), vectors, atol=1e-6)
+    np.testing.assert_allclose(scored.embeddings, np.stack(stored["embedding"].to_list()), atol=1e-5)
+    np.testing.assert_allclose(scored.probabilities, np.stack(stored["probabilities"].to_list()), atol=1e-5)
+    record = {field: rows.loc[0, field] for field in METADATA_COLUMNS}
+    np.testing.assert_allclose(predictor.embed_one(rows.loc[0, "poster"], record), scored.embeddings[0], atol=1e-6)
 
 
 def test_a_stored_vector_finds_its_own_poster_first(built):

@@ -12,7 +12,8 @@ from posterfusion.features.sources import (
     read_moviegenre,
     read_multilabel,
 )
-from tests.conftest import jpeg_bytes
+
+from support import jpeg_bytes
 
 
 def write_multilabel(root, rows, extra_images=()):

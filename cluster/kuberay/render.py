@@ -48,9 +48,10 @@ def rayjob_train() -> dict:
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": "posterfusion-train"},
         "spec": {
-            "entrypoint": (f"posterfusion train --catalogue {DATA}/catalogue --features {DATA}/features "
-                           f"--detector {DATA}/weights/yolov8n.pt --variant fused --weights imagenet "
-                           f"--image-size 224 --epochs 20 --workers 4 --gpu --out {DATA}/models/candidate"),
+            # the quality recipe's schedule on the card's backbone: DenseNet-121 with torchvision's ImageNet weights
+            "entrypoint": (f"posterfusion train --recipe quality --catalogue {DATA}/catalogue --features "
+                           f"{DATA}/features --variant fused --backbone densenet121 --weights imagenet "
+                           f"--workers 4 --gpu --out {DATA}/models/candidate"),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
             "backoffLimit": 1,

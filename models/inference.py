@@ -3,7 +3,9 @@
 One actor class holds one ``Predictor`` (weights, detector, encoder loaded once per actor).
 Cached object features are reused when the rows carry them, so detection does not run twice
 for posters the features job already saw; rows without a cached vector are detected in the
-same actor, so detection and the CNN never form two stages that wait on each other.
+same actor, so detection and the CNN never form two stages that wait on each other. Like the
+model itself, this is what training, batch jobs and serving share, so it lives beside the
+Predictor and no job module is imported by another stage.
 """
 
 from __future__ import annotations
@@ -14,75 +16,41 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from posterfusion.jobs.train import META_COLUMNS
+from posterfusion.features.metadata import FIELDS
 
-PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *META_COLUMNS]
+PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
 
 
 class PredictBatch:
-    """Ray Data actor: catalogue rows in; probabilities, detections and decode errors out.
+    """Ray Data actor: catalogue rows in; probabilities, detections and per-poster errors out.
 
     Output columns: ``movie_id``, ``poster_sha256``, ``probabilities`` (one float per genre,
-    NaN for an undecodable poster), ``detections`` (list of dicts), ``objects_source``
+    NaN for a poster that was not scored), ``detections`` (list of dicts), ``objects_source``
     (``cache`` | ``detected`` | ``none``) and ``error`` (null, or why the poster was not scored).
+    ``threads`` caps torch's threads so actors × threads never exceeds the cores they share.
     """
 
-    def __init__(self, bundle: str, detect: bool = True):
+    def __init__(self, bundle: str, detect: bool = True, threads: int | None = None, device: str | None = None):
+        import torch
+
         from posterfusion.models.predictor import Predictor
 
-        self.predictor = Predictor(bundle, detect=detect)
+        if threads:
+            torch.set_num_threads(threads)
+        self.predictor = Predictor(bundle, device=device, detect=detect)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        images, errors = decode_posters(batch["poster"])
-        good = [i for i, image in enumerate(images) if image is not None]
-        cached = [None if _missing(v) else v for v in batch["objects"]] if "objects" in batch else [None] * len(batch)
-        detections = [_as_dicts(d) for d in batch["cached_detections"]] if "cached_detections" in batch \
-            else [[] for _ in range(len(batch))]
-        probs = np.full((len(batch), len(self.predictor.genres)), np.nan, dtype=np.float32)
-        if good:
-            objects = [cached[i] for i in good] if "objects" in batch else None
-            probs[good], found = self.predictor.probabilities([images[i] for i in good],
-                                                              batch.iloc[good].reset_index(drop=True), objects)
-            for i, fresh in zip(good, found, strict=True):
-                if cached[i] is None:
-                    detections[i] = [_detection_dict(d) for d in fresh]
-        out = batch[["movie_id", "poster_sha256"]].reset_index(drop=True)
-        out["probabilities"] = list(probs)
-        out["detections"] = detections
-        out["objects_source"] = [self._source(cached[i], errors[i]) for i in range(len(batch))]
-        out["error"] = errors
+        batch = batch.reset_index(drop=True)
+        objects = [None if _missing(v) else v for v in batch["objects"]] if "objects" in batch else None
+        cached = [None if _missing(d) else [dict(x) for x in d] for d in batch["cached_detections"]] \
+            if "cached_detections" in batch else None
+        scored = self.predictor.score(batch["poster"].tolist(), batch, objects, cached)
+        out = batch[["movie_id", "poster_sha256"]].copy()
+        out["probabilities"] = list(scored.probabilities)
+        out["detections"] = scored.detections
+        out["objects_source"] = scored.objects_source
+        out["error"] = scored.errors
         return out
-
-    def _source(self, cached, error: str | None) -> str:
-        if error is not None or self.predictor.detector is None:
-            return "none"
-        return "cache" if cached is not None else "detected"
-
-
-def decode_posters(posters) -> tuple[list, list[str | None]]:
-    """(RGB image or None, None or the reason) per poster: one bad poster never fails its batch-mates."""
-    from posterfusion.features.catalogue import PosterDecodeError, decode_rgb
-
-    images, errors = [], []
-    for data in posters:
-        try:
-            images.append(decode_rgb(data))
-            errors.append(None)
-        except PosterDecodeError as exc:
-            images.append(None)
-            errors.append(str(exc))
-    return images, errors
-
-
-def _detection_dict(detection) -> dict:
-    from dataclasses import asdict
-
-    return asdict(detection)
-
-
-def _as_dicts(detections) -> list[dict]:
-    """Cached detections arrive as an array of dicts (or None for an uncached poster)."""
-    return [] if _missing(detections) else [dict(d) for d in detections]
 
 
 def _missing(value) -> bool:
@@ -92,7 +60,7 @@ def _missing(value) -> bool:
 
 def cached_objects(features: Path, detector_id: str) -> dict[tuple[str, str], tuple[list, list]]:
     """(movie_id, poster_sha256) → (object vector, detections) from the features job's output."""
-    from posterfusion.jobs.features import load_object_features
+    from posterfusion.features.objects import load_object_features
 
     table = load_object_features(features, detector_id)
     return {key: (list(v), list(d)) for key, v, d in
@@ -161,6 +129,7 @@ def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | N
 
     pool = actor_pool(actors, gpu_capable=True)
     return dataset.map_batches(
-        actor_class, fn_constructor_kwargs={"bundle": str(bundle), "detect": detect, **actor_kwargs},
+        actor_class, fn_constructor_kwargs={"bundle": str(bundle), "detect": detect, "threads": pool.threads,
+                                            **actor_kwargs},
         batch_format="pandas", batch_size=batch_size, compute=ActorPoolStrategy(size=pool.size),
         num_cpus=pool.cpus, num_gpus=pool.gpus, scheduling_strategy="SPREAD")  # actors on every node

@@ -1,0 +1,267 @@
+"""Incremental per-poster stores, and the one way files are committed.
+
+Several stages keep one row per catalogue poster and must compute only what is missing:
+object features (per detector), backbone features (per backbone, weights and image size),
+predictions (per model version). They share:
+
+* **keys**: rows are joined on a few string columns (``movie_id``, ``poster_sha256``, …)
+  folded into one string per row (:func:`join_keys`), because pyarrow's ``is_in`` takes one
+  column; :func:`plan_missing` says which catalogue rows lack a key and in which files they are;
+* **runs**: a :class:`FeatureStore` only ever *adds* a run folder, written under a ``_``
+  name and renamed into place when complete, so readers never see half a run and a rerun
+  of a finished catalogue computes nothing;
+* **commits**: :func:`commit_file` writes a single file as a dot-file, fsyncs it and renames
+  it into place, so a reader (or a rerun after a crash) sees the whole file or none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from posterfusion.errors import UserError
+
+KEY_SEPARATOR = "\x1f"  # cannot occur in an IMDb id, a hex digest or a model version
+
+
+def join_keys(table: pa.Table, columns: Sequence[str], suffix: str | None = None) -> pa.Array:
+    """One string per row joining ``columns`` (and a constant ``suffix``, e.g. a model version)."""
+    parts = [table[c] for c in columns]
+    if suffix is not None:
+        parts.append(pa.array([suffix] * table.num_rows, pa.string()))
+    keys = pc.binary_join_element_wise(*parts, KEY_SEPARATOR)
+    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def keep_keys(batch: pa.Table, keys: pa.Array, columns: Sequence[str], suffix: str | None = None) -> pa.Table:
+    """Ray Data map: only the rows whose key is in ``keys``."""
+    return batch.filter(pc.is_in(join_keys(batch, columns, suffix), value_set=keys))
+
+
+def split_key(key: str) -> tuple[str, ...]:
+    return tuple(key.split(KEY_SEPARATOR))
+
+
+def plan_missing(files: Sequence[str], present: pa.Array, columns: Sequence[str],
+                 suffix: str | None = None) -> tuple[list[str], pa.Array, int]:
+    """(files holding missing rows, the missing keys, all rows) of a catalogue against ``present`` keys.
+
+    Reads only the key columns of each file.
+    """
+    import pyarrow.parquet as pq
+
+    wanted = [join_keys(pq.read_table(f, columns=list(columns)), columns, suffix) for f in files]
+    missing = [keys.filter(pc.invert(pc.is_in(keys, value_set=present))) for keys in wanted]
+    todo_files = [f for f, keys in zip(files, missing, strict=True) if len(keys)]
+    todo = pc.unique(pa.concat_arrays(missing)) if missing else pa.array([], pa.string())
+    return todo_files, todo, sum(len(keys) for keys in wanted)
+
+
+def commit_file(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically: ``write(staging)`` into a dot-file beside it, fsync, rename.
+
+    Readers skip dot-files, so a crash leaves either the old state or the whole new file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        write(staging)
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+def commit_text(path: str | Path, text: str) -> Path:
+    """:func:`commit_file` for a small text file (JSON summaries, manifests)."""
+    return commit_file(path, lambda staging: staging.write_text(text))
+
+
+class FeatureStore:
+    """``ROOT/<name>/run-*/…parquet``: one row per key, runs only ever added.
+
+    A row may carry an error column (``error_column``): such rows are kept as a record of
+    what failed, but do not count as present, so the next run computes them again.
+    """
+
+    def __init__(self, root: str | Path, name: str, schema: pa.Schema, key_columns: Sequence[str],
+                 error_column: str | None = None):
+        self.root, self.name, self.schema = Path(root), name, schema
+        self.key_columns, self.error_column = list(key_columns), error_column
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.name
+
+    def files(self) -> list[str]:
+        """Files of complete runs; ``_``/``.`` folders and files (runs in progress) are skipped."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(str(p) for p in self.folder.rglob("*.parquet")
+                      if not any(part.startswith(("_", ".")) for part in p.relative_to(self.folder).parts))
+
+    def read(self, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """Every stored row, oldest run first (error rows and stale keys too)."""
+        import pyarrow.dataset as pads
+
+        files = self.files()
+        if not files:
+            return self.schema.empty_table().select(columns or self.schema.names)
+        return pads.dataset(files, schema=self.schema, format="parquet").to_table(columns=columns, filter=filter)
+
+    def present_keys(self) -> pa.Array:
+        """Keys with a good row: what a run need not compute again."""
+        columns = self.key_columns + ([self.error_column] if self.error_column else [])
+        table = self.read(columns)
+        if self.error_column:
+            table = table.filter(pc.is_null(table[self.error_column]))
+        return join_keys(table, self.key_columns)
+
+    def latest(self, columns: list[str] | None = None, include_errors: bool = False):
+        """One row per key (the newest run wins), as a pandas frame indexed by the key columns."""
+        frame = self.read(columns).to_pandas()
+        if self.error_column and not include_errors:
+            frame = frame[frame[self.error_column].isna()]
+        frame = frame.drop_duplicates(self.key_columns, keep="last")
+        return frame.set_index(self.key_columns).sort_index()
+
+    def write_run(self, write: Callable[[Path], None]) -> Path:
+        """``write(staging_dir)`` fills a hidden folder, then it is renamed into place as a new run."""
+        name = f"run-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+        staging, final = self.folder / f"_{name}", self.folder / name
+        try:
+            write(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        staging.mkdir(parents=True, exist_ok=True)  # a run that wrote no file still leaves its folder
+        staging.rename(final)
+        return final
+
+
+class LeaseHeld(UserError, RuntimeError):
+    """Another live run holds the output's lease."""
+
+
+class Lease:
+    """An exclusive, heartbeated lease on an output directory: ``OUT/_lease``.
+
+    Why a lock file and not a table format with conditional commits: the outputs are plain
+    Parquet folders on a local or shared POSIX file system, where ``O_EXCL`` creation and
+    ``rename`` are atomic, and one writer at a time is all a nightly job needs. The holder
+    touches the file every ``heartbeat_s``; a lease not touched for ``stale_s`` (or held by a
+    process on this host that no longer exists) belongs to a dead run and is taken over — by
+    renaming it aside first, which only one taker can do. While it holds the lease, a run may
+    delete other runs' staging files: their writers are dead.
+    """
+
+    NAME = "_lease"
+
+    def __init__(self, out: str | Path, run_id: str, wait_s: float = 0.0, heartbeat_s: float = 5.0,
+                 stale_s: float = 30.0):
+        self.path = Path(out) / self.NAME
+        self.run_id, self.wait_s, self.heartbeat_s, self.stale_s = run_id, wait_s, heartbeat_s, stale_s
+        self._stop = None
+
+    def __enter__(self) -> Lease:
+        import time
+
+        deadline = time.monotonic() + self.wait_s
+        while not self._try_acquire():
+            holder = self._holder()
+            if self._stale(holder):
+                self._take_over()
+                continue
+            if time.monotonic() >= deadline:
+                raise LeaseHeld(f"{self.path.parent} is being written by run {holder.get('run_id')} "
+                                f"(pid {holder.get('pid')} on {holder.get('host')}); wait for it, or pass a "
+                                "longer wait — a dead run's lease is taken over once it is stale")
+            time.sleep(min(1.0, self.heartbeat_s))
+        self._start_heartbeat()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self._holder().get("run_id") == self.run_id:
+            self.path.unlink(missing_ok=True)
+
+    def _try_acquire(self) -> bool:
+        import json
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump({"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.now(UTC).isoformat(timespec="seconds")}, handle)
+        return True
+
+    def _holder(self) -> dict:
+        import json
+
+        try:
+            return json.loads(self.path.read_text()) | {"mtime": self.path.stat().st_mtime}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _stale(self, holder: dict) -> bool:
+        import socket
+        import time
+
+        if not holder:
+            return False  # released (or being written) just now: try again
+        if time.time() - holder["mtime"] > self.stale_s:
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, TypeError):
+                return False
+        return False
+
+    def _take_over(self) -> None:
+        aside = self.path.with_name(f"{self.NAME}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            self.path.rename(aside)  # one taker wins; the others find nothing to rename
+        except FileNotFoundError:
+            return
+        aside.unlink(missing_ok=True)
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def beat(stop: threading.Event) -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.path)
+                except FileNotFoundError:
+                    return
+
+        threading.Thread(target=beat, args=(self._stop,), daemon=True, name="lease-heartbeat").start()
+
+    def remove_dead_staging(self, pattern: str) -> int:
+        """Delete staging files (``pattern`` under OUT) of other runs: under the lease, their writers are dead."""
+        removed = 0
+        for staging in self.path.parent.glob(pattern):
+            if self.run_id not in staging.name:
+                staging.unlink(missing_ok=True)
+                removed += 1
+        return removed

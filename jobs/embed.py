@@ -1,0 +1,200 @@
+"""``posterfusion embed``: every catalogue poster's penultimate-layer embedding, with Ray Data.
+
+An actor pool, each holding one ``Predictor``, embeds every catalogue poster (or one split) once
+and writes ``OUT/embeddings/*.parquet`` plus ``_manifest.json`` (model version, genres, rows),
+swapped into place whole; :mod:`posterfusion.models.similarity` reads and searches them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from posterfusion.errors import UserValueError
+from posterfusion.features.metadata import FIELDS
+from posterfusion.models.similarity import EMBEDDINGS_SCHEMA, MANIFEST, read_embeddings_table
+
+log = logging.getLogger(__name__)
+
+READ_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
+TOP_GENRES = 3
+
+
+class EmbedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Path = Field(description="model bundle directory")
+    catalogue: Path
+    out: Path = Field(description="embeddings are written to OUT/embeddings")
+    split: str | None = Field(None, description="embed only this split; None = every catalogue row")
+    batch_size: int = Field(32, ge=1, description="posters per actor call")
+    actors: int | None = Field(None, ge=1, description="Predictor actors; None = one per cluster CPU")
+    io_cpus: float = Field(0.1, gt=0, description="CPU per read/filter/write task (fractional)")
+
+    @field_validator("split")
+    @classmethod
+    def _known_split(cls, value: str | None) -> str | None:
+        from posterfusion.features.catalogue import SPLITS
+
+        if value is not None and value not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)} or None, got {value!r}")
+        return value
+
+
+class PosterEmbedder:
+    """Ray Data actor: catalogue rows in, one embedding row per poster out.
+
+    ``detect=False`` loads the detector only when the network reads objects, and then
+    ``Predictor.score`` runs it exactly as scoring does. Catalogue posters passed the ingest
+    decode check, so one that fails here means a damaged catalogue: it is an error.
+    """
+
+    def __init__(self, bundle: str, threads: int | None = None):
+        import torch
+
+        from posterfusion.models.predictor import Predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.predictor = Predictor(bundle, detect=False)
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        batch = batch.reset_index(drop=True)
+        scored = self.predictor.score(batch["poster"].tolist(), batch, embed=True)
+        failed = [i for i, e in enumerate(scored.errors) if e is not None]
+        if failed:
+            raise ValueError(f"catalogue poster {batch['movie_id'][failed[0]]} cannot be scored: "
+                             f"{scored.errors[failed[0]]}")
+        return embeddings_table(batch, self.predictor.version, self.predictor.genres, scored.embeddings,
+                                scored.probabilities)
+
+
+def embeddings_table(batch: pd.DataFrame, version: str, genres: list[str], vectors: np.ndarray,
+                     probs: np.ndarray) -> pa.Table:
+    """Rows of :data:`EMBEDDINGS_SCHEMA`; list columns are built from flat buffers (no per-row lists)."""
+    from posterfusion.models.predictor import top_indices
+
+    n = len(batch)
+    order = top_indices(probs, TOP_GENRES)
+    return pa.table({
+        "movie_id": pa.array(batch["movie_id"].astype(str).tolist(), pa.string()),
+        "poster_sha256": pa.array(batch["poster_sha256"].astype(str).tolist(), pa.string()),
+        "model_version": pa.array([version] * n, pa.string()),
+        "embedding": _list_array(vectors),
+        "top_genres": pa.array([[genres[i] for i in row] for row in order], pa.list_(pa.string())),
+        "probabilities": _list_array(probs),
+    }, schema=EMBEDDINGS_SCHEMA)
+
+
+def _list_array(matrix: np.ndarray) -> pa.ListArray:
+    rows, width = matrix.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.astype(np.float32).ravel(), pa.float32()))
+
+
+def _keep_split(batch: pa.Table, split: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch["split"], split)).drop_columns(["split"])
+
+
+def _count_rows(files: list[str], split: str | None) -> int:
+    """Rows to embed, from Parquet footers (or the small ``split`` column): sizes the pool, checks the output."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if split is None:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(int(pc.sum(pc.equal(pq.read_table(f, columns=["split"])["split"], split)).as_py() or 0)
+               for f in files)
+
+
+def run_embeddings(config: EmbedConfig) -> dict:
+    """Embed the catalogue's posters (or one split) with the bundle; replace ``OUT/embeddings``.
+
+    Returns a summary: rows, dim, model_version, actors, seconds, posters/s, and the folder.
+    """
+    from posterfusion.cluster import actor_pool
+    from posterfusion.features.catalogue import catalogue_files
+    from posterfusion.models.bundle import model_version, read_config
+
+    started = time.perf_counter()
+    bundle = read_config(config.model)  # fails early, on the driver, for a path that is no bundle
+    files = catalogue_files(config.catalogue)
+    rows = _count_rows(files, config.split)
+    if not rows:
+        raise UserValueError(f"the catalogue {config.catalogue} has no rows"
+                         + (f" in split {config.split!r}" if config.split else ""))
+    pool = actor_pool(config.actors, math.ceil(rows / config.batch_size), gpu_capable=True)
+    version = model_version(config.model)
+    staging = config.out / f"_embeddings-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_embeddings(config, files, pool, staging)
+        written = read_embeddings_table(staging, ["movie_id"]).num_rows
+        if written != rows:
+            raise RuntimeError(f"embedded {written} posters but the catalogue selection has {rows}")
+        manifest = {"model_version": version, "model": str(config.model), "catalogue": str(config.catalogue),
+                    "split": config.split, "rows": rows, "dim": bundle.model.hidden,
+                    "genres": _bundle_genres(config.model),
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        final = _replace(staging, config.out / "embeddings")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    return {"rows": rows, "dim": bundle.model.hidden, "model_version": version, "split": config.split,
+            "actors": pool.size, "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
+            "seconds": round(seconds, 2), "posters_per_s": round(rows / seconds, 2), "out": str(final)}
+
+
+def _write_embeddings(config: EmbedConfig, files: list[str], pool, staging: Path) -> None:
+    import ray
+
+    columns = READ_COLUMNS + (["split"] if config.split else [])
+    ds = ray.data.read_parquet(files, columns=columns, num_cpus=config.io_cpus)
+    if config.split:
+        ds = ds.map_batches(_keep_split, batch_format="pyarrow", fn_kwargs={"split": config.split},
+                            num_cpus=config.io_cpus)
+    # A catalogue file is one large block and a block goes to one actor: split it so all of them work.
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    ds = ds.map_batches(PosterEmbedder, fn_constructor_kwargs={"bundle": str(config.model), "threads": pool.threads},
+                        compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.cpus,
+                        num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
+    ds.write_parquet(str(staging), ray_remote_args={"num_cpus": config.io_cpus})
+
+
+def _bundle_genres(bundle: Path) -> list[str]:
+    from posterfusion.features.vocab import GenreVocabulary
+
+    return GenreVocabulary.load(bundle / "genres.json").genres
+
+
+def _replace(staging: Path, final: Path) -> Path:
+    """Swap the finished run into place; readers never see a half-written folder under ``final``."""
+    old = final.with_name(f"_old-{final.name}-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def format_embed_summary(summary: dict) -> str:
+    gpu = f" + {summary['gpus_per_actor']} GPU" if summary["gpus_per_actor"] else ""
+    return (f"embeddings: {summary['rows']} posters × {summary['dim']} dims (model {summary['model_version']}"
+            f"{', split ' + summary['split'] if summary['split'] else ''}) on {summary['actors']} actors × "
+            f"{summary['cpus_per_actor']} CPU{gpu}; {summary['seconds']} s, {summary['posters_per_s']} posters/s"
+            f" → {summary['out']}")
+
+

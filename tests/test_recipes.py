@@ -1,0 +1,90 @@
+"""Named recipes: what each resolves to, scratch fallbacks said out loud, and the seed systems side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posterfusion.jobs.recipes import RECIPES, resolve_recipe, train_config
+from posterfusion.jobs.train import TrainConfig
+
+
+def test_every_recipe_is_a_valid_train_config(tmp_path):
+    for name in RECIPES:
+        config = train_config(name, tmp_path / "catalogue", tmp_path / "out")
+        assert isinstance(config, TrainConfig) and config.recipe == name
+
+
+def test_flags_override_the_recipe_and_unset_flags_fall_through(tmp_path):
+    config = train_config("quality", tmp_path, tmp_path / "out", epochs=2, variant="cnn", lr=None)
+    assert config.epochs == 2 and config.variant == "cnn"
+    assert config.lr == RECIPES["quality"].settings["lr"]  # None means "not given"
+    assert config.image_size == 224 and config.backbone == "mobilenet_v2"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        resolve_recipe("best", {})
+    with pytest.raises(ValueError, match="extra"):
+        train_config("quality", tmp_path, tmp_path / "out", epocs=3)  # a misspelt setting is an error
+
+
+def test_a_recipe_whose_weights_cannot_be_had_trains_from_scratch_and_says_so(tmp_path, monkeypatch):
+    from posterfusion.models import backbones
+
+    monkeypatch.setattr(backbones, "imagenet_cached", lambda name: False)
+    resolved = resolve_recipe("seed-densenet", {})
+    assert resolved.settings["weights"] == "none" and resolved.settings["backbone"] == "densenet121"
+    assert "ImageNet weights for densenet121 cannot be had" in resolved.notes[0]
+    monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(tmp_path))  # no MobileNetV2 file there
+    quick = resolve_recipe("quick", {})
+    assert quick.settings["backbone"] == "keras_cnn" and "mobilenet_v2_imagenet.safetensors" in quick.notes[0]
+    explicit = resolve_recipe("seed-densenet", {"weights": "imagenet"})
+    assert explicit.settings["weights"] == "imagenet" and not explicit.notes  # an explicit flag always wins
+
+
+def test_the_seed_recipes_reproduce_their_systems_settings():
+    assert RECIPES["seed-resnet50"].settings["vocab"]["keep"] == ["Drama", "Comedy", "Romance", "Thriller", "Horror",
+                                                                  "Action"]
+    assert RECIPES["seed-densenet"].settings["vocab"]["min_share"] > 0  # rare genres folded into Other
+    assert {RECIPES[n].settings["backbone"] for n in RECIPES if n.startswith("seed-")} == {
+        "densenet121", "resnet34", "vgg16", "keras_cnn", "resnet50"}
+    assert RECIPES["quality"].settings["image_size"] == 224  # MobileNetV2's own training size
+
+
+@pytest.mark.slow
+def test_the_seed_recipes_train_and_stand_in_one_comparison_table(ray_session, tmp_path_factory):
+    from posterfusion.jobs.compare import CompareConfig, run_compare
+
+    from support import sample_catalogue
+
+    root = sample_catalogue(tmp_path_factory.mktemp("recipes"), n=160, seed=4)
+    seeds = [n for n in RECIPES if n.startswith("seed-")]
+    result = run_compare(CompareConfig(
+        catalogue=root / "catalogue", out=root / "compare", models=root / "models", recipes=seeds, variants=["cnn"],
+        n_boot=50, train={"epochs": 1, "image_size": 32, "batch_size": 16}))
+    rows = {row["entry"]: row for row in result["side_by_side"]}
+    assert {f"{n}/cnn" for n in seeds} <= set(rows)
+    assert sum(name == "label_prior" for name in (r["entry"] for r in result["side_by_side"])) == len(result["groups"])
+    six = next(g for g in result["groups"] if any(e["recipe"] == "seed-resnet50" for e in g["entries"]))
+    assert set(six["genres"]) <= {"Drama", "Comedy", "Romance", "Thriller", "Horror", "Action"}
+    for name in seeds:
+        config = json.loads((root / "models" / name / "cnn-s0" / "config.json").read_text())
+        assert config["recipe"] == name and config["train"]["epochs"] == 1
+    text = (root / "compare" / "report.md").read_text()
+    assert "seed-keras-cnn/cnn" in text and "label_prior" in text
+
+
+@pytest.mark.slow
+def test_compare_refuses_a_bundle_trained_with_other_settings(ray_session, tmp_path_factory):
+    from posterfusion.jobs.compare import CompareConfig, ensure_bundles
+
+    from support import sample_catalogue
+
+    root = sample_catalogue(tmp_path_factory.mktemp("stale"), n=60, seed=5)
+    config = CompareConfig(catalogue=root / "catalogue", out=root / "compare", models=root / "models",
+                           recipes=["seed-keras-cnn"], variants=["cnn"], train={"epochs": 1, "image_size": 32})
+    ensure_bundles(config)
+    ensure_bundles(config)  # the same settings: the bundle is reused
+    with pytest.raises(ValueError, match=r"stale: trained with other settings \(epochs\)"):
+        ensure_bundles(config.model_copy(update={"train": {"epochs": 2, "image_size": 32}}))
+    with pytest.raises(ValueError, match="unknown training settings"):
+        CompareConfig(catalogue=root, out=root, models=root, train={"epoch": 2})
