@@ -8,11 +8,21 @@ Without ``--verbose``:
   "Reporting training result …" and the like stay in Ray's own log files
   (``/tmp/ray/session_latest/logs``);
 * Ray Data draws progress bars only on a terminal, never into a pipe or a CI log;
-* one known, harmless error line of Ray's C++ core is dropped from the console: Ray Data passes
-  object references to every actor it creates, which Ray 2.60 reports at ERROR level as
-  "Actor … has constructor arguments in the object store and max_restarts > 0" (Ray issues
-  #53727, #57733). It reads like a failure and is not one; Ray's log files keep it. Anything
-  else the C++ core prints reaches the console unchanged.
+* a few known, harmless lines that no logger controls are dropped from the console (Ray's log
+  files keep them; anything else reaches the console unchanged):
+
+  - Ray's C++ core: Ray Data passes object references to every actor it creates, which Ray
+    2.60 reports at ERROR level as "Actor … has constructor arguments in the object store and
+    max_restarts > 0" (Ray issues #53727, #57733). It reads like a failure and is not one;
+  - Ray Train's controller builds Ray Data ``ExecutionOptions`` with the deprecated
+    ``exclude_resources`` on every run (Ray's own call, not ours: ``DataConfig.
+    default_ingest_options``); the warning and the source line Python prints under it;
+  - TensorFlow Lite's C++ "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." at every
+    detector load;
+  - the GCS failing to kill an actor whose worker already exited as the job ends ("KillActor
+    RPC failed … Socket closed"): a shutdown race, the actor is gone either way;
+  - the raylet's hint that more worker processes started than CPUs: by design here, every
+    stage asks fractional CPUs so that 2 cores never deadlock (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -29,8 +39,41 @@ from pathlib import Path
 KNOWN_NOISE = [
     re.compile(rb"core_worker\.cc:\d+: Actor with class name: '[^']*' and ID: '[0-9a-f]+' has constructor "
                rb"arguments in the object store and max_restarts > 0"),
+    re.compile(rb"execution_options\.py:\d+: RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is "
+               rb"deprecated"),
+    re.compile(rb"^\s*self\.exclude_resources = exclude_resources\s*$"),
+    re.compile(rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."),
+    re.compile(rb"\(raylet\).*WARNING: \d+ PYTHON worker processes have been started on node"),
+    re.compile(rb"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor [0-9a-f]+.*KillActor RPC failed "
+               rb"for actor [0-9a-f]+: RpcError: RPC error: Socket closed"),
 ]
-RAY_LOGGERS = ["ray", "ray.data", "ray.train", "ray.serve", "ray.tune"]
+# "ray" itself is reset by ``ray.init(logging_level=…)``; its children keep a level set here.
+# The authentication logger says, at every local start, that Ray chose token auth (as we want).
+RAY_LOGGERS = ["ray", "ray.data", "ray.train", "ray.serve", "ray.tune",
+               "ray._private.authentication.authentication_token_setup"]
+
+
+def is_verbose() -> bool:
+    """Whether this command runs with ``--verbose`` (the CLI sets it for every process it starts)."""
+    return os.environ.get("POSTERFUSION_VERBOSE") == "1"
+
+
+def train_logging_level() -> str:
+    """Ray Train's own ``ray.train`` logs ("Checkpoint successfully created …"): warnings unless verbose."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
+def quiet_ray_data_env() -> dict[str, str]:
+    """The variable that points Ray Data's logging at ``ray_data_logging.yaml`` (errors only on the console).
+
+    Ray Data configures its loggers in every process from this file, so it must be in the
+    environment of the processes a local Ray starts (:func:`~posterfusion.cluster.local.
+    prepare_environment` sets it) and of the driver before ``ray.data`` is imported. Nothing
+    when verbose, or when the user already points it elsewhere.
+    """
+    if is_verbose() or "RAY_DATA_LOGGING_CONFIG" in os.environ:
+        return {}
+    return {"RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml"))}
 
 
 def worker_logging_level(verbose: bool) -> str:
@@ -46,8 +89,7 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
     if verbose:
         yield
         return
-    # Ray Data configures its loggers in every process from this file (workers inherit the variable)
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+    os.environ.update(quiet_ray_data_env())
     levels = {name: logging.getLogger(name).level for name in RAY_LOGGERS}
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from posterfusion.cluster.console import is_verbose, quiet_ray_data_env
+
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_FILE = "ray_bootstrap_config.yaml"
@@ -55,6 +57,7 @@ def prepare_environment() -> dict[str, str]:
         "TORCH_HOME": os.environ.get("TORCH_HOME", os.path.join(real_home, ".cache", "torch")),
         "POSTERFUSION_REAL_HOME": real_home,
     }
+    values |= quiet_ray_data_env()  # every Ray process this machine starts logs Ray Data quietly
     for key, value in values.items():
         os.environ.setdefault(key, value)
     Path(os.environ["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ class ClusterConfig(BaseModel):
     num_gpus: int | None = Field(None, description="GPUs of a local start (default: detected).")
     include_dashboard: bool = Field(True, description="Serve/job APIs need the dashboard.")
     object_store_mb: int | None = Field(None, description="Object store of a local start.")
-    verbose: bool = Field(default_factory=lambda: os.environ.get("POSTERFUSION_VERBOSE") == "1",
+    verbose: bool = Field(default_factory=is_verbose,
                           description="Ray workers log at INFO (default: warnings only; `posterfusion -v`).")
 
     def resolved_address(self) -> str | None:
@@ -141,7 +144,7 @@ def _start_local(config: ClusterConfig) -> None:
             include_dashboard=config.include_dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
+            logging_level=_driver_logging_level(config),
             logging_config=_worker_logging(config),
             log_to_driver=True,
         )
@@ -168,7 +171,7 @@ def ray_cluster(config: ClusterConfig | None = None) -> Iterator[ClusterInfo]:
     address = config.resolved_address()
     if address:
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING, logging_config=_worker_logging(config),
+        ray.init(address=address, logging_level=_driver_logging_level(config), logging_config=_worker_logging(config),
                  **_loopback_driver(address))
     else:
         _start_local(config)
@@ -176,6 +179,11 @@ def ray_cluster(config: ClusterConfig | None = None) -> Iterator[ClusterInfo]:
         yield _describe(local=address is None)
     finally:
         ray.shutdown()
+
+
+def _driver_logging_level(config: ClusterConfig) -> int:
+    """The driver's ``ray`` logger: errors only unless verbose (its warnings are Ray's internals)."""
+    return logging.WARNING if config.verbose else logging.ERROR
 
 
 def _worker_logging(config: ClusterConfig):
@@ -225,6 +233,16 @@ class ActorPool(BaseModel):
     cpus: float
     gpus: float
     threads: int = Field(1, ge=1, description="torch threads per actor: the cores each can use, never more")
+
+    def strategy(self):
+        """Ray Data's strategy for this pool: ``size`` actors from the start, none fewer than 1.
+
+        ``min_size`` 1 rather than ``size``: a small input (a 5-poster split) leaves actors idle,
+        which Ray Data would otherwise warn about on every such run.
+        """
+        from ray.data import ActorPoolStrategy
+
+        return ActorPoolStrategy(min_size=1, max_size=self.size, initial_size=self.size)
 
 
 def actor_pool(requested: int | None = None, work_items: int | None = None, share: float = 0.75,

@@ -27,7 +27,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from posterfusion.errors import UserValueError
-from posterfusion.jobs.evaluate import Scorer, build_report, json_default, load_split_frame, summary_table
+from posterfusion.jobs.evaluate import (
+    Scorer,
+    build_report,
+    by_metadata_tables,
+    json_default,
+    load_split_frame,
+    summary_table,
+)
 from posterfusion.models.fusion import VARIANTS, Variant
 
 PAIRS = [("fused", "cnn"), ("cnn+objects", "cnn"), ("cnn+metadata", "cnn"), ("fused", "cnn+metadata"),
@@ -224,9 +231,7 @@ def markdown(result: dict, plots: list[str]) -> str:
     for i, group in enumerate(result["groups"], 1):
         parts += ["", f"## Group {i}: {len(group['genres'])} genres", "", summary_table(group | {
             "split": result["split"], "posters": result["posters"]})]
-        for subset, block in group.get("by_metadata", {}).items():
-            parts += ["", summary_table(group, block["intervals"],
-                                        f"{subset.replace('_', ' ')}: {block['posters']} posters")]
+        parts += by_metadata_tables(group)
         if group["seed_spread"]:
             parts += ["", "Spread across seeds (max − min of the point value):", ""]
             parts += [f"- {k}: " + ", ".join(f"{m} {v['range']:.3f}" for m, v in by.items())

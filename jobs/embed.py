@@ -169,7 +169,7 @@ def _write_embeddings(config: EmbedConfig, files: list[str], pool, staging: Path
     # A catalogue file is one large block and a block goes to one actor: split it so all of them work.
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(PosterEmbedder, fn_constructor_kwargs={"bundle": str(config.model), "threads": pool.threads},
-                        compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.cpus,
+                        compute=pool.strategy(), num_cpus=pool.cpus,
                         num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
     ds.write_parquet(str(staging), ray_remote_args={"num_cpus": config.io_cpus})
 

@@ -80,12 +80,23 @@ def load_split_frame(catalogue: Path, split: str) -> pd.DataFrame:
 
 
 def label_space(vocabulary, frame: pd.DataFrame, same_source: bool) -> LabelSpace:
-    """All of the vocabulary on its own source; on another, only the genres both sides know."""
+    """All of the vocabulary on its own source; on another, only the genres both sides know.
+
+    A vocabulary genre is evaluated only when the source labels *every* training genre folded
+    into it: ``Other`` holding Documentary is not evaluated on a source without Documentary,
+    or each of its Documentary posters would count as a false positive of a correct model.
+    """
     if same_source:
         return LabelSpace(genres=vocabulary.genres, columns=list(range(len(vocabulary.genres))))
     labels = [label for genres in frame["genres"] for label in genres]
     mapped = {label: vocabulary.mapping.get(label) for label in set(labels)}
-    covered = {genre for genre in mapped.values() if genre in vocabulary.genres}
+    canonical = vocabulary.config.synonyms
+    source = {canonical.get(label, label) for label in mapped}
+    folded: dict[str, set[str]] = {}
+    for label, genre in vocabulary.mapping.items():
+        if genre is not None:
+            folded.setdefault(genre, set()).add(canonical.get(label, label))
+    covered = {genre for genre in vocabulary.genres if folded.get(genre) and folded[genre] <= source}
     source_only = {label: labels.count(label) for label, genre in mapped.items() if genre not in vocabulary.genres}
     keep = [i for i, g in enumerate(vocabulary.genres) if g in covered]
     return LabelSpace(genres=[vocabulary.genres[i] for i in keep], columns=keep,
@@ -277,7 +288,8 @@ def _by_metadata(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[st
 
     out = {}
     for subset, mask in (("with_metadata", has_metadata), ("without_metadata", ~has_metadata)):
-        if mask.sum() < MIN_SUBSET:
+        if mask.sum() < MIN_SUBSET:  # counted, but too few posters for metrics worth printing
+            out[subset] = {"posters": int(mask.sum()), "intervals": None}
             continue
         out[subset] = {"posters": int(mask.sum()), "intervals": {
             name: {m: list(bootstrap_ci(labels[mask], s.scores[mask], fn, n_boot=n_boot, seed=seed))
@@ -329,15 +341,25 @@ def report_markdown(report: dict) -> str:
         parts += ["", f"Genres evaluated: {len(space['genres'])}. Left out — never labelled by this source: "
                   f"{', '.join(space['vocabulary_only']) or 'none'}; source labels the model does not know "
                   f"(posters): {space['source_only'] or 'none'}."]
-    for subset, block in report.get("by_metadata", {}).items():
-        parts += ["", summary_table(report, block["intervals"], f"{subset.replace('_', ' ')}: {block['posters']} "
-                                    "posters")]
+    parts += by_metadata_tables(report)
     ece = {name: c["ece"] for name, c in report.get("calibration", {}).items()}
     if ece:
         parts += ["", "Expected calibration error (15 equal-width bins, all poster × genre pairs): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in ece.items()) + "; per genre in metrics.json; "
                   "reliability diagram in reliability.png."]
     return "\n".join(parts)
+
+
+def by_metadata_tables(report: dict) -> list[str]:
+    """Markdown lines: the headline table again for posters with and without metadata."""
+    parts = []
+    for subset, block in report.get("by_metadata", {}).items():
+        title = f"{subset.replace('_', ' ')}: {block['posters']} posters"
+        if block["intervals"] is None:
+            parts += ["", f"{title} (under {MIN_SUBSET}: no metrics)"]
+        else:
+            parts += ["", summary_table(report, block["intervals"], title)]
+    return parts
 
 
 def _cell(interval: list[float]) -> str:

@@ -25,6 +25,7 @@ stopping within the last phase, a checkpoint each epoch holding everything neede
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -34,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.metadata import FIELDS as META_COLUMNS
@@ -87,6 +88,13 @@ class TrainConfig(BaseModel):
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="use at most this many training rows (quick runs)")
 
+    @model_validator(mode="after")
+    def _only_what_the_variant_reads(self) -> TrainConfig:
+        """A variant without objects reads no features: record none, so equal runs have equal configs."""
+        if not VARIANTS[self.variant].objects:
+            self.features = self.detector = None
+        return self
+
     @property
     def size(self) -> int:
         from posterfusion.models.backbones import backbone_class
@@ -133,6 +141,7 @@ class LoopConfig(BaseModel):
     missing_metadata: list[float]
     object_mean: list[float]
     object_std: list[float]
+    log_level: str = Field("WARNING", description="the workers' root logger (Ray Train sets it to INFO)")
 
 
 class Prepared(BaseModel, arbitrary_types_allowed=True):
@@ -209,6 +218,10 @@ def prepare(config: TrainConfig) -> Prepared:
         frame, objects, det_id, skipped = object_matrix(config, frame, detector)
     train = frame[frame["split"] == "train"]
     vocabulary = GenreVocabulary.build(train["genres"], config.vocab)
+    if len(vocabulary.genres) < 2:
+        raise UserValueError(f"the training split yields {len(vocabulary.genres)} genre(s) "
+                             f"({', '.join(vocabulary.genres) or 'none'}) under min_count {config.vocab.min_count}: "
+                             "a multi-label model needs at least 2 (more posters, or a lower vocab min_count)")
     unlabelled = np.array([not vocabulary.map_genres(g) for g in frame["genres"]])
     if unlabelled.any():  # e.g. only N/A, or a genre the vocabulary keeps no trace of
         frame = frame[~unlabelled].reset_index(drop=True)
@@ -295,6 +308,8 @@ def _worker_resources(config: TrainConfig) -> tuple[float, int]:
 
 
 def loop_config(config: TrainConfig, data: Prepared) -> LoopConfig:
+    from posterfusion.cluster.console import train_logging_level
+
     sides = data.sides
     train = (data.frame["split"] == "train").to_numpy()
     labels = sides["labels"][train]
@@ -311,13 +326,16 @@ def loop_config(config: TrainConfig, data: Prepared) -> LoopConfig:
         train_rows=int(train.sum()), threads=_worker_resources(config)[1], amp=config.amp, augment=config.augment,
         seed=config.seed, metadata_dropout=config.metadata_dropout,
         missing_metadata=data.encoder.transform_records([None])[0].tolist(),
-        object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist())
+        object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist(),
+        log_level=train_logging_level())
 
 
 def run_train(config: TrainConfig) -> dict:
     """Train, pick the best checkpoint, calibrate, write the bundle; return the run summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from posterfusion.cluster.console import train_logging_level
 
     started = time.perf_counter()
     data = prepare(config)
@@ -334,7 +352,8 @@ def run_train(config: TrainConfig) -> dict:
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_auc",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=config.max_failures)),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=LoggingConfig(log_level=train_logging_level())),
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(metric="val_macro_auc", mode="max")
@@ -413,6 +432,9 @@ def train_loop(raw_config: dict) -> None:
     import torch
 
     config = LoopConfig.model_validate(raw_config)
+    # Ray Train logs every report at INFO through a logger outside ``ray.train`` (its file path),
+    # so only the root level keeps those lines off a quiet console.
+    logging.getLogger().setLevel(config.log_level)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     context = ray.train.get_context()
@@ -511,8 +533,20 @@ def _resume(model, optimizer, scheduler, scaler) -> dict:
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    print(f"[train] resumed from the epoch-{saved['epoch']} checkpoint", flush=True)
+    _say(f"[train] resumed from the epoch-{saved['epoch']} checkpoint")
     return {k: saved[k] for k in ("epoch", "best", "bad_epochs", "history")} | {"resumed_from": saved["epoch"]}
+
+
+def _say(line: str) -> None:
+    """A progress line from rank 0, printed once.
+
+    Ray Train wraps ``print`` in its workers to tee it into its logger *and* the replaced
+    ``sys.stdout``, which shows every line twice on the driver; the process's own stdout does
+    not go through that wrapper (Ray still forwards it to the driver).
+    """
+    import sys
+
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _batches(name: str, config: LoopConfig, device, shuffle: bool):
@@ -653,9 +687,9 @@ def _report(model, optimizer, scheduler, scaler, state: dict, context, logits: n
     if context.get_world_rank() != 0:
         ray.train.report(dict(record))
         return
-    print(f"[train] epoch {record['epoch']} ({record['phase']}): loss {record['train_loss']:.4f} "
-          f"val macro AUC {record['val_macro_auc']:.4f} hit@3 {record['val_hit@3']:.3f} "
-          f"({record['samples_per_s']:.1f} samples/s)", flush=True)
+    _say(f"[train] epoch {record['epoch']} ({record['phase']}): loss {record['train_loss']:.4f} "
+         f"val macro AUC {record['val_macro_auc']:.4f} hit@3 {record['val_hit@3']:.3f} "
+         f"({record['samples_per_s']:.1f} samples/s)")
     with tempfile.TemporaryDirectory() as directory:
         saved = {k: state[k] for k in ("epoch", "best", "bad_epochs", "history")}
         torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),

@@ -121,7 +121,7 @@ def ensure_backbone_features(catalogue: Path, cache: Path, config: BackboneFeatu
                                 fn_kwargs={"keys": todo, "columns": KEY_COLUMNS})
             ds = ds.repartition(target_num_rows_per_block=config.batch_size)
             ds = ds.map_batches(BackboneFeaturizer, fn_constructor_kwargs={"config": config, "threads": pool.threads},
-                                compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.cpus,
+                                compute=pool.strategy(), num_cpus=pool.cpus,
                                 num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
             ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
 

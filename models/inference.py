@@ -123,13 +123,11 @@ def _attach(batch, lookup: _LookupRef, strict: bool, detector_id: str):
 def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | None = None, detect: bool = True,
                     actor_class: type = PredictBatch, **actor_kwargs):
     """``dataset`` (PREDICT_COLUMNS, optionally ``objects``) → rows with ``probabilities``."""
-    from ray.data import ActorPoolStrategy
-
     from posterfusion.cluster import actor_pool
 
     pool = actor_pool(actors, gpu_capable=True)
     return dataset.map_batches(
         actor_class, fn_constructor_kwargs={"bundle": str(bundle), "detect": detect, "threads": pool.threads,
                                             **actor_kwargs},
-        batch_format="pandas", batch_size=batch_size, compute=ActorPoolStrategy(size=pool.size),
-        num_cpus=pool.cpus, num_gpus=pool.gpus, scheduling_strategy="SPREAD")  # actors on every node
+        batch_format="pandas", batch_size=batch_size, compute=pool.strategy(),
+        num_cpus=pool.cpus, num_gpus=pool.gpus)  # Ray Data SPREADs actors over the nodes by default

@@ -117,7 +117,10 @@ def test_another_labelled_source_is_evaluated_on_the_genres_both_sides_know(trai
     space = report["label_space"]
     assert not report["same_source"] and report["posters"] == 300
     assert report["training_catalogue"] == str((trained / "catalogue").resolve())
-    assert "Documentary" in space["vocabulary_only"]  # MovieGenre.csv has no Documentary column
+    # MovieGenre.csv has no Documentary column: the genre Documentary trains into (its own, or
+    # Other in this small sample) is not evaluated, or its posters would be false positives
+    documentary = GenreVocabulary.load(path / "genres.json").mapping["Documentary"]
+    assert documentary in space["vocabulary_only"] and documentary not in space["genres"]
     assert set(space["genres"]) | set(space["vocabulary_only"]) == set(vocabulary)
     assert "Thriller" in space["source_only"] and all(g not in vocabulary for g in space["source_only"])
     assert report["genres"] == space["genres"]

@@ -109,7 +109,8 @@ def test_the_service_stays_on_loopback(ray_session, tmp_path):
 
     root = sample_catalogue(tmp_path, n=24)
     run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
-                          variant="cnn+metadata", backbone="keras_cnn", image_size=32, epochs=1, batch_size=8))
+                          variant="cnn+metadata", backbone="keras_cnn", image_size=32, epochs=1, batch_size=8,
+                          vocab={"min_count": 2}))  # 24 posters: a few genres, not one
     env, audit = _audited_env(tmp_path)
     port = free_port()
     child = subprocess.Popen([sys.executable, "-m", "posterfusion", "serve", "--model", str(root / "bundle"),

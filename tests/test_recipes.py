@@ -37,6 +37,8 @@ def test_a_recipe_whose_weights_cannot_be_had_trains_from_scratch_and_says_so(tm
     monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(tmp_path))  # no MobileNetV2 file there
     quick = resolve_recipe("quick", {})
     assert quick.settings["backbone"] == "keras_cnn" and "mobilenet_v2_imagenet.safetensors" in quick.notes[0]
+    other = resolve_recipe("quality", {"backbone": "keras_cnn"})  # the recipe's weights file is MobileNetV2's
+    assert other.settings["weights"] == "none" and "keras_cnn trains from scratch" in other.notes[0]
     explicit = resolve_recipe("seed-densenet", {"weights": "imagenet"})
     assert explicit.settings["weights"] == "imagenet" and not explicit.notes  # an explicit flag always wins
 
@@ -73,6 +75,10 @@ def test_the_seed_recipes_train_and_stand_in_one_comparison_table(ray_session, t
     assert "seed-keras-cnn/cnn" in text and "label_prior" in text
 
 
+# 60 posters: a vocabulary of several genres needs a lower min_count than the real catalogue's 20
+SMALL = {"epochs": 1, "image_size": 32, "vocab": {"min_count": 5}}
+
+
 @pytest.mark.slow
 def test_compare_refuses_a_bundle_trained_with_other_settings(ray_session, tmp_path_factory):
     from posterfusion.jobs.compare import CompareConfig, ensure_bundles
@@ -81,10 +87,10 @@ def test_compare_refuses_a_bundle_trained_with_other_settings(ray_session, tmp_p
 
     root = sample_catalogue(tmp_path_factory.mktemp("stale"), n=60, seed=5)
     config = CompareConfig(catalogue=root / "catalogue", out=root / "compare", models=root / "models",
-                           recipes=["seed-keras-cnn"], variants=["cnn"], train={"epochs": 1, "image_size": 32})
+                           recipes=["seed-keras-cnn"], variants=["cnn"], train=SMALL)
     ensure_bundles(config)
     ensure_bundles(config)  # the same settings: the bundle is reused
     with pytest.raises(ValueError, match=r"stale: trained with other settings \(epochs\)"):
-        ensure_bundles(config.model_copy(update={"train": {"epochs": 2, "image_size": 32}}))
+        ensure_bundles(config.model_copy(update={"train": SMALL | {"epochs": 2}}))
     with pytest.raises(ValueError, match="unknown training settings"):
         CompareConfig(catalogue=root, out=root, models=root, train={"epoch": 2})

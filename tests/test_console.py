@@ -1,0 +1,51 @@
+"""The console a person reads: Ray's known harmless lines dropped, everything else kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+NOISE = [
+    "[2026-12-01 21:00:00,000 E 1 1] core_worker.cc:123: Actor with class name: 'MapWorker(MapBatches(X))' and "
+    "ID: 'abc123' has constructor arguments in the object store and max_restarts > 0",
+    "/x/ray/data/_internal/execution/interfaces/execution_options.py:436: RayDeprecationWarning: "
+    "`ExecutionOptions.exclude_resources` is deprecated and will be removed after January 2027.",
+    "  self.exclude_resources = exclude_resources",
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+    "\x1b[36m(MapWorker pid=1)\x1b[0m INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+    "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: ab with address: x",
+    "[2026-12-01 22:37:10,977 E 1410 1410] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor ad2cba20, "
+    "status: Invalid: KillActor RPC failed for actor ad2cba20: RpcError: RPC error: Socket closed rpc_code: 14",
+]
+KEPT = [
+    "[2026-12-01 21:00:00,000 E 1 1] core_worker.cc:99: a real failure",
+    "ValueError: something our code raised",
+    "/x/jobs/score.py:10: RayDeprecationWarning: `ray_remote_args` is deprecated",
+]
+
+
+def test_quiet_console_drops_only_the_known_noise_at_the_file_descriptor():
+    """Written to fd 2 directly, as Ray's C++ core and forwarded worker logs are."""
+    script = textwrap.dedent(f"""
+        import os
+        from posterfusion.cluster.console import quiet_console
+        with quiet_console(verbose=False):
+            for line in {NOISE + KEPT!r}:
+                os.write(2, (line + "\\n").encode())
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == KEPT
+
+
+def test_verbose_keeps_every_line():
+    script = textwrap.dedent(f"""
+        import os
+        from posterfusion.cluster.console import quiet_console
+        with quiet_console(verbose=True):
+            for line in {NOISE!r}:
+                os.write(2, (line + "\\n").encode())
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.stderr.splitlines() == NOISE
