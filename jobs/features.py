@@ -58,7 +58,7 @@ class FeaturesConfig(BaseModel):
     rows_per_file: int = Field(5000, gt=0, description="~1-2 KB a row")
 
 
-def _pool(config: FeaturesConfig, rows: int) -> tuple[int, float, float]:
+def detector_pool(config: FeaturesConfig, rows: int) -> tuple[int, float, float]:
     """(actors, CPUs per actor, GPUs per actor); an explicit CPU ask must leave the listing CPU free."""
     from posterfusion.cluster import LISTING_CPUS, actor_pool, cpu_budget
 
@@ -85,7 +85,7 @@ def run_features(config: FeaturesConfig) -> dict:
     log.info("features %s: %d catalogue rows, %d to compute", detector, rows, len(todo))
     run_dir, computed = None, pd.DataFrame(columns=["detections", "detect_error"])
     if len(todo):
-        actors, cpus, gpus = _pool(config, len(todo))
+        actors, cpus, gpus = detector_pool(config, len(todo))
         summary |= {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
         run_dir = store.write_run(lambda staging: _detect_into(config, detector, todo, files, staging,
                                                                actors, cpus, gpus))

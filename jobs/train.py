@@ -249,7 +249,9 @@ def feature_datasets(config: TrainConfig, data: Prepared) -> dict:
     from posterfusion.models.frozen import BackboneFeaturesConfig, ensure_backbone_features, load_backbone_features
 
     features = BackboneFeaturesConfig(backbone=config.backbone, weights=config.weights, image_size=config.size)
-    ensure_backbone_features(config.catalogue, config.cache_dir, features)
+    done = ensure_backbone_features(config.catalogue, config.cache_dir, features)
+    print(f"[train] backbone features {done['key']}: {done['computed']} extracted, "
+          f"{done['catalogue_rows'] - done['computed']} cached ({done['seconds']:.0f} s)", flush=True)
     plain, flipped = load_backbone_features(config.cache_dir, features, data.frame["poster_sha256"].tolist())
     sides = data.sides
     out = {}
@@ -279,6 +281,7 @@ def image_datasets(config: TrainConfig, data: Prepared) -> dict:
 
     from posterfusion.features.catalogue import catalogue_files
 
+    started = time.perf_counter()
     sides = data.sides
     by_id = {"index": pd.Series(np.arange(len(data.frame)), index=data.frame["movie_id"].to_numpy())}
     base = ray.data.read_parquet(catalogue_files(config.catalogue), columns=["movie_id", "poster"], num_cpus=0.1)
@@ -286,8 +289,11 @@ def image_datasets(config: TrainConfig, data: Prepared) -> dict:
         _decode_batch, batch_format="pandas", batch_size=64, num_cpus=0.5,
         fn_kwargs={"size": config.size, "index": by_id["index"], "sides": sides,
                    "splits": data.frame["split"].to_numpy()}).materialize()
-    return {split: prepared.filter(expr=col("split") == lit(split)).drop_columns(["split"]).materialize()
-            for split in ("train", "val")}
+    out = {split: prepared.filter(expr=col("split") == lit(split)).drop_columns(["split"]).materialize()
+           for split in ("train", "val")}
+    print(f"[train] {prepared.count()} posters decoded once at {config.size} px for the fine-tuning epochs "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return out
 
 
 def _decode_batch(batch: pd.DataFrame, size: int, index: pd.Series, sides: dict, splits: np.ndarray) -> dict:
@@ -558,7 +564,7 @@ def _batches(name: str, config: LoopConfig, device, shuffle: bool):
                                     local_shuffle_seed=config.seed if shuffle else None)
 
 
-def _side(model, batch, config: LoopConfig, train: bool):
+def batch_side_inputs(model, batch, config: LoopConfig, train: bool):
     """(objects, metadata) for the variant; in training, metadata dropout blanks whole metadata blocks."""
     import torch
 
@@ -607,7 +613,7 @@ def train_epoch(model, optimizer, scheduler, scaler, loss_fn, config: LoopConfig
     torch.manual_seed(config.seed * 1000 + epoch)  # augmentation and dropout draws, reproducible per epoch
     total, seen = 0.0, 0
     for batch in batches:
-        objects, metadata = _side(model, batch, config, train=True)
+        objects, metadata = batch_side_inputs(model, batch, config, train=True)
         inputs = _inputs(batch, phase, config, preset, train=True)  # in full precision: under autocast the
         with autocast(device, config.amp if phase == "full" else "off"):  # preset's bf16 output slows the net ~1.5×
             logits = _forward(model, inputs, objects, metadata, phase)
@@ -640,7 +646,7 @@ def validate(model, loss_fn, config: LoopConfig, device, phase: str, batches):
     logits_out, labels, loss_sum = [], [], 0.0
     with torch.inference_mode():
         for batch in batches:
-            objects, metadata = _side(model, batch, config, train=False)
+            objects, metadata = batch_side_inputs(model, batch, config, train=False)
             inputs = _inputs(batch, phase, config, preset, train=False)
             with autocast(device, config.amp if phase == "full" else "off"):
                 logits = _forward(model, inputs, objects, metadata, phase).float()

@@ -252,13 +252,13 @@ def test_readers_take_finished_runs_only_and_the_latest_row_per_key(tmp_path):
 
 
 def test_actor_pool_leaves_a_whole_cpu_for_file_listing(ray_session, tmp_path):
-    from posterfusion.jobs.features import FeaturesConfig, _pool
+    from posterfusion.jobs.features import FeaturesConfig, detector_pool
 
     config = FeaturesConfig(catalogue=tmp_path, out=tmp_path, detector=DetectorConfig(weights=str(WEIGHTS)))
-    assert _pool(config, rows=1000) == (2, 0.5, 0.0)  # 2 CPUs: 1 for actors, 1 for listing
-    assert _pool(config, rows=3) == (1, 1.0, 0.0)  # one batch needs one actor
+    assert detector_pool(config, rows=1000) == (2, 0.5, 0.0)  # 2 CPUs: 1 for actors, 1 for listing
+    assert detector_pool(config, rows=3) == (1, 1.0, 0.0)  # one batch needs one actor
     with pytest.raises(ValueError, match="file listing"):
-        _pool(config.model_copy(update={"actors": 2, "cpus_per_actor": 0.75}), rows=1000)
+        detector_pool(config.model_copy(update={"actors": 2, "cpus_per_actor": 0.75}), rows=1000)
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def _posters(catalogue, ids) -> list[bytes]:
 def test_metadata_dropout_blanks_whole_metadata_blocks_with_the_no_metadata_encoding():
     import torch
 
-    from posterfusion.jobs.train import LoopConfig, _side
+    from posterfusion.jobs.train import LoopConfig, batch_side_inputs
     from posterfusion.models.fusion import FusionConfig, build_model
 
     missing = [0.0, 0.0, 1.0, 0.0]
@@ -135,11 +135,11 @@ def test_metadata_dropout_blanks_whole_metadata_blocks_with_the_no_metadata_enco
     batch = {"metadata": torch.rand(64, 4) + 2, "objects": torch.zeros(64, 1)}
     config = LoopConfig.model_construct(metadata_dropout=0.5, missing_metadata=missing)
     torch.manual_seed(0)
-    _, dropped = _side(model, batch, config, train=True)
+    _, dropped = batch_side_inputs(model, batch, config, train=True)
     blank = (dropped == torch.tensor(missing)).all(dim=1)
     kept = (dropped == batch["metadata"]).all(dim=1)
     assert (blank | kept).all() and 15 < int(blank.sum()) < 49  # whole rows, about half of them
-    _, evaluated = _side(model, batch, config, train=False)
+    _, evaluated = batch_side_inputs(model, batch, config, train=False)
     assert torch.equal(evaluated, batch["metadata"])  # never at validation or serving time
 
 
