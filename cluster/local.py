@@ -58,6 +58,8 @@ def prepare_environment() -> dict[str, str]:
         "POSTERFUSION_REAL_HOME": real_home,
     }
     values |= quiet_ray_data_env()  # every Ray process this machine starts logs Ray Data quietly
+    if os.environ.get("POSTERFUSION_WEIGHTS"):  # Ray's workers run in other directories: no relative paths
+        os.environ["POSTERFUSION_WEIGHTS"] = os.path.abspath(os.environ["POSTERFUSION_WEIGHTS"])
     for key, value in values.items():
         os.environ.setdefault(key, value)
     Path(os.environ["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
