@@ -3,7 +3,10 @@
 Starts the app on 127.0.0.1 (a local Ray, or ``--address``), then for each batch size sends
 ``--requests`` posters (real posters from ../shared, cycled) from ``--concurrency`` clients
 over HTTP, and prints requests/s, p50/p90/p99 latency, the batch sizes the replica formed,
-and the ratios. One model replica in both runs, so only batching differs.
+and the ratios. One model replica in both runs, so only batching differs. Then, at low load
+(one client, one request at a time, the first batch size's settings), the serving overhead:
+end-to-end latency minus the model replica's own time for the batch (``model_ms`` in each
+answer) — HTTP, validation, the proxy → ingress → model hops and the batch wait.
 
     python benchmarks/serve_load.py --model runs/demo/model
     python benchmarks/serve_load.py --model M --requests 400 --concurrency 32 --batch-sizes 1 4 16
@@ -21,11 +24,12 @@ from pathlib import Path
 SHARED_POSTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "multilabel-posters" / "Images"
 
 
-async def load(url: str, posters: list[bytes], requests: int, concurrency: int) -> tuple[list[float], Counter, int]:
-    """(latencies of successful requests in s, batch sizes seen, failed requests)."""
+async def load(url: str, posters: list[bytes], requests: int, concurrency: int
+               ) -> tuple[list[float], Counter, int, list[float]]:
+    """(latencies of successful requests in s, batch sizes seen, failed requests, model seconds per request)."""
     import httpx
 
-    gate, latencies, sizes, failed = asyncio.Semaphore(concurrency), [], Counter(), 0
+    gate, latencies, sizes, failed, model = asyncio.Semaphore(concurrency), [], Counter(), 0, []
 
     async with httpx.AsyncClient(timeout=300) as client:
         async def one(i: int) -> None:
@@ -37,36 +41,45 @@ async def load(url: str, posters: list[bytes], requests: int, concurrency: int) 
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
                     sizes[response.json()["batch_size"]] += 1
+                    model.append(response.json()["model_ms"] / 1000)
                 else:
                     failed += 1
 
         await asyncio.gather(*(one(i) for i in range(requests)))
-    return latencies, sizes, failed
+    return latencies, sizes, failed, model
 
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def run(model: Path, batch_size: int, posters: list[bytes], args) -> dict:
+def run(model: Path, batch_size: int, posters: list[bytes], args, low_load: bool = False) -> dict:
     import httpx
     from ray import serve
 
     from posterfusion.serving.app import ServeConfig, start_service
 
-    config = ServeConfig(model=model.resolve(), max_batch_size=batch_size, batch_wait_timeout_s=args.wait_ms / 1000,
-                         min_replicas=1, max_replicas=1, max_ongoing_requests=max(16, 2 * batch_size),
+    wait = {} if args.wait_ms is None else {"batch_wait_timeout_s": args.wait_ms / 1000}
+    config = ServeConfig(model=model.resolve(), max_batch_size=batch_size, **wait, min_replicas=1, max_replicas=1,
+                         max_ongoing_requests=max(16, 2 * batch_size),
                          max_queued_requests=10_000, replica_cpus=args.replica_cpus)
     url = start_service(config, port=args.port)
     for poster in posters[:4]:  # warm-up: first calls pay for lazy initialisation
         httpx.post(f"{url}/v1/predict", files={"poster": ("p.jpg", poster, "image/jpeg")}, timeout=300)
     started = time.perf_counter()
-    latencies, sizes, failed = asyncio.run(load(url, posters, args.requests, args.concurrency))
+    latencies, sizes, failed, _ = asyncio.run(load(url, posters, args.requests, args.concurrency))
     seconds = time.perf_counter() - started
+    low = None
+    if low_load:
+        ends, _, _, model = asyncio.run(load(url, posters, args.low_load_requests, 1))
+        overhead = [e - m for e, m in zip(ends, model, strict=True)]
+        low = {"p50": percentile(ends, 50) * 1000, "model_p50": percentile(model, 50) * 1000,
+               "overhead_p50": percentile(overhead, 50) * 1000, "overhead_p90": percentile(overhead, 90) * 1000,
+               "requests": len(ends)}
     serve.delete("posterfusion")
     return {"batch": batch_size, "rps": len(latencies) / seconds, "p50": percentile(latencies, 50) * 1000,
             "p90": percentile(latencies, 90) * 1000, "p99": percentile(latencies, 99) * 1000,
-            "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds}
+            "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds, "low": low}
 
 
 def main() -> None:
@@ -76,7 +89,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
-    parser.add_argument("--wait-ms", type=float, default=20)
+    parser.add_argument("--wait-ms", type=float, default=None, help="batch wait (default: the service's own)")
+    parser.add_argument("--low-load-requests", type=int, default=50)
     parser.add_argument("--replica-cpus", type=float, default=0.5)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--address", default=None)
@@ -90,7 +104,7 @@ def main() -> None:
     prepare_environment()
     posters = [p.read_bytes() for p in sorted(args.posters.glob("*.jpg"))[:64]]
     with ray_cluster(ClusterConfig(address=args.address)) as cluster:
-        results = [run(args.model, b, posters, args) for b in args.batch_sizes]
+        results = [run(args.model, b, posters, args, low_load=i == 0) for i, b in enumerate(args.batch_sizes)]
         from ray import serve
 
         serve.shutdown()
@@ -103,8 +117,12 @@ def main() -> None:
     base = next((r for r in results if r["batch"] == 1), None)
     for r in results:
         if base is not None and r is not base:
-            print(f"batch {r['batch']} vs 1: throughput {r['rps'] / base['rps']:.2f}x, "
+            print(f"batching gain, max_batch_size {r['batch']} vs 1: throughput {r['rps'] / base['rps']:.2f}x, "
                   f"p50 {r['p50'] / base['p50']:.2f}x, p99 {r['p99'] / base['p99']:.2f}x")
+    low = results[0]["low"]
+    print(f"low load (1 client, {low['requests']} requests, max_batch_size {results[0]['batch']}): end-to-end p50 "
+          f"{low['p50']:.1f} ms, model p50 {low['model_p50']:.1f} ms, serving overhead p50 "
+          f"{low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ KNOWN_NOISE = [
 ]
 # "ray" itself is reset by ``ray.init(logging_level=…)``; its children keep a level set here.
 # The authentication logger says, at every local start, that Ray chose token auth (as we want).
+QUIET_RAY_DATA = Path(__file__).with_name("ray_data_logging.yaml")
 RAY_LOGGERS = ["ray", "ray.data", "ray.train", "ray.serve", "ray.tune",
                "ray._private.authentication.authentication_token_setup"]
 
@@ -73,7 +74,7 @@ def quiet_ray_data_env() -> dict[str, str]:
     """
     if is_verbose() or "RAY_DATA_LOGGING_CONFIG" in os.environ:
         return {}
-    return {"RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml"))}
+    return {"RAY_DATA_LOGGING_CONFIG": str(QUIET_RAY_DATA)}
 
 
 def worker_logging_level(verbose: bool) -> str:
@@ -87,6 +88,8 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
     progress = sys.stderr.isatty()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if progress else "1")
     if verbose:
+        if os.environ.get("RAY_DATA_LOGGING_CONFIG") == str(QUIET_RAY_DATA):  # set before the flag was read
+            del os.environ["RAY_DATA_LOGGING_CONFIG"]
         yield
         return
     os.environ.update(quiet_ray_data_env())

@@ -78,6 +78,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+# Without pretrained weights there are no fixed features to train a head on first: every epoch trains it all.
+FROM_SCRATCH = {"weights": "none", "mode": "finetune", "warmup_epochs": 0}
+
+
 class ResolvedRecipe(BaseModel):
     """What a recipe became on this machine: the settings used and why they differ from the recipe."""
 
@@ -118,10 +122,10 @@ def resolve_recipe(name: str | None, overrides: dict) -> ResolvedRecipe:
     if "weights" not in overrides and backbone != settings.get("backbone") and weights not in ("none", "imagenet"):
         # a weights file belongs to the recipe's own backbone; another backbone starts from scratch
         notes.append(f"{weights} holds {settings.get('backbone')} weights: {backbone} trains from scratch")
-        settings["weights"] = weights = "none"
+        settings, weights = settings | FROM_SCRATCH, "none"
     if "weights" not in overrides and not weights_available(backbone, weights):
         what = f"ImageNet weights for {backbone}" if weights == "imagenet" else f"weights file {weights}"
-        settings |= recipe.scratch or {"weights": "none"}
+        settings |= FROM_SCRATCH | recipe.scratch
         notes.append(f"{what} cannot be had on this machine (no network, not in the local cache): "
                      f"trained from scratch ({settings['backbone']}, weights none)")
     return ResolvedRecipe(name=name, settings=settings | overrides, notes=notes)

@@ -89,6 +89,15 @@ class TrainConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="use at most this many training rows (quick runs)")
 
     @model_validator(mode="after")
+    def _stored_features_need_fixed_weights(self) -> TrainConfig:
+        """Head epochs train on features extracted once; a random backbone would differ in every process."""
+        if self.weights == "none" and (self.mode == "frozen" or self.warmup_epochs):
+            raise ValueError("frozen mode and head warm-up train on stored backbone features, which need "
+                             "pretrained weights (--weights FILE or imagenet); from scratch, use mode finetune "
+                             "with no warm-up")
+        return self
+
+    @model_validator(mode="after")
     def _only_what_the_variant_reads(self) -> TrainConfig:
         """A variant without objects reads no features: record none, so equal runs have equal configs."""
         if not VARIANTS[self.variant].objects:

@@ -95,7 +95,11 @@ class PosterModel:
         started = time.perf_counter()
         # In a thread: the replica's event loop keeps queueing the next batch while this one computes.
         results = await asyncio.to_thread(self._predict_sync, items)
-        self.metrics.observe_batch(len(items), time.perf_counter() - started, results)
+        seconds = time.perf_counter() - started
+        self.metrics.observe_batch(len(items), seconds, results)
+        for result in results:
+            if "error" not in result:
+                result["model_ms"] = round(1000 * seconds, 3)
         return results
 
     def _predict_sync(self, items: list[tuple[bytes, dict | None]]) -> list[dict]:

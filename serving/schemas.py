@@ -45,6 +45,8 @@ class PredictResponse(BaseModel):
     objects: list[ObjectCount] = Field(description="detected objects, one entry per class")
     detections: list[dict] = Field(description="every detected box, corners normalised to [0, 1]")
     batch_size: int = Field(description="how many posters the model replica scored together with this one")
+    model_ms: float = Field(description="milliseconds the model replica spent scoring that batch (the rest of the "
+                            "latency is HTTP, validation, routing and queueing)")
 
 
 class BatchResponse(BaseModel):

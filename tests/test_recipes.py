@@ -39,6 +39,8 @@ def test_a_recipe_whose_weights_cannot_be_had_trains_from_scratch_and_says_so(tm
     assert quick.settings["backbone"] == "keras_cnn" and "mobilenet_v2_imagenet.safetensors" in quick.notes[0]
     other = resolve_recipe("quality", {"backbone": "keras_cnn"})  # the recipe's weights file is MobileNetV2's
     assert other.settings["weights"] == "none" and "keras_cnn trains from scratch" in other.notes[0]
+    assert other.settings["warmup_epochs"] == 0  # no fixed features to warm a head up on
+    train_config("quality", tmp_path, tmp_path / "out", backbone="keras_cnn")  # a valid config
     explicit = resolve_recipe("seed-densenet", {"weights": "imagenet"})
     assert explicit.settings["weights"] == "imagenet" and not explicit.notes  # an explicit flag always wins
 

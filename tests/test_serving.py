@@ -97,6 +97,7 @@ def test_a_poster_gets_probabilities_top3_genres_and_objects(service, bundle):
     assert top == [predictor.genres[i] for i in np.argsort(-expected)[:3]]
     assert set(body["genres"]) <= set(predictor.genres)
     assert isinstance(body["objects"], list) and isinstance(body["detections"], list)
+    assert body["batch_size"] >= 1 and body["model_ms"] > 0  # the model's share of the latency
 
 
 def test_metadata_is_used_when_given(service, bundle):

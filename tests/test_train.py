@@ -69,10 +69,12 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monk
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_trains_and_reads_exactly_its_inputs(prepared, variant):
+    """On one frozen pretrained backbone, so its features are extracted once for all the variants."""
     from posterfusion.models.predictor import Predictor
 
     name = f"v-{variant.replace('+', '_')}"
-    run_train(small(prepared, name, variant=variant, epochs=2))
+    run_train(small(prepared, name, variant=variant, epochs=2, mode="frozen", backbone="mobilenet_v2",
+                    weights="mobilenet_v2_imagenet.safetensors"))
     bundle = prepared / name / "bundle"
     config = json.loads((bundle / "config.json").read_text())
     assert config["model"]["variant"] == variant and config["train"]["variant"] == variant
@@ -153,3 +155,11 @@ def test_the_detector_defaults_to_the_one_the_features_directory_recorded(prepar
 
     config = small(prepared, "recorded", detector=None, variant="fused")
     assert resolve_detector(config).weights == str((DETECTOR_PATH).resolve())
+
+
+def test_stored_backbone_features_are_refused_without_pretrained_weights(prepared):
+    """A random backbone extracting the features and another random one in the bundle would not match."""
+    with pytest.raises(ValueError, match="need pretrained weights"):
+        small(prepared, "scratch-frozen", mode="frozen", weights="none")
+    with pytest.raises(ValueError, match="need pretrained weights"):
+        small(prepared, "scratch-warm", warmup_epochs=1, weights="none")
