@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.features.store import Lease, commit_file, keep_keys, plan_missing, split_key
+from posterfusion.features.store import Lease, commit_file, keep_keys, plan_missing
 from posterfusion.models.inference import PREDICT_COLUMNS, PredictBatch, attach_cached_objects, predict_dataset
 from posterfusion.models.predictions import KEY_COLUMNS, prediction_rows, predictions_schema, scored_keys
 
@@ -101,8 +101,8 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
                                   fn_kwargs={"keys": todo, "columns": KEY_COLUMNS[:2], "suffix": version})
     dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)  # a block goes to one actor
     if config.features is not None and bundle.detector_id:
-        wanted = {split_key(k)[:2] for k in todo.to_pylist()}
-        dataset = attach_cached_objects(dataset, config.features, bundle.detector_id, strict=False, keys=wanted)
+        dataset = attach_cached_objects(dataset, config.features, bundle.detector_id, strict=False, wanted=todo,
+                                        suffix=version)
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, actors=config.actors,
                              detect=True, actor_class=ScoreBatch, run_id=run_id)
     committer = Committer(config.out / f"run_date={config.run_date.isoformat()}", run_id, config.rows_per_file)

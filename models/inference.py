@@ -11,10 +11,10 @@ Predictor and no job module is imported by another stage.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from posterfusion.features.metadata import FIELDS
 
@@ -58,66 +58,85 @@ def _missing(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
 
 
-def cached_objects(features: Path, detector_id: str) -> dict[tuple[str, str], tuple[list, list]]:
-    """(movie_id, poster_sha256) → (object vector, detections) from the features job's output."""
-    from posterfusion.features.objects import load_object_features
+def cached_objects_table(features: Path, detector_id: str, wanted: pa.Array | None = None,
+                         suffix: str | None = None) -> pa.Table:
+    """The features job's good rows as Arrow: ``key`` (joined movie_id, poster_sha256), ``objects``, ``detections``.
 
-    table = load_object_features(features, detector_id)
-    return {key: (list(v), list(d)) for key, v, d in
-            zip(table.index, table["objects"], table["detections"], strict=True)}
+    One row per key, the newest run's. ``wanted``: only keys in it (joined with ``suffix``,
+    e.g. the scorer's to-do keys, which end in the model version). Arrow, not Python objects:
+    ~1 KB a poster, and shipped through the object store it is read zero-copy by every process.
+    """
+    import pyarrow.compute as pc
+
+    from posterfusion.features.objects import KEY_COLUMNS, object_store
+    from posterfusion.features.store import join_keys
+
+    table = object_store(features, detector_id).read([*KEY_COLUMNS, "objects", "detections", "detect_error"])
+    table = table.filter(pc.is_null(table["detect_error"]))
+    keys = join_keys(table, KEY_COLUMNS)
+    newest = pc.subtract(len(keys) - 1, pc.index_in(pc.unique(keys[::-1]), value_set=keys[::-1]))  # last per key
+    table = table.take(newest)
+    keys = keys.take(newest)
+    if wanted is not None:
+        table = table.filter(pc.is_in(join_keys(table, KEY_COLUMNS, suffix), value_set=wanted))
+        keys = join_keys(table, KEY_COLUMNS)
+    return pa.table({"key": keys, "objects": table["objects"], "detections": table["detections"]})
+
+
+def cached_objects(features: Path, detector_id: str) -> dict[tuple[str, str], tuple[list, list]]:
+    """(movie_id, poster_sha256) → (object vector, detections), as Python objects (for a plain loop)."""
+    from posterfusion.features.store import split_key
+
+    table = cached_objects_table(features, detector_id)
+    return {split_key(k): (v, d) for k, v, d in zip(table["key"].to_pylist(), table["objects"].to_pylist(),
+                                                    table["detections"].to_pylist(), strict=True)}
 
 
 def attach_cached_objects(dataset, features: Path, detector_id: str, strict: bool = True,
-                          keys: set[tuple[str, str]] | None = None):
+                          wanted: pa.Array | None = None, suffix: str | None = None):
     """Add ``objects`` and ``cached_detections`` columns from the features job's output.
 
     ``strict``: every row must have features (evaluation, where a silent re-detection would
-    hide a stale cache); otherwise missing rows get ``None`` and the actor detects them.
-    ``keys``: only these (movie_id, poster_sha256) rows will be seen, so only they are shipped.
-    The lookup goes to the object store once and each worker process reads it once.
+    hide a stale cache); otherwise missing rows get nulls and the actor detects them.
+    ``wanted``/``suffix``: only these rows will be seen (see :func:`cached_objects_table`), so only
+    they are shipped. The lookup table goes to the object store once; each task maps it
+    zero-copy and takes its batch's rows by index, so no process holds a copy of its own.
     """
     import ray
 
-    lookup = cached_objects(features, detector_id)
-    if keys is not None:
-        lookup = {k: v for k, v in lookup.items() if k in keys}
+    table = cached_objects_table(features, detector_id, wanted, suffix)
     return dataset.map_batches(_attach, batch_format="pyarrow", num_cpus=0.25,
-                               fn_kwargs={"lookup": _LookupRef(ray.put(lookup)), "strict": strict,
+                               fn_kwargs={"lookup": _LookupRef(ray.put(table)), "strict": strict,
                                           "detector_id": detector_id})
 
 
 class _LookupRef:
-    """An ObjectRef wrapper (Ray Data would not resolve a bare ref in ``fn_kwargs``), read once per process."""
-
-    _cache: ClassVar[dict[str, dict]] = {}
+    """An ObjectRef wrapper: Ray Data would resolve a bare ref in ``fn_kwargs`` into a pickled copy per call."""
 
     def __init__(self, ref):
         self.ref = ref
 
-    def get(self) -> dict:
+    def get(self) -> pa.Table:
         import ray
 
-        key = self.ref.hex()
-        if key not in self._cache:
-            self._cache.clear()
-            self._cache[key] = ray.get(self.ref)
-        return self._cache[key]
+        return ray.get(self.ref)  # Arrow buffers stay in the shared object store: no copy
 
 
-def _attach(batch, lookup: _LookupRef, strict: bool, detector_id: str):
-    import pyarrow as pa
+def _attach(batch: pa.Table, lookup: _LookupRef, strict: bool, detector_id: str) -> pa.Table:
+    import pyarrow.compute as pc
 
-    from posterfusion.features.objects import DETECTION_TYPE
+    from posterfusion.features.objects import KEY_COLUMNS
+    from posterfusion.features.store import join_keys
 
     table = lookup.get()
-    keys = list(zip(batch["movie_id"].to_pylist(), batch["poster_sha256"].to_pylist(), strict=True))
-    missing = [k for k in keys if k not in table]
+    index = pc.index_in(join_keys(batch, KEY_COLUMNS), value_set=table["key"])
+    missing = index.null_count
     if strict and missing:
-        raise KeyError(f"{len(missing)} posters have no cached object features for {detector_id}, "
-                       f"e.g. {missing[0]}: run `posterfusion features` first")
-    found = [table.get(k, (None, None)) for k in keys]  # explicit types: an all-missing block stays typed
-    return (batch.append_column("objects", pa.array([f[0] for f in found], pa.list_(pa.float32())))
-            .append_column("cached_detections", pa.array([f[1] for f in found], pa.list_(DETECTION_TYPE))))
+        first = batch.filter(pc.is_null(index))["movie_id"][0]
+        raise KeyError(f"{missing} posters have no cached object features for {detector_id}, "
+                       f"e.g. {first}: run `posterfusion features` first")
+    return (batch.append_column("objects", table["objects"].take(index))
+            .append_column("cached_detections", table["detections"].take(index)))
 
 
 def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | None = None, detect: bool = True,

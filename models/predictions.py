@@ -75,7 +75,8 @@ def prediction_rows(scored: pd.DataFrame, predictor, run_id: str, schema: pa.Sch
         "objects": [object_summary(d) for d in scored["detections"]],
         "detections": [list(d) for d in scored["detections"]],
         "objects_source": scored["objects_source"].to_list(),
-        "error": scored["error"].to_list(),
+        # from pandas: pandas 3 stores a column of None and str as its str dtype, whose null is NaN
+        "error": pa.Array.from_pandas(scored["error"], type=pa.string()),
     }, schema=schema)
 
 

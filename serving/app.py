@@ -148,8 +148,10 @@ def check_poster_part(part, limit: int, name: str) -> None:
         raise ApiError(413, "poster_too_large", f"'{name}' is {part.size} bytes; the limit is {limit}")
 
 
-def _form_options(config: ServeConfig) -> dict:
-    return {"max_files": config.max_batch_posters + 1, "max_fields": 8, "max_part_size": config.max_metadata_bytes}
+def _form_options(config: ServeConfig, posters: int) -> dict:
+    """Starlette's own part-size check would answer an oversized metadata field 400: the body is
+    already capped by :func:`read_body`, and the metadata's own limit is :func:`read_json_field`'s 413."""
+    return {"max_files": config.max_batch_posters + 1, "max_fields": 8, "max_part_size": body_limit(config, posters)}
 
 
 def body_limit(config: ServeConfig, posters: int) -> int:
@@ -189,7 +191,7 @@ async def read_form(request, config: ServeConfig, posters: int = 1):
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        return await Request(request.scope, replay).form(**_form_options(config))
+        return await Request(request.scope, replay).form(**_form_options(config, posters))
     except HTTPException as exc:
         raise ApiError(400, "bad_multipart", str(exc.detail)) from None
     except Exception as exc:  # a malformed multipart body (starlette raises several kinds)

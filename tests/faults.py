@@ -1,7 +1,11 @@
 """Failure injection for the fault-tolerance tests: wrappers the tests install, never production knobs.
 
-Ray ships these functions to its workers; :func:`by_value` makes cloudpickle send this module's
-code itself, since the workers cannot import ``tests``.
+Ray ships these functions to its workers; :func:`by_value` makes Ray's cloudpickle send this
+module's code itself, since the workers cannot import ``tests``. The scoring-actor wrappers hold
+the real ``ScoreBatch`` (imported inside the worker, where nothing is patched) rather than
+subclass it: a subclass installed under the module's own ``ScoreBatch`` name would make
+cloudpickle copy the base class by value while its methods still resolve by reference, and
+their ``super()`` would then refer to a different class than the instance's.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from pathlib import Path
 def by_value() -> None:
     import sys
 
-    import cloudpickle
+    import ray.cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def failing_train_loop(after_epoch: int, marker: Path):
@@ -53,10 +57,12 @@ def dying_score_batch(after_calls: int, marker: Path):
     ``marker`` records the kill (and keeps the restarted actor alive); Ray Data restarts the actor
     and retries the batch it lost.
     """
-    from posterfusion.jobs.score import ScoreBatch
 
-    class DyingScoreBatch(ScoreBatch):
-        calls = 0
+    class DyingScoreBatch:
+        def __init__(self, *args, **kwargs):
+            from posterfusion.jobs.score import ScoreBatch
+
+            self.inner, self.calls = ScoreBatch(*args, **kwargs), 0
 
         def __call__(self, batch):
             self.calls += 1
@@ -68,7 +74,7 @@ def dying_score_batch(after_calls: int, marker: Path):
                     os._exit(1)
                 except FileExistsError:
                     pass
-            return super().__call__(batch)
+            return self.inner(batch)
 
     return DyingScoreBatch
 
@@ -82,20 +88,24 @@ def pixels_id(image) -> str:
 
 def detector_failing_on(pixels: str):
     """A scoring actor class whose detector raises on the one image whose :func:`pixels_id` is ``pixels``."""
-    from posterfusion.jobs.score import ScoreBatch
 
-    class FailingDetectorScoreBatch(ScoreBatch):
+    class FailingDetectorScoreBatch:
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            detector = self.predictor.detector
+            from posterfusion.jobs.score import ScoreBatch
+
+            self.inner = ScoreBatch(*args, **kwargs)
+            detector = self.inner.predictor.detector
             real = detector.detect
 
-            def detect(images):
+            def detect(images, *more, **options):
                 if any(pixels_id(image) == pixels for image in images):
                     raise RuntimeError("injected detector failure")
-                return real(images)
+                return real(images, *more, **options)
 
             detector.detect = detect
+
+        def __call__(self, batch):
+            return self.inner(batch)
 
     return FailingDetectorScoreBatch
 

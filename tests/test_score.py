@@ -10,6 +10,7 @@ Failure injection comes from ``tests/faults.py``, installed with monkeypatch.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from datetime import date
 
@@ -117,7 +118,9 @@ def test_a_stopped_run_finishes_on_rerun_with_every_row_once(scored_setup, tmp_p
         patch.setattr(score.Committer, "commit", faults.stopping_commit(files=2))
         with pytest.raises(faults.StopAfter):
             run_score(_config(scored_setup, out))
-    (out / "_lease").unlink()  # the "killed" driver never released it (a dead process would leave it stale)
+    assert not (out / "_lease").exists()  # a run that raises releases its lease
+    # a killed driver would not have: leave its lease behind, held by a process that no longer exists
+    (out / "_lease").write_text(json.dumps({"run_id": "killed", "pid": 2**22 + 11, "host": os.uname().nodename}))
     (out / "run_date=2026-01-01").mkdir(parents=True)
     (out / "run_date=2026-01-01" / ".part-dead-00000.parquet.1a2b3c4d").write_bytes(b"half a file")
     partial = read_predictions(out)
@@ -176,7 +179,6 @@ def test_two_runs_started_at_once_write_every_row_exactly_once(scored_setup, tmp
 
 
 def test_a_held_lease_stops_a_second_run_and_a_dead_runs_lease_is_taken_over(tmp_path):
-    import os
     import time
 
     from posterfusion.features.store import Lease, LeaseHeld

@@ -150,7 +150,7 @@ BAD_REQUESTS = {
     "nesting deeper than the parser": (dict(files=poster_file(jpeg_bytes()), data={"metadata": "[" * 5000}), 422,
                                        "invalid_metadata"),
     "metadata over its byte limit": (dict(files=poster_file(jpeg_bytes()), data={"metadata": "[" * 200_000}), 413,
-                                     None),
+                                     "metadata_too_large"),
     "a 309-digit vote count": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"num_votes": 1' + "0" * 308
                                                                             + "}"}), 422, "invalid_metadata"),
     "an infinite budget": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"budget": Infinity}'}), 422,
