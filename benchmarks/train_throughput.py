@@ -69,9 +69,9 @@ def plain_loop(config, device: str, epochs: int) -> float:
     sides = {k: v[rows] for k, v in data.sides.items()}
     model = build_model(loop.model).to(device)
     model.backbone.train_last_stages(loop.train_stages)
-    optimizer = job._optimizer(model, loop)
+    optimizer = job.make_optimizer(model, loop)
     steps = math.ceil(len(rows) / loop.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, job._schedules(loop, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, job.lr_schedules(loop, steps))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rates = []

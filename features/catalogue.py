@@ -23,6 +23,22 @@ SPLITS = ("train", "val", "test")
 SMALL_WIDTH = 150  # the README's thumbnails are under 150 px wide
 MAX_PIXELS = 50_000_000  # larger images are rejected as possible decompression bombs
 
+# The metadata a source may join to a poster: the one list of those columns and their types. The
+# readers type their frames from it (features/sources.py); the encoder reads a subset (FIELDS).
+METADATA_SCHEMA = pa.schema([
+    pa.field("year", pa.int32()),
+    pa.field("runtime", pa.float32()),
+    pa.field("imdb_score", pa.float32()),
+    pa.field("num_votes", pa.int64()),
+    pa.field("budget", pa.float64()),
+    pa.field("gross", pa.float64()),
+    pa.field("content_rating", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("country", pa.string()),
+    pa.field("popularity", pa.float32()),
+    pa.field("overview", pa.string()),
+])
+
 CATALOGUE_SCHEMA = pa.schema([
     pa.field("movie_id", pa.string(), nullable=False),
     pa.field("title", pa.string()),
@@ -39,25 +55,9 @@ CATALOGUE_SCHEMA = pa.schema([
     pa.field("duplicate_poster", pa.bool_(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("poster_file", pa.string()),
-    pa.field("year", pa.int32()),
-    pa.field("runtime", pa.float32()),
-    pa.field("imdb_score", pa.float32()),
-    pa.field("num_votes", pa.int64()),
-    pa.field("budget", pa.float64()),
-    pa.field("gross", pa.float64()),
-    pa.field("content_rating", pa.string()),
-    pa.field("language", pa.string()),
-    pa.field("country", pa.string()),
-    pa.field("popularity", pa.float32()),
-    pa.field("overview", pa.string()),
+    *METADATA_SCHEMA,
     pa.field("metadata_sources", pa.list_(pa.string())),
 ])
-
-METADATA_COLUMNS = [
-    "year", "runtime", "imdb_score", "num_votes", "budget", "gross", "content_rating",
-    "language", "country", "popularity", "overview",
-]
-
 
 @dataclass(frozen=True)
 class PosterCheck:

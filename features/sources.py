@@ -112,21 +112,18 @@ READERS = {"multilabel": read_multilabel, "moviegenre": read_moviegenre}
 
 # --- metadata -----------------------------------------------------------------------------
 
-METADATA_FIELDS = {
-    # catalogue column: pandas dtype
-    "title": "string",
-    "year": "Int32",
-    "runtime": "Float32",
-    "imdb_score": "Float32",
-    "num_votes": "Int64",
-    "budget": "Float64",
-    "gross": "Float64",
-    "content_rating": "string",
-    "language": "string",
-    "country": "string",
-    "popularity": "Float32",
-    "overview": "string",
-}
+def metadata_dtypes() -> dict[str, str]:
+    """Catalogue metadata column → pandas dtype, from the catalogue's Arrow schema (the one list)."""
+    import pyarrow as pa
+
+    from posterfusion.features.catalogue import CATALOGUE_SCHEMA, METADATA_SCHEMA
+
+    def dtype(arrow_type) -> str:
+        if pa.types.is_string(arrow_type):
+            return "string"
+        return {"int32": "Int32", "int64": "Int64", "float": "Float32", "double": "Float64"}[str(arrow_type)]
+
+    return {"title": dtype(CATALOGUE_SCHEMA.field("title").type)} | {f.name: dtype(f.type) for f in METADATA_SCHEMA}
 
 # Only these columns are ever copied: a genre column of a metadata file is label leakage.
 IMDB5000_COLUMNS = {
@@ -194,7 +191,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     """All catalogue metadata columns present, stripped and typed; others never appear."""
     out = pd.DataFrame(index=frame.index)
-    for column, dtype in METADATA_FIELDS.items():
+    for column, dtype in metadata_dtypes().items():
         values = frame[column] if column in frame else pd.Series(pd.NA, index=frame.index)
         if dtype == "string":
             out[column] = values.astype("string").str.strip().replace("", pd.NA)

@@ -36,6 +36,23 @@ def _options(ctx: typer.Context, verbose: Verbose = False) -> None:
     ctx.with_resource(quiet_console(verbose))
 
 
+def _given(**options) -> dict:
+    """The options a user set: an unset one (None) falls through to its config's own default."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _check(model: Path | None = None, catalogue: Path | None = None) -> None:
+    """Refuse a path that is not a bundle or a catalogue before any Ray starts (seconds, not a minute)."""
+    if model is not None:
+        from posterfusion.models.bundle import read_config
+
+        read_config(model)
+    if catalogue is not None:
+        from posterfusion.features.catalogue import catalogue_files
+
+        catalogue_files(catalogue)
+
+
 def _cluster(address: str | None, num_cpus: float | None = None):
     from posterfusion.cluster import ClusterConfig, ray_cluster
 
@@ -65,14 +82,14 @@ def ingest(
 @app.command()
 def sample(
     out: Annotated[Path, typer.Option(help="Directory for the synthetic multi-label layout.")],
-    n: Annotated[int, typer.Option(help="Labelled posters to draw.")] = 400,
-    unlabelled: Annotated[int, typer.Option(help="Extra posters with no label row.")] = 40,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    n: Annotated[int | None, typer.Option(help="Labelled posters to draw.")] = None,
+    unlabelled: Annotated[int | None, typer.Option(help="Extra posters with no label row.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
 ) -> None:
     """Write a clearly synthetic poster set whose posters carry learnable genre cues."""
     from posterfusion.jobs.sample import SampleConfig, write_sample
 
-    summary = write_sample(SampleConfig(out=out, n=n, unlabelled=unlabelled, seed=seed))
+    summary = write_sample(SampleConfig(out=out, **_given(n=n, unlabelled=unlabelled, seed=seed)))
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -80,28 +97,30 @@ def sample(
 def vocab(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Where to write the vocabulary JSON.")],
-    min_count: Annotated[int, typer.Option(help="Fold rarer genres into Other.")] = 20,
+    min_count: Annotated[int | None, typer.Option(help="Fold rarer genres into Other.")] = None,
     top_n: Annotated[int | None, typer.Option(help="Keep only the N most frequent.")] = None,
 ) -> None:
     """Build the genre vocabulary from the catalogue's training split."""
     from posterfusion.features.vocab import GenreVocabulary, VocabConfig, training_genres
 
     vocabulary = GenreVocabulary.build(training_genres(catalogue),
-                                       VocabConfig(min_count=min_count, top_n=top_n))
+                                       VocabConfig(**_given(min_count=min_count, top_n=top_n)))
     vocabulary.save(out)
     typer.echo(f"{len(vocabulary.genres)} genres: {', '.join(vocabulary.genres)} → {out}")
 
 
-DetectorWeights = Annotated[str, typer.Option(help="Ultralytics detector weights (.pt, .tflite, …).")]
+DetectorWeights = Annotated[str | None, typer.Option(help="Detector weights: .safetensors, .tflite, or a .pt "
+                                                            "beside its .safetensors twin.")]
 
 
 @app.command()
 def features(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Object features directory (incremental).")],
-    detector: DetectorWeights = "yolov8n.pt",
-    conf: Annotated[float, typer.Option(help="Detection confidence threshold.")] = 0.25,
-    batch_size: Annotated[int, typer.Option(help="Posters per detector call.")] = 16,
+    detector: DetectorWeights = None,
+    imgsz: Annotated[int | None, typer.Option(help="Detector input size (a .tflite export is fixed at 640).")] = None,
+    conf: Annotated[float | None, typer.Option(help="Detection confidence threshold.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Posters per detector call.")] = None,
     actors: Annotated[int | None, typer.Option(help="Detector actors (default: from the cluster's CPUs).")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
@@ -110,21 +129,21 @@ def features(
     from posterfusion.features.objects import DetectorConfig
     from posterfusion.jobs.features import FeaturesConfig, format_features_summary, run_features
 
-    config = FeaturesConfig(catalogue=catalogue, out=out, detector=DetectorConfig(weights=detector, conf=conf),
-                            batch_size=batch_size, actors=actors)
+    config = FeaturesConfig(catalogue=catalogue, out=out,
+                            detector=DetectorConfig(**_given(weights=detector, imgsz=imgsz, conf=conf)),
+                            **_given(batch_size=batch_size, actors=actors))
+    _check(catalogue=catalogue)
     with _cluster(address, num_cpus):
         summary = run_features(config)
     typer.echo(format_features_summary(summary))
-
-
-Recipe = Annotated[str | None, typer.Option(help="Named recipe (`posterfusion recipes` lists them); flags override.")]
 
 
 @app.command()
 def train(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
-    recipe: Recipe = "quality",
+    recipe: Annotated[str | None, typer.Option(help="Named recipe (`posterfusion recipes` lists them; default: "
+                                                  "quality); flags override.")] = "quality",
     features: Annotated[Path | None, typer.Option(help="Object features directory (`features --out`).")] = None,
     detector: Annotated[str | None, typer.Option(help="Detector weights (default: the features dir's).")] = None,
     variant: Annotated[str | None, typer.Option(help="Which inputs: see `posterfusion recipes`.")] = None,
@@ -154,8 +173,10 @@ def train(
 ) -> None:
     """Train the fusion network with Ray Train and write a calibrated model bundle."""
     from posterfusion.features.objects import DetectorConfig
+    from posterfusion.errors import UserValueError
     from posterfusion.jobs.recipes import train_config
     from posterfusion.jobs.train import format_train_summary, run_train
+    from posterfusion.models.fusion import VARIANTS
 
     config = train_config(
         recipe, catalogue, out, features=features, detector=DetectorConfig(weights=detector) if detector else None,
@@ -164,6 +185,10 @@ def train(
         train_stages=train_stages,
         patience=patience, metadata_dropout=metadata_dropout, pos_weight_cap=pos_weight_cap, workers=workers,
         gpu=gpu, cpus_per_worker=cpus_per_worker, amp=amp, max_failures=max_failures, limit=limit, seed=seed)
+    _check(catalogue=catalogue)
+    if VARIANTS[config.variant].objects and config.features is None:
+        raise UserValueError(f"variant {config.variant!r} reads object features: pass --features "
+                             "(run `posterfusion features` first)")
     with _cluster(address, num_cpus):
         summary = run_train(config)
     typer.echo(format_train_summary(summary))
@@ -188,20 +213,22 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")],
     catalogue: Annotated[Path, typer.Option(help="Labelled catalogue to evaluate on (any source).")],
     out: Annotated[Path, typer.Option(help="Report directory (metrics.json, report.md, predictions).")],
-    split: Annotated[str, typer.Option(help="val | test | all (all: another source's every labelled row).")] = "test",
+    split: Annotated[str | None, typer.Option(help="val | test (default) | all (another source's every labelled "
+                                                   "row).")] = None,
     features: Annotated[Path | None, typer.Option(help="Reuse cached object features.")] = None,
     training_catalogue: Annotated[Path | None, typer.Option(help="Where baselines are fitted (default: the "
                                                                   "bundle's training catalogue).")] = None,
-    baselines: Annotated[bool, typer.Option(help="Label-prior and classic baselines beside the model.")] = True,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+    baselines: Annotated[bool | None, typer.Option(help="Label-prior and classic baselines beside the model.")] = None,
+    n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples for the intervals.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Every multi-label metric on a labelled catalogue, beside the label-prior and classic baselines."""
     from posterfusion.jobs.evaluate import EvaluateConfig, report_markdown, run_evaluate
 
-    config = EvaluateConfig(model=model, catalogue=catalogue, out=out, split=split, features=features,
-                            training_catalogue=training_catalogue, baselines=baselines, n_boot=n_boot)
+    config = EvaluateConfig(model=model, catalogue=catalogue, out=out, **_given(
+        split=split, features=features, training_catalogue=training_catalogue, baselines=baselines, n_boot=n_boot))
+    _check(model=model, catalogue=catalogue)
     with _cluster(address, num_cpus):
         report = run_evaluate(config)
     typer.echo(report_markdown(report))
@@ -220,16 +247,17 @@ def compare(
     features: Annotated[Path | None, typer.Option(help="Object features directory.")] = None,
     detector: Annotated[str | None, typer.Option(help="Detector weights (default: the features dir's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override every recipe's epochs.")] = None,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Train (or load) recipes × variants × seeds and compare them on one split."""
     from posterfusion.jobs.compare import CompareConfig, markdown, run_compare
 
-    config = CompareConfig(catalogue=catalogue, out=out, models=models, recipes=recipe or ["quality"],
-                           variants=variant or None, seeds=seed or [0], features=features, detector=detector,
-                           n_boot=n_boot, train={"epochs": epochs} if epochs else {})
+    config = CompareConfig(catalogue=catalogue, out=out, models=models, **_given(
+        recipes=recipe or None, variants=variant or None, seeds=seed or None, features=features, detector=detector,
+        n_boot=n_boot, train={"epochs": epochs} if epochs else None))
+    _check(catalogue=catalogue)
     with _cluster(address, num_cpus):
         result = run_compare(config)
     typer.echo(markdown(result, []))
@@ -243,17 +271,18 @@ def score(
     out: Annotated[Path, typer.Option(help="Predictions directory (partitioned by run date, incremental).")],
     features: Annotated[Path | None, typer.Option(help="Cached object features to reuse.")] = None,
     run_date: Annotated[str | None, typer.Option(help="Partition date YYYY-MM-DD (default: today, UTC).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Posters per actor call.")] = 32,
+    batch_size: Annotated[int | None, typer.Option(help="Posters per actor call.")] = None,
     actors: Annotated[int | None, typer.Option(help="Predictor actors (default: from the cluster).")] = None,
-    rows_per_file: Annotated[int, typer.Option(help="Rows per committed Parquet file.")] = 1000,
+    rows_per_file: Annotated[int | None, typer.Option(help="Rows per committed Parquet file.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Score every catalogue poster this model version has not scored yet (Ray Data, incremental)."""
     from posterfusion.jobs.score import ScoreConfig, format_score_summary, run_score
 
-    config = ScoreConfig(model=model, catalogue=catalogue, out=out, features=features, batch_size=batch_size,
-                         actors=actors, rows_per_file=rows_per_file, **({"run_date": run_date} if run_date else {}))
+    config = ScoreConfig(model=model, catalogue=catalogue, out=out, **_given(
+        features=features, batch_size=batch_size, actors=actors, rows_per_file=rows_per_file, run_date=run_date))
+    _check(model=model, catalogue=catalogue)
     with _cluster(address, num_cpus):
         summary = run_score(config)
     typer.echo(format_score_summary(summary))
@@ -273,6 +302,7 @@ def embed(
     """Penultimate-layer embeddings of every catalogue poster, with Ray Data."""
     from posterfusion.jobs.embed import EmbedConfig, format_embed_summary, run_embeddings
 
+    _check(model=model, catalogue=catalogue)
     with _cluster(address, num_cpus):
         summary = run_embeddings(EmbedConfig(model=model, catalogue=catalogue, out=out, split=split))
     typer.echo(format_embed_summary(summary))
@@ -317,13 +347,13 @@ def serve(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")],
     host: Annotated[str, typer.Option(help="HTTP bind address (loopback unless you mean otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Most posters per model call.")] = 8,
-    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill.")] = 20,
-    min_replicas: Annotated[int, typer.Option(help="Autoscaling floor of model replicas.")] = 1,
-    max_replicas: Annotated[int, typer.Option(help="Autoscaling ceiling of model replicas.")] = 2,
-    max_queued_requests: Annotated[int, typer.Option(help="Queue length beyond which requests get 503.")] = 64,
-    replica_cpus: Annotated[float, typer.Option(help="CPUs per model replica.")] = 0.5,
-    replica_gpus: Annotated[float, typer.Option(help="GPUs per model replica.")] = 0.0,
+    max_batch_size: Annotated[int | None, typer.Option(help="Most posters per model call.")] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help="How long a batch waits to fill.")] = None,
+    min_replicas: Annotated[int | None, typer.Option(help="Autoscaling floor of model replicas.")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscaling ceiling of model replicas.")] = None,
+    max_queued_requests: Annotated[int | None, typer.Option(help="Queue length beyond which requests get 503.")] = None,
+    replica_cpus: Annotated[float | None, typer.Option(help="CPUs per model replica.")] = None,
+    replica_gpus: Annotated[float | None, typer.Option(help="GPUs per model replica.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
@@ -332,11 +362,11 @@ def serve(
 
     from posterfusion.serving.app import ServeConfig, start_service
 
-    config = ServeConfig(model=model.resolve(), max_batch_size=max_batch_size,
-                         batch_wait_timeout_s=batch_wait_ms / 1000,
-                         min_replicas=min_replicas, max_replicas=max_replicas, max_queued_requests=max_queued_requests,
-                         max_ongoing_requests=max(16, 2 * max_batch_size), replica_cpus=replica_cpus,
-                         replica_gpus=replica_gpus)
+    config = ServeConfig(model=model.resolve(), **_given(
+        max_batch_size=max_batch_size, batch_wait_timeout_s=None if batch_wait_ms is None else batch_wait_ms / 1000,
+        min_replicas=min_replicas, max_replicas=max_replicas, max_queued_requests=max_queued_requests,
+        replica_cpus=replica_cpus, replica_gpus=replica_gpus))
+    _check(model=model)
     with _cluster(address, num_cpus):
         url = start_service(config, host=host, port=port)
         typer.echo(f"serving {model} at {url}/ (upload page), {url}/v1/predict, {url}/docs — Ctrl-C stops")
@@ -352,37 +382,56 @@ def serve(
 @app.command()
 def demo(
     data: Annotated[Path | None, typer.Option(help="A real multi-label folder (default: a sample).")] = None,
-    work: Annotated[Path, typer.Option(help="Working directory for every stage's output.")] = Path("runs/demo"),
+    work: Annotated[Path | None, typer.Option(help="Working directory for every stage's output.")] = None,
     metadata: Annotated[list[Path] | None, typer.Option(help="Metadata CSVs to join.")] = None,
-    n: Annotated[int, typer.Option(help="Sample size when no --data is given.")] = 400,
+    n: Annotated[int | None, typer.Option(help="Sample size when no --data is given.")] = None,
     detector: Annotated[str | None, typer.Option(help="Detector weights; none skips object features.")] = None,
-    recipe: Recipe = "quick",
+    recipe: Annotated[str | None, typer.Option(help="Training recipe (default: quick).")] = None,
     address: Address = None,
 ) -> None:
     """Run the whole pipeline as it stands, on a synthetic sample or a real folder."""
     from posterfusion.jobs.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(data=data, work=work, metadata=metadata or [], n=n, detector=detector, recipe=recipe,
-                        address=address))
+    run_demo(DemoConfig(**_given(data=data, work=work, metadata=metadata, n=n, detector=detector, recipe=recipe,
+                                 address=address)))
 
 
 def main() -> None:
-    """The console script: a user error is one line on stderr and exit status 2; a bug keeps its traceback."""
+    """The console script: a user error is one line on stderr and exit status 2; a bug keeps its traceback.
+
+    A user error raised inside a Ray task or actor reaches the driver wrapped in Ray's own
+    exceptions; the original is found in the chain of causes.
+    """
     import sys
 
     from pydantic import ValidationError
 
     from posterfusion.cluster import prepare_environment
-    from posterfusion.errors import UserError
 
     prepare_environment()  # before anything imports ray
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app()  # usage errors (unknown option, missing argument) are Typer's own: status 2
-    except UserError as exc:
-        sys.exit(_user_error(str(exc)))
     except ValidationError as exc:  # a flag's value the typed config refuses
         sys.exit(_user_error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+    except Exception as exc:
+        cause = user_error_in(exc)
+        if cause is None:
+            raise
+        sys.exit(_user_error(str(cause)))
+
+
+def user_error_in(exc: BaseException) -> BaseException | None:
+    """The :class:`~posterfusion.errors.UserError` behind ``exc`` (itself, a cause, or what a Ray task raised)."""
+    from posterfusion.errors import UserError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # RayTaskError keeps .cause
+    return None
 
 
 def _user_error(message: str) -> int:

@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.cluster import ClusterConfig, ray_cluster
 
 
 class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     data: Path | None = Field(None, description="real multi-label folder; None = synthetic")
     work: Path = Path("runs/demo")
     metadata: list[Path] = Field(default_factory=list)
@@ -46,8 +48,8 @@ def run_demo(config: DemoConfig) -> dict:
     typer.echo("Next:")
     typer.echo(f"  posterfusion serve --model {bundle}    # then open http://127.0.0.1:8000/ and upload a poster")
     typer.echo(f"  posterfusion compare --catalogue {catalogue} --models {config.work / 'models'} "
-               f"--out {config.work / 'compare'} --recipe {config.recipe} --variant cnn --variant fused"
-               + (f" --features {features}" if detector else ""))
+               f"--out {config.work / 'compare'} --recipe {config.recipe} --variant cnn "
+               + (f"--variant fused --features {features}" if detector else "--variant cnn+metadata"))
     return {"catalogue": str(catalogue), "bundle": str(bundle), "predictions": str(predictions)}
 
 

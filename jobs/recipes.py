@@ -109,7 +109,9 @@ def resolve_recipe(name: str | None, overrides: dict) -> ResolvedRecipe:
     """The recipe's settings, its scratch fallback where its weights cannot be had, then ``overrides``.
 
     Explicit ``overrides`` (CLI flags) always win, weights included: a user who asks for
-    ``--weights imagenet`` gets torchvision's download, with whatever network that needs.
+    ``--weights imagenet`` gets torchvision's download, with whatever network that needs. A run
+    that ends up from scratch (weights ``none``, asked for or not) trains the whole network every
+    epoch — there are no fixed features for a frozen head — unless the flags say otherwise.
     """
     if name is None:
         return ResolvedRecipe(name=None, settings=dict(overrides), notes=[])
@@ -128,7 +130,13 @@ def resolve_recipe(name: str | None, overrides: dict) -> ResolvedRecipe:
         settings |= FROM_SCRATCH | recipe.scratch
         notes.append(f"{what} cannot be had on this machine (no network, not in the local cache): "
                      f"trained from scratch ({settings['backbone']}, weights none)")
-    return ResolvedRecipe(name=name, settings=settings | overrides, notes=notes)
+    resolved = settings | overrides
+    if resolved.get("weights", "none") == "none":
+        scratch = {k: v for k, v in FROM_SCRATCH.items() if k not in overrides and resolved.get(k) != v}
+        if scratch:
+            notes.append("from scratch: every epoch trains the whole network (no frozen features, no head warm-up)")
+            resolved |= scratch
+    return ResolvedRecipe(name=name, settings=resolved, notes=notes)
 
 
 def train_config(recipe: str | None, catalogue: Path, out: Path, **overrides):

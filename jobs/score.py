@@ -74,7 +74,7 @@ def run_score(config: ScoreConfig) -> dict:
     from posterfusion.models.bundle import model_version, read_config
 
     started = time.perf_counter()
-    version, bundle = model_version(config.model), read_config(config.model)
+    bundle, version = read_config(config.model), model_version(config.model)  # read_config names what is missing
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     with Lease(config.out, run_id, wait_s=config.wait_s) as lease:
         removed = lease.remove_dead_staging("run_date=*/.part-*")

@@ -454,9 +454,9 @@ def train_loop(raw_config: dict) -> None:
     torch.manual_seed(config.seed)
     context = ray.train.get_context()
     model, device = _prepare_model(config)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     steps = max(1, math.ceil(config.train_rows / (config.batch_size * context.get_world_size())))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedules(config, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedules(config, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.amp == "fp16")
     state = _resume(model, optimizer, scheduler, scaler)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(config.pos_weight, device=device))
@@ -498,7 +498,7 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _optimizer(model, config: LoopConfig):
+def make_optimizer(model, config: LoopConfig):
     """AdamW with two groups: the backbone (its own, lower rate) and everything else (the head)."""
     import torch
 
@@ -509,7 +509,7 @@ def _optimizer(model, config: LoopConfig):
                              weight_decay=config.weight_decay)
 
 
-def _schedules(config: LoopConfig, steps_per_epoch: int):
+def lr_schedules(config: LoopConfig, steps_per_epoch: int):
     """Per-group LR multipliers over global steps: each phase warms up (5 %), then decays on a cosine.
 
     The backbone's multiplier is 0 during head epochs (it receives no gradients there anyway).

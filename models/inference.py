@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from posterfusion.errors import UserValueError
 from posterfusion.features.metadata import FIELDS
 
 PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
@@ -133,7 +134,7 @@ def _attach(batch: pa.Table, lookup: _LookupRef, strict: bool, detector_id: str)
     missing = index.null_count
     if strict and missing:
         first = batch.filter(pc.is_null(index))["movie_id"][0]
-        raise KeyError(f"{missing} posters have no cached object features for {detector_id}, "
+        raise UserValueError(f"{missing} posters have no cached object features for {detector_id}, "
                        f"e.g. {first}: run `posterfusion features` first")
     return (batch.append_column("objects", table["objects"].take(index))
             .append_column("cached_detections", table["detections"].take(index)))

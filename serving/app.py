@@ -41,9 +41,10 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="wait for a batch to fill")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per model replica; "
-                                           ">= max_batch_size")
-    max_ongoing_requests: int = Field(16, ge=1, description="in flight per replica; >= max_batch_size")
+    target_ongoing_requests: float | None = Field(None, gt=0, description="autoscaling target per model replica, "
+                                                  ">= max_batch_size; default: max_batch_size")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="in flight per replica, >= max_batch_size; "
+                                             "default: twice max_batch_size, at least 16")
     max_queued_requests: int = Field(64, ge=1, description="queued beyond that → 503")
     replica_cpus: float = Field(0.5, gt=0)
     replica_gpus: float = Field(0.0, ge=0)
@@ -57,6 +58,10 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
+        if self.target_ongoing_requests is None:
+            self.target_ongoing_requests = float(self.max_batch_size)
+        if self.max_ongoing_requests is None:
+            self.max_ongoing_requests = max(16, 2 * self.max_batch_size)
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches can never fill")

@@ -29,3 +29,54 @@ def test_each_stage_is_loaded_once_as_a_posterfusion_package():
 
     assert not set(STAGES) & set(sys.modules)
     assert backbones.__file__ == str(REPO / "models" / "backbones.py")
+
+
+def _modules(*folders: str):
+    import ast
+
+    from support import REPO
+
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            yield path.relative_to(REPO), ast.parse(path.read_text(), str(path))
+
+
+def _imports(tree) -> list[str]:
+    import ast
+
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_dependencies_point_one_way_no_stage_below_the_jobs_imports_a_job():
+    """cluster ← features ← models ← serving / jobs: only jobs (and the CLI among them) import jobs."""
+    offenders = [f"{path}: {name}" for path, tree in _modules("cluster", "features", "models", "serving")
+                 for name in _imports(tree) if name.startswith("posterfusion.jobs")]
+    assert not offenders, offenders
+
+
+def test_no_module_uses_another_modules_private_names():
+    """``from posterfusion.x import _name`` or ``alias._name`` on something imported from posterfusion."""
+    import ast
+
+    offenders = []
+    for path, tree in _modules("cluster", "features", "models", "serving", "jobs", "benchmarks"):
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("posterfusion"):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        offenders.append(f"{path}: from {node.module} import {alias.name}")
+                    imported.add(alias.asname or alias.name)
+            elif isinstance(node, ast.Import):
+                imported |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("posterfusion")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                offenders.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not offenders, offenders

@@ -45,6 +45,16 @@ def test_a_recipe_whose_weights_cannot_be_had_trains_from_scratch_and_says_so(tm
     assert explicit.settings["weights"] == "imagenet" and not explicit.notes  # an explicit flag always wins
 
 
+def test_asking_for_no_weights_turns_a_frozen_recipe_into_full_training_and_says_so(tmp_path):
+    resolved = resolve_recipe("quick", {"weights": "none", "backbone": "keras_cnn"})
+    assert resolved.settings["mode"] == "finetune" and resolved.settings["warmup_epochs"] == 0
+    assert any("from scratch" in note for note in resolved.notes)
+    config = train_config("quick", tmp_path, tmp_path / "out", weights="none", backbone="keras_cnn")
+    assert config.mode == "finetune" and config.head_epochs == 0
+    with pytest.raises(ValueError, match="need pretrained weights"):  # an explicit contradiction stays an error
+        train_config("quick", tmp_path, tmp_path / "out", weights="none", mode="frozen")
+
+
 def test_the_seed_recipes_reproduce_their_systems_settings():
     assert RECIPES["seed-resnet50"].settings["vocab"]["keep"] == ["Drama", "Comedy", "Romance", "Thriller", "Horror",
                                                                   "Action"]
