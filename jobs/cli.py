@@ -172,8 +172,8 @@ def train(
     num_cpus: NumCpus = None,
 ) -> None:
     """Train the fusion network with Ray Train and write a calibrated model bundle."""
-    from posterfusion.features.objects import DetectorConfig
     from posterfusion.errors import UserValueError
+    from posterfusion.features.objects import DetectorConfig
     from posterfusion.jobs.recipes import train_config
     from posterfusion.jobs.train import format_train_summary, run_train
     from posterfusion.models.fusion import VARIANTS
