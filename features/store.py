@@ -153,6 +153,10 @@ class LeaseHeld(UserError, RuntimeError):
     """Another live run holds the output's lease."""
 
 
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over (it looked dead: no heartbeat for ``stale_s``); it must stop writing."""
+
+
 class Lease:
     """An exclusive, heartbeated lease on an output directory: ``OUT/_lease``.
 
@@ -161,8 +165,13 @@ class Lease:
     ``rename`` are atomic, and one writer at a time is all a nightly job needs. The holder
     touches the file every ``heartbeat_s``; a lease not touched for ``stale_s`` (or held by a
     process on this host that no longer exists) belongs to a dead run and is taken over — by
-    renaming it aside first, which only one taker can do. While it holds the lease, a run may
-    delete other runs' staging files: their writers are dead.
+    renaming it aside first, which only one taker can do; a taker that finds it moved aside a
+    *fresh* lease (another taker's, created after it looked) links it back. While it holds the
+    lease, a run may delete other runs' staging files: their writers are dead.
+
+    Fencing: a run that was only slow (a paused VM, a stalled disk) may find its lease taken
+    over. Its heartbeat notices the file is no longer its own, and :meth:`check`, called before
+    every commit, raises :class:`LeaseLost`, so it never writes beside the new holder.
     """
 
     NAME = "_lease"
@@ -172,6 +181,7 @@ class Lease:
         self.path = Path(out) / self.NAME
         self.run_id, self.wait_s, self.heartbeat_s, self.stale_s = run_id, wait_s, heartbeat_s, stale_s
         self._stop = None
+        self.lost = False
 
     def __enter__(self) -> Lease:
         import time
@@ -180,7 +190,7 @@ class Lease:
         while not self._try_acquire():
             holder = self._holder()
             if self._stale(holder):
-                self._take_over()
+                self._take_over(holder)
                 continue
             if time.monotonic() >= deadline:
                 raise LeaseHeld(f"{self.path.parent} is being written by run {holder.get('run_id')} "
@@ -235,13 +245,32 @@ class Lease:
                 return False
         return False
 
-    def _take_over(self) -> None:
+    def _take_over(self, stale: dict) -> None:
+        """Move the ``stale`` holder's lease aside; a fresh one moved aside by mistake goes back."""
+        import json
+
         aside = self.path.with_name(f"{self.NAME}.stale-{uuid.uuid4().hex[:8]}")
         try:
             self.path.rename(aside)  # one taker wins; the others find nothing to rename
         except FileNotFoundError:
             return
+        try:
+            moved = json.loads(aside.read_text())
+        except ValueError:
+            moved = {}
+        if moved.get("run_id") != stale.get("run_id"):  # another taker's fresh lease: put it back
+            try:
+                os.link(aside, self.path)  # atomic, and never over a lease created meanwhile
+            except FileExistsError:
+                pass
         aside.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless this run still holds the lease (call it before each commit)."""
+        if self.lost or self._holder().get("run_id") != self.run_id:
+            self.lost = True
+            raise LeaseLost(f"run {self.run_id} lost its lease on {self.path.parent}: another run took it over "
+                            "as stale; this run stops writing")
 
     def _start_heartbeat(self) -> None:
         import threading
@@ -250,9 +279,13 @@ class Lease:
 
         def beat(stop: threading.Event) -> None:
             while not stop.wait(self.heartbeat_s):
+                if self._holder().get("run_id") != self.run_id:  # taken over: never refresh another's lease
+                    self.lost = True
+                    return
                 try:
                     os.utime(self.path)
                 except FileNotFoundError:
+                    self.lost = True
                     return
 
         threading.Thread(target=beat, args=(self._stop,), daemon=True, name="lease-heartbeat").start()

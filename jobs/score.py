@@ -83,7 +83,7 @@ def run_score(config: ScoreConfig) -> dict:
         summary = {"run_id": run_id, "run_date": config.run_date.isoformat(), "model_version": version,
                    "catalogue_rows": rows, "already_scored": rows - len(todo), "to_score": len(todo),
                    "dead_staging_files_removed": removed}
-        written, stats = _stream(config, bundle, version, run_id, files, todo) if len(todo) else ([], None)
+        written, stats = _stream(config, bundle, version, run_id, files, todo, lease) if len(todo) else ([], None)
         summary |= describe_run(config.out, written, time.perf_counter() - started, run_id, version)
         summary["ray_data_stats"] = stats  # where the time went, per operator (Ray Data's own account)
         summary["reconciles"] = summary["scored"] == len(todo)
@@ -92,7 +92,7 @@ def run_score(config: ScoreConfig) -> dict:
 
 
 def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[str],
-            todo: pa.Array) -> tuple[list[Path], str]:
+            todo: pa.Array, lease: Lease) -> tuple[list[Path], str]:
     """Ray Data: catalogue rows → ScoreBatch actors → files committed by this driver."""
     import ray
 
@@ -105,7 +105,8 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
                                         suffix=version)
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, actors=config.actors,
                              detect=True, actor_class=ScoreBatch, run_id=run_id)
-    committer = Committer(config.out / f"run_date={config.run_date.isoformat()}", run_id, config.rows_per_file)
+    committer = Committer(config.out / f"run_date={config.run_date.isoformat()}", run_id, config.rows_per_file,
+                          lease)
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         committer.add(batch)
     committer.flush()
@@ -113,10 +114,10 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
 
 
 class Committer:
-    """Buffers rows and commits them as whole files (:func:`commit_file`), numbered per run."""
+    """Buffers rows and commits them as whole files (:func:`commit_file`), numbered per run, under the lease."""
 
-    def __init__(self, folder: Path, run_id: str, rows_per_file: int):
-        self.folder, self.run_id, self.rows_per_file = folder, run_id, rows_per_file
+    def __init__(self, folder: Path, run_id: str, rows_per_file: int, lease: Lease):
+        self.folder, self.run_id, self.rows_per_file, self.lease = folder, run_id, rows_per_file, lease
         self.pending: list[pa.Table] = []
         self.files: list[Path] = []
 
@@ -133,6 +134,7 @@ class Committer:
         if table is None or not len(table):
             return
         final = self.folder / f"part-{self.run_id}-{len(self.files):05d}.parquet"
+        self.lease.check()  # fenced: a run whose lease was taken over never writes beside the new holder
         self.commit(final, lambda staging: pq.write_table(table, staging))
         self.files.append(final)
         log.info("score: committed %s (%d rows)", final.name, len(table))

@@ -120,18 +120,24 @@ class Predictor:
         self.model.load_state_dict(load_file(str(self.bundle / "model.safetensors")))
         self.model.to(self.device).eval()
         self.version = model_version(self.bundle)
-        self.detector = self._load_detector(detect)
+        if self.model.uses_objects and self.config.detector is None:
+            raise ValueError("bundle reads object features but names no detector")
+        self.detects = self.config.detector is not None and (detect or self.model.uses_objects)
+        self._detector = None
 
-    def _load_detector(self, detect: bool):
-        """The bundle's own detector (checked against its recorded id); required when the network reads objects."""
-        needed = self.model.uses_objects
-        if self.config.detector is None or not (detect or needed):
-            if needed:
-                raise ValueError("bundle reads object features but names no detector")
-            return None
-        from posterfusion.features.objects import load_detector
+    @property
+    def detector(self):
+        """The bundle's own detector (checked against its recorded id), loaded on first use.
 
-        return load_detector(self.config.detector, expected_id=self.config.detector_id)
+        A batch job whose posters all have cached object features never loads it: no
+        Ultralytics import, no weights, no warm-up in its actors. The service touches it at
+        start, so no request pays for the load.
+        """
+        if self._detector is None and self.detects:
+            from posterfusion.features.objects import load_detector
+
+            self._detector = load_detector(self.config.detector, expected_id=self.config.detector_id)
+        return self._detector
 
     @property
     def genres(self) -> list[str]:
@@ -204,24 +210,30 @@ class Predictor:
         n = len(images)
         found: list[list[dict]] = [[] if detections is None or detections[i] is None else list(detections[i])
                                    for i in range(n)]
-        if self.detector is None:
+        if not self.detects:
             return None, found, ["none"] * n
-        width = 3 * len(self.detector.names) + 2
-        vectors = np.zeros((n, width), np.float32)
+        # only a variant that reads objects needs their vectors; the others detect for the answer alone
+        vectors = np.zeros((n, self.config.model.object_dim), np.float32) if self.model.uses_objects else None
         sources = ["cache"] * n
         todo = []
         for i in range(n):
             cached = None if objects is None else objects[i]
             if cached is not None:
-                vectors[i] = np.asarray(cached, np.float32)
+                if vectors is not None:
+                    vectors[i] = np.asarray(cached, np.float32)
             elif errors[i] is None:
                 todo.append(i)
+        if not todo:
+            return vectors, found, sources
+        classes = len(self.detector.names)
         for i, result in zip(todo, self.detector.detect_each([images[i] for i in todo]), strict=True):
             sources[i] = "detected"
             if isinstance(result, str):
                 errors[i] = result
-            else:
-                vectors[i], found[i] = object_vector(result, len(self.detector.names)), [asdict(d) for d in result]
+                continue
+            found[i] = [asdict(d) for d in result]
+            if vectors is not None:
+                vectors[i] = object_vector(result, classes)
         return vectors, found, sources
 
     def _forward(self, images: list, metadata: np.ndarray, objects: np.ndarray | None):

@@ -6,6 +6,7 @@ holds what needs ``ray.serve`` at class-definition time (``@serve.batch``, ``@se
 
 
 import asyncio
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ api = FastAPI(title="posterfusion", version="1",
               description="Movie genres from a poster (+ optional metadata), with the objects detected on it.")
 ROUTES = {"/", "/healthz", "/v1/genres", "/v1/predict", "/v1/predict/batch"}
 _metrics: list[ApiMetrics] = []  # created in the replica on first use, never at import
+logger = logging.getLogger("ray.serve")
 
 
 @api.exception_handler(ApiError)
@@ -77,6 +79,7 @@ class PosterModel:
         from posterfusion.models.predictor import Predictor
 
         self.predictor = Predictor(bundle, limits=replace(SERVING_LIMITS, max_pixels=max_pixels))
+        _ = self.predictor.detector  # loaded (and verified) now, not by the first request
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.metrics = ModelMetrics(self.predictor.genres)
@@ -103,8 +106,20 @@ class PosterModel:
         return results
 
     def _predict_sync(self, items: list[tuple[bytes, dict | None]]) -> list[dict]:
-        """One Predictor call for the batch; a poster that fails is ``{"error": reason}``, alone."""
-        scored = self.predictor.score([poster for poster, _ in items], [metadata for _, metadata in items])
+        """One Predictor call for the batch; a poster that fails is ``{"error": reason}``, alone.
+
+        ``Predictor.score`` already isolates decode, metadata and detection per poster. Should the
+        batch call still raise (the network itself on some input), each poster is scored alone,
+        so only the one that fails gets its error (``model_failed``, logged with its traceback)
+        and its neighbours their answers.
+        """
+        try:
+            scored = self.predictor.score([poster for poster, _ in items], [metadata for _, metadata in items])
+        except Exception as exc:
+            if len(items) > 1:
+                return [result for item in items for result in self._predict_sync([item])]
+            logger.exception("a poster failed inside the model")
+            return [{"error": f"model_failed: {type(exc).__name__}: {exc}"[:300]}]
         results: list[dict] = []
         for i in range(len(items)):
             if scored.errors[i] is not None:

@@ -39,3 +39,23 @@ def shared_data() -> Path:
         pytest.fail(f"real data not found at {data}: clone with ../shared beside the repo "
                     "or set POSTERFUSION_SHARED")
     return data
+
+
+@pytest.fixture(scope="session")
+def small_fused(ray_session, tmp_path_factory) -> Path:
+    """A 66-poster sample (60 labelled + 6 unlabelled), its YOLO features and a small fused bundle.
+
+    Trained once per session for every test that needs *a* working bundle rather than a good one
+    (scoring, the service, the network audit): ``ROOT/catalogue``, ``ROOT/features``, ``ROOT/bundle``.
+    """
+    from posterfusion.features.vocab import VocabConfig
+    from posterfusion.jobs.train import TrainConfig, run_train
+
+    from support import detector, sample_catalogue
+
+    root = sample_catalogue(tmp_path_factory.mktemp("small-fused"), n=60, unlabelled=6, seed=3, features=True)
+    run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
+                          out=root / "bundle", storage_path=root / "ray_results", variant="fused",
+                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16,
+                          vocab=VocabConfig(min_count=3)))  # several genres, so top-3 means something
+    return root

@@ -96,24 +96,20 @@ def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_service_stays_on_loopback(ray_session, tmp_path):
+def test_the_service_stays_on_loopback(tmp_path, small_fused):
     """`posterfusion serve` (its own local Ray, Serve's proxy, replicas) answering real HTTP requests."""
     import signal
 
     import httpx
 
     from posterfusion.cluster.multinode import free_port
-    from posterfusion.jobs.train import TrainConfig, run_train
 
-    from support import jpeg_bytes, sample_catalogue
+    from support import jpeg_bytes
 
-    root = sample_catalogue(tmp_path, n=24)
-    run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
-                          variant="cnn+metadata", backbone="keras_cnn", image_size=32, epochs=1, batch_size=8,
-                          vocab={"min_count": 2}))  # 24 posters: a few genres, not one
+    bundle = small_fused / "bundle"  # fused: the service runs the real YOLO (Ultralytics, LiteRT) as well
     env, audit = _audited_env(tmp_path)
     port = free_port()
-    child = subprocess.Popen([sys.executable, "-m", "posterfusion", "serve", "--model", str(root / "bundle"),
+    child = subprocess.Popen([sys.executable, "-m", "posterfusion", "serve", "--model", str(bundle),
                               "--port", str(port), "--num-cpus", "2", "--replica-cpus", "0.25"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sockets: dict[int, set] = {}

@@ -64,41 +64,45 @@ def test_the_seed_recipes_reproduce_their_systems_settings():
     assert RECIPES["quality"].settings["image_size"] == 224  # MobileNetV2's own training size
 
 
-@pytest.mark.slow
-def test_the_seed_recipes_train_and_stand_in_one_comparison_table(ray_session, tmp_path_factory):
-    from posterfusion.jobs.compare import CompareConfig, run_compare
-
+@pytest.fixture(scope="module")
+def sample(ray_session, tmp_path_factory):
+    """One small synthetic catalogue for the recipe tests that train."""
     from support import sample_catalogue
 
-    root = sample_catalogue(tmp_path_factory.mktemp("recipes"), n=160, seed=4)
+    return sample_catalogue(tmp_path_factory.mktemp("recipes"), n=120, seed=4)
+
+
+@pytest.mark.slow
+def test_the_seed_recipes_train_and_stand_in_one_comparison_table(sample, tmp_path):
+    from posterfusion.jobs.compare import CompareConfig, run_compare
+
+    root = sample
     seeds = [n for n in RECIPES if n.startswith("seed-")]
-    result = run_compare(CompareConfig(
-        catalogue=root / "catalogue", out=root / "compare", models=root / "models", recipes=seeds, variants=["cnn"],
-        n_boot=50, train={"epochs": 1, "image_size": 32, "batch_size": 16}))
+    result = run_compare(CompareConfig(  # short settings: each system trains one epoch on 48 posters
+        catalogue=root / "catalogue", out=tmp_path / "compare", models=tmp_path / "models", recipes=seeds,
+        variants=["cnn"], n_boot=50, train={"epochs": 1, "image_size": 32, "batch_size": 16, "limit": 48}))
     rows = {row["entry"]: row for row in result["side_by_side"]}
     assert {f"{n}/cnn" for n in seeds} <= set(rows)
     assert sum(name == "label_prior" for name in (r["entry"] for r in result["side_by_side"])) == len(result["groups"])
     six = next(g for g in result["groups"] if any(e["recipe"] == "seed-resnet50" for e in g["entries"]))
     assert set(six["genres"]) <= {"Drama", "Comedy", "Romance", "Thriller", "Horror", "Action"}
     for name in seeds:
-        config = json.loads((root / "models" / name / "cnn-s0" / "config.json").read_text())
+        config = json.loads((tmp_path / "models" / name / "cnn-s0" / "config.json").read_text())
         assert config["recipe"] == name and config["train"]["epochs"] == 1
-    text = (root / "compare" / "report.md").read_text()
+    text = (tmp_path / "compare" / "report.md").read_text()
     assert "seed-keras-cnn/cnn" in text and "label_prior" in text
 
 
-# 60 posters: a vocabulary of several genres needs a lower min_count than the real catalogue's 20
-SMALL = {"epochs": 1, "image_size": 32, "vocab": {"min_count": 5}}
+# 48 training posters: a vocabulary of several genres needs a lower min_count than the real catalogue's 20
+SMALL = {"epochs": 1, "image_size": 32, "limit": 48, "vocab": {"min_count": 5}}
 
 
 @pytest.mark.slow
-def test_compare_refuses_a_bundle_trained_with_other_settings(ray_session, tmp_path_factory):
+def test_compare_refuses_a_bundle_trained_with_other_settings(sample, tmp_path):
     from posterfusion.jobs.compare import CompareConfig, ensure_bundles
 
-    from support import sample_catalogue
-
-    root = sample_catalogue(tmp_path_factory.mktemp("stale"), n=60, seed=5)
-    config = CompareConfig(catalogue=root / "catalogue", out=root / "compare", models=root / "models",
+    root = sample
+    config = CompareConfig(catalogue=root / "catalogue", out=tmp_path / "compare", models=tmp_path / "models",
                            recipes=["seed-keras-cnn"], variants=["cnn"], train=SMALL)
     ensure_bundles(config)
     ensure_bundles(config)  # the same settings: the bundle is reused

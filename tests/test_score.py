@@ -22,27 +22,21 @@ import pytest
 from posterfusion.features.catalogue import catalogue_files
 from posterfusion.jobs import score
 from posterfusion.jobs.score import ScoreConfig, run_score
-from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.bundle import model_version
 from posterfusion.models.inference import PREDICT_COLUMNS
 from posterfusion.models.predictions import read_predictions
 from posterfusion.models.predictor import Predictor, object_summary
 
 import faults
-from support import detector, sample_catalogue
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def scored_setup(ray_session, tmp_path_factory):
-    """A 66-poster catalogue (60 labelled + 6 unlabelled), its object features, a small fused bundle."""
-    root = sample_catalogue(tmp_path_factory.mktemp("score"), n=60, unlabelled=6, seed=3, features=True)
-    run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
-                          out=root / "bundle", storage_path=root / "ray_results", variant="fused",
-                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16))
+def scored_setup(small_fused):
+    """The session's 66-poster catalogue (60 labelled + 6 unlabelled), its object features, a small fused bundle."""
     faults.by_value()
-    return root
+    return small_fused
 
 
 def _catalogue(root) -> pd.DataFrame:
@@ -196,14 +190,32 @@ def test_a_held_lease_stops_a_second_run_and_a_dead_runs_lease_is_taken_over(tmp
         assert json.loads(lease.path.read_text())["run_id"] == "fourth"
 
 
+def test_a_run_whose_lease_was_taken_over_is_fenced_and_a_late_taker_restores_the_fresh_lease(tmp_path):
+    import time
+
+    from posterfusion.features.store import Lease, LeaseLost
+
+    slow = Lease(tmp_path, "slow", heartbeat_s=0.05, stale_s=0.3).__enter__()
+    slow._stop.set()  # its process stalls: no heartbeat
+    stale = slow._holder()
+    time.sleep(0.4)
+    with Lease(tmp_path, "new", stale_s=0.3, heartbeat_s=0.05) as new:
+        # a second taker that saw the same stale holder moves the fresh lease aside, then puts it back
+        Lease(tmp_path, "late")._take_over(stale)
+        assert json.loads(new.path.read_text())["run_id"] == "new"
+        time.sleep(0.15)
+        new.check()  # still the holder: its heartbeat kept running
+        with pytest.raises(LeaseLost, match="run slow lost its lease"):
+            slow.check()  # the stalled run may not commit beside the new holder
+        assert not list(tmp_path.glob("_lease.stale-*"))
+    assert not (tmp_path / "_lease").exists()
+
+
 def test_drift_compares_runs_of_one_model_version_and_says_whether_it_exceeds_noise(scored_setup, tmp_path):
     out = tmp_path / "predictions"
     first = run_score(_config(scored_setup, out))
     assert first["drift"] is None  # nothing earlier of this model version
-    retrained = tmp_path / "bundle2"
-    run_train(TrainConfig(catalogue=scored_setup / "catalogue", features=scored_setup / "features",
-                          detector=detector(), out=retrained, storage_path=tmp_path / "ray_results", variant="fused",
-                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16, seed=7))
+    retrained = other_model_version(scored_setup / "bundle", tmp_path / "bundle2")
     other = run_score(_config(scored_setup, out).model_copy(update={"model": retrained}))
     assert other["scored"] == 66 and other["drift"] is None  # a new model version is not drift
     # The same version again over the same posters (a fresh output): identical means, zero shift.
@@ -221,6 +233,21 @@ def test_drift_compares_runs_of_one_model_version_and_says_whether_it_exceeds_no
     sd = second["genre_distribution"]["sd_probability"]
     genre = next(iter(mean))
     assert drift["genres"][genre]["se"] == pytest.approx(np.sqrt(2 * sd[genre] ** 2 / 66), rel=1e-3)
+
+
+def other_model_version(bundle, out):
+    """A copy of ``bundle`` with one weight changed: another model version, with no training run."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(bundle, out)
+    weights = load_file(str(out / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(out / "model.safetensors"))
+    assert model_version(out) != model_version(bundle)
+    return out
 
 
 def test_object_summary_counts_each_class_once_with_its_best_confidence():

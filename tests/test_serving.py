@@ -18,12 +18,10 @@ import pytest
 import yaml
 
 from posterfusion.cluster.multinode import free_port
-from posterfusion.features.vocab import VocabConfig
-from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.predictor import Predictor
 from posterfusion.serving.app import ServeConfig, start_service
 
-from support import REPO, detector, jpeg_bytes, noisy_jpeg_bytes, sample_catalogue
+from support import REPO, jpeg_bytes, noisy_jpeg_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +47,8 @@ def png_header_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bundle(ray_session, tmp_path_factory) -> Path:
-    root = sample_catalogue(tmp_path_factory.mktemp("serving"), n=40, seed=5, features=True)
-    run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
-                          out=root / "bundle", storage_path=root / "ray_results", variant="fused",
-                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16,
-                          vocab=VocabConfig(min_count=3)))  # several genres, so top-3 means something
-    return root / "bundle"
+def bundle(small_fused) -> Path:
+    return small_fused / "bundle"
 
 
 @pytest.fixture(scope="module")
