@@ -49,3 +49,25 @@ def test_verbose_keeps_every_line():
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert run.stderr.splitlines() == NOISE
+
+
+def test_progress_bars_are_drawn_on_a_terminal_and_never_into_a_pipe():
+    import os
+    import pty
+
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)
+        from posterfusion.cluster.console import quiet_console
+        with quiet_console(verbose=True):
+            print("bars disabled:", os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"], flush=True)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_DISABLE_PROGRESS_BARS"}
+    piped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert "bars disabled: 1" in piped.stdout, piped.stderr
+    main, child = pty.openpty()
+    on_terminal = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=child, text=True,
+                                 timeout=60, env=env)
+    os.close(child)
+    os.close(main)
+    assert "bars disabled: 0" in on_terminal.stdout
