@@ -16,6 +16,7 @@ predictions (per model version). They share:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -259,10 +260,8 @@ class Lease:
         except ValueError:
             moved = {}
         if moved.get("run_id") != stale.get("run_id"):  # another taker's fresh lease: put it back
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)  # atomic, and never over a lease created meanwhile
-            except FileExistsError:
-                pass
         aside.unlink(missing_ok=True)
 
     def check(self) -> None:
