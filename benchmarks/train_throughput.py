@@ -59,7 +59,6 @@ def plain_loop(config, device: str, epochs: int) -> float:
     import torch
 
     from posterfusion.jobs import train as job
-    from posterfusion.models.fusion import build_model
 
     data = job.prepare(config)
     loop = job.loop_config(config, data)
@@ -67,8 +66,7 @@ def plain_loop(config, device: str, epochs: int) -> float:
     rows = np.flatnonzero((data.frame["split"] == "train").to_numpy())
     images = _decoded(config, data.frame.iloc[rows])
     sides = {k: v[rows] for k, v in data.sides.items()}
-    model = build_model(loop.model).to(device)
-    model.backbone.train_last_stages(loop.train_stages)
+    model = job.training_model(loop).to(device)
     optimizer = job.make_optimizer(model, loop)
     steps = math.ceil(len(rows) / loop.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, job.lr_schedules(loop, steps))

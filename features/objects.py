@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posterfusion.errors import UserFileNotFound, UserValueError
 from posterfusion.features.catalogue import decode_rgb
@@ -55,18 +55,32 @@ OBJECT_FEATURES_SCHEMA = pa.schema([
 ])
 
 
+# The same COCO YOLOv8n either way; chosen per device by benchmarks/detector_throughput.py (docs/results.md):
+# on this CPU the int8 TFLite export at 640 runs 21.4 posters/s, the PyTorch model 6.7/s at the same size
+# (96 % of posters with the same classes) and only 35/s at 320 (54 % the same); on a GPU only the PyTorch
+# model batches and runs at all.
+DEFAULT_WEIGHTS = {"cpu": "yolov8n_int8.tflite", "cuda": "yolov8n_from_int8.safetensors"}
+
+
 class DetectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    weights: str = Field("yolov8n.safetensors", description="detector weights: .safetensors (a state dict of "
-                         "`architecture`, no pickle), .tflite (LiteRT, CPU), or .pt (only through its "
-                         ".safetensors twin: a .pt file is a pickle)")
+    weights: str | None = Field(None, description="detector weights: .safetensors (a state dict of "
+                                "`architecture`, no pickle), .tflite (LiteRT, CPU), or .pt (only through its "
+                                ".safetensors twin: a .pt file is a pickle); a bare name is looked up in "
+                                "$POSTERFUSION_WEIGHTS. None: the device's default (DEFAULT_WEIGHTS)")
     architecture: str = Field("yolov8n.yaml", description="Ultralytics model config a .safetensors state dict fits")
     imgsz: int = Field(640, ge=32, multiple_of=32, description="inference size (a .tflite export is fixed at 640)")
     conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
     iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
     max_det: int = Field(50, ge=1, description="most detections kept per poster")
     device: str | None = Field(None, description="torch device; None = cuda if available else cpu")
+
+    @model_validator(mode="after")
+    def _device_default(self) -> DetectorConfig:
+        if self.weights is None:
+            self.weights = DEFAULT_WEIGHTS["cuda" if resolve_device(self.device).startswith("cuda") else "cpu"]
+        return self
 
 
 def detector_weights(config: DetectorConfig) -> Path:

@@ -64,7 +64,7 @@ class BackboneFeaturizer:
         from posterfusion.models.backbones import create_backbone
         from posterfusion.models.fusion import FusionConfig, input_preset
 
-        self.backbone = create_backbone(config.backbone, config.weights).eval()
+        self.backbone = create_backbone(config.backbone, config.weights).eval().to(memory_format=torch.channels_last)
         self.preset = input_preset(FusionConfig(backbone=config.backbone, variant="cnn", num_genres=1),
                                    config.image_size)
         self.size = config.image_size
@@ -87,7 +87,7 @@ class BackboneFeaturizer:
         from posterfusion.models.hardware import autocast
 
         with torch.inference_mode(), autocast("cpu"):
-            inputs = self.preset(torch.stack(images))
+            inputs = self.preset(torch.stack(images)).contiguous(memory_format=torch.channels_last)
             plain = self.backbone(inputs).float().numpy()
             flipped = self.backbone(inputs.flip(-1)).float().numpy()
         good = [e is None for e in errors]

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from posterfusion.models.bundle import read_config
+from posterfusion.models.hardware import Amp
 
 TOP_K = 3
 
@@ -96,7 +97,13 @@ def bundle_thresholds(bundle: str | Path) -> np.ndarray:
 class Predictor:
     """Loads a bundle once; scores batches on CPU or GPU."""
 
-    def __init__(self, bundle: str | Path, device: str | None = None, detect: bool = True, limits=None):
+    def __init__(self, bundle: str | Path, device: str | None = None, detect: bool = True, limits=None,
+                 precision: Amp = "auto"):
+        """``precision``: the autocast of the network's forward pass. ``auto`` is bf16 on GPUs and on
+        CPUs with native bf16 — 3–4× the fp32 speed of MobileNetV2 here, the same validation macro AUC (0.7842 vs
+        0.7839) and probabilities within 0.002 on average (docs/results.md) — else full precision.
+        Training validates its fine-tuned epochs under the same autocast.
+        """
         import torch
         from safetensors.torch import load_file
 
@@ -118,7 +125,9 @@ class Predictor:
         self.preset = input_preset(self.config.model, self.config.image_size)
         self.model = build_model(self.config.model, load_weights=False)  # every weight comes from the bundle
         self.model.load_state_dict(load_file(str(self.bundle / "model.safetensors")))
-        self.model.to(self.device).eval()
+        # channels-last: oneDNN's (and cuDNN's) fast convolution layout, 1.6× here on its own
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.precision = precision
         self.version = model_version(self.bundle)
         if self.model.uses_objects and self.config.detector is None:
             raise ValueError("bundle reads object features but names no detector")
@@ -241,11 +250,13 @@ class Predictor:
         import torch
 
         from posterfusion.features.presets import image_to_tensor
+        from posterfusion.models.hardware import autocast
 
         batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
-        with torch.inference_mode():
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.precision):
             hidden = self.model.embed(
-                self.preset(batch.to(self.device)),
+                self.preset(batch),
                 torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
                 torch.as_tensor(metadata, device=self.device) if self.model.uses_metadata else None,
             )

@@ -94,6 +94,17 @@ def test_detector_id_names_weights_by_content_and_thresholds(tmp_path):
     assert detector_id(DetectorConfig(weights="absent.safetensors")) == "absent.safetensors-c0.25"  # no file: no hash
 
 
+def test_the_default_detector_is_the_one_measured_fastest_for_the_device(monkeypatch):
+    """CPU: the int8 TFLite export (21 posters/s vs 6.7 for the PyTorch model at 640); GPU: the PyTorch model."""
+    from posterfusion.features.objects import DetectorConfig, detector_weights
+
+    monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(SHARED / "weights"))
+    cpu = DetectorConfig(device="cpu")
+    assert cpu.weights == "yolov8n_int8.tflite" and detector_weights(cpu) == SHARED / "weights" / cpu.weights
+    assert DetectorConfig(device="cuda:0").weights == "yolov8n_from_int8.safetensors"
+    assert DetectorConfig(weights="mine.tflite", device="cuda").weights == "mine.tflite"  # given: kept
+
+
 def test_a_pickled_detector_is_never_loaded_only_its_safetensors_twin(tmp_path):
     from posterfusion.features.objects import detector_weights
 
