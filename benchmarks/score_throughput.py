@@ -38,33 +38,29 @@ def subset_catalogue(catalogue: Path, posters: int | None, out: Path) -> Path:
 
 def plain_loop(model: Path, catalogue: Path, features: Path | None, out: Path, batch_size: int,
                device: str | None) -> tuple[int, float]:
-    """One process, one Predictor, the same row format and Parquet output as the scorer."""
+    """One process, one ScoreBatch with all the machine's threads: the same rows and Parquet output as the scorer."""
     import os
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from posterfusion.features.catalogue import catalogue_files
-    from posterfusion.models.inference import PREDICT_COLUMNS, PredictBatch, cached_objects
-    from posterfusion.models.predictions import prediction_rows, predictions_schema
+    from posterfusion.jobs.score import ScoreBatch
+    from posterfusion.models.bundle import read_config
+    from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects
 
     started = time.perf_counter()
-    actor = PredictBatch(str(model), detect=True, threads=os.cpu_count(), device=device)
-    predictor = actor.predictor
-    frame = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(columns=PREDICT_COLUMNS).to_pandas()
-    if features is not None and predictor.config.detector_id:
-        cached = cached_objects(features, predictor.config.detector_id)
-        found = [cached.get(k, (None, None)) for k in zip(frame["movie_id"], frame["poster_sha256"], strict=True)]
-        frame["objects"] = [None if v is None else np.asarray(v, np.float32) for v, _ in found]
-        frame["cached_detections"] = [d for _, d in found]
-    schema = predictions_schema(predictor.genres)
-    tables = [prediction_rows(actor(frame.iloc[i:i + batch_size]), predictor, "plain", schema)
-              for i in range(0, len(frame), batch_size)]
+    detector_id = read_config(model).detector_id
+    objects = CachedObjects.load(features, detector_id, strict=False) if features and detector_id else None
+    actor = ScoreBatch(str(model), detect=True, run_id="plain", threads=os.cpu_count(), objects=objects,
+                       device=device)
+    batches = pads.dataset(catalogue_files(catalogue), format="parquet").to_batches(columns=PREDICT_COLUMNS,
+                                                                                    batch_size=batch_size)
+    tables = [actor(pa.Table.from_batches([batch])) for batch in batches]
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.concat_tables(tables), out / "plain.parquet")
-    return len(frame), time.perf_counter() - started
+    return sum(len(t) for t in tables), time.perf_counter() - started
 
 
 def ray_scorer(model: Path, catalogue: Path, features: Path | None, out: Path, batch_size: int,

@@ -83,6 +83,7 @@ class PosterEmbedder:
 def embeddings_table(batch: pd.DataFrame, version: str, genres: list[str], vectors: np.ndarray,
                      probs: np.ndarray) -> pa.Table:
     """Rows of :data:`EMBEDDINGS_SCHEMA`; list columns are built from flat buffers (no per-row lists)."""
+    from posterfusion.models.inference import list_array
     from posterfusion.models.predictor import top_indices
 
     n = len(batch)
@@ -91,16 +92,10 @@ def embeddings_table(batch: pd.DataFrame, version: str, genres: list[str], vecto
         "movie_id": pa.array(batch["movie_id"].astype(str).tolist(), pa.string()),
         "poster_sha256": pa.array(batch["poster_sha256"].astype(str).tolist(), pa.string()),
         "model_version": pa.array([version] * n, pa.string()),
-        "embedding": _list_array(vectors),
+        "embedding": list_array(vectors),
         "top_genres": pa.array([[genres[i] for i in row] for row in order], pa.list_(pa.string())),
-        "probabilities": _list_array(probs),
+        "probabilities": list_array(probs),
     }, schema=EMBEDDINGS_SCHEMA)
-
-
-def _list_array(matrix: np.ndarray) -> pa.ListArray:
-    rows, width = matrix.shape
-    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.astype(np.float32).ravel(), pa.float32()))
 
 
 def _keep_split(batch: pa.Table, split: str) -> pa.Table:

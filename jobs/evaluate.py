@@ -118,14 +118,15 @@ def encode_labels(vocabulary, frame: pd.DataFrame, space: LabelSpace) -> np.ndar
 def model_scores(config: EvaluateConfig, frame: pd.DataFrame) -> np.ndarray:
     """The Predictor's calibrated probabilities for ``frame``'s rows, via Ray Data actors."""
     from posterfusion.models.bundle import read_config
-    from posterfusion.models.inference import PREDICT_COLUMNS, attach_cached_objects, predict_dataset
+    from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, predict_dataset
 
     bundle = read_config(config.model)
     dataset = _rows(config.catalogue, PREDICT_COLUMNS, frame["movie_id"].tolist())
-    detect = True
+    objects = None
     if config.features is not None and bundle.detector_id:
-        dataset, detect = attach_cached_objects(dataset, config.features, bundle.detector_id), False
-    scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, detect=detect).to_pandas()
+        objects = CachedObjects.load(config.features, bundle.detector_id, strict=True)
+    scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, detect=objects is None,
+                             objects=objects).to_pandas()
     failed = scored[scored["error"].notna()]
     if len(failed):
         raise ValueError(f"{len(failed)} posters could not be scored, e.g. {failed.iloc[0]['movie_id']}: "

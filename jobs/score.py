@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.features.catalogue import catalogue_files
 from posterfusion.features.store import Lease, commit_file, keep_keys, plan_missing
-from posterfusion.models.inference import PREDICT_COLUMNS, PredictBatch, attach_cached_objects, predict_dataset
+from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, PredictBatch, predict_dataset
 from posterfusion.models.predictions import KEY_COLUMNS, prediction_rows, predictions_schema, scored_keys
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,15 @@ class ScoreConfig(BaseModel):
 class ScoreBatch(PredictBatch):
     """PredictBatch plus the output row format: top-3, thresholded set, object summary."""
 
-    def __init__(self, bundle: str, detect: bool, run_id: str, threads: int | None = None):
-        super().__init__(bundle, detect=detect, threads=threads)
+    def __init__(self, bundle: str, detect: bool, run_id: str, threads: int | None = None,
+                 objects: CachedObjects | None = None, device: str | None = None):
+        super().__init__(bundle, detect=detect, threads=threads, device=device, objects=objects)
         self.run_id = run_id
         self.schema = predictions_schema(self.predictor.genres)
 
-    def __call__(self, batch) -> pa.Table:
-        return prediction_rows(super().__call__(batch), self.predictor, self.run_id, self.schema)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch, scored = self.score(batch)
+        return prediction_rows(batch, scored, self.predictor, self.run_id, self.schema)
 
 
 def plan(config: ScoreConfig, version: str) -> tuple[list[str], pa.Array, int]:
@@ -100,11 +102,11 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
     dataset = dataset.map_batches(keep_keys, batch_format="pyarrow", num_cpus=0.1,
                                   fn_kwargs={"keys": todo, "columns": KEY_COLUMNS[:2], "suffix": version})
     dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)  # a block goes to one actor
-    if config.features is not None and bundle.detector_id:
-        dataset = attach_cached_objects(dataset, config.features, bundle.detector_id, strict=False, wanted=todo,
-                                        suffix=version)
+    objects = None
+    if config.features is not None and bundle.detector_id:  # only the rows to score are shipped
+        objects = CachedObjects.load(config.features, bundle.detector_id, strict=False, wanted=todo, suffix=version)
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, actors=config.actors,
-                             detect=True, actor_class=ScoreBatch, run_id=run_id)
+                             detect=True, objects=objects, actor_class=ScoreBatch, run_id=run_id)
     committer = Committer(config.out / f"run_date={config.run_date.isoformat()}", run_id, config.rows_per_file,
                           lease)
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -31,7 +31,11 @@ def describe_run(out: Path, written: list[Path], seconds: float, run_id: str, ve
 
     from posterfusion.models.predictions import probability_column
 
-    table = pa.concat_tables([pq.read_table(f) for f in written]) if written else None
+    def needed(name: str) -> bool:  # never the detections: the heaviest column, and not summarised
+        return name.startswith("p_") or name in ("error", "objects_source", "genres")
+
+    table = pa.concat_tables([pq.read_table(f, columns=[c for c in pq.read_schema(f).names if needed(c)])
+                              for f in written]) if written else None
     frame = table.to_pandas() if table is not None else pd.DataFrame()
     genres = [c[2:] for c in frame.columns if c.startswith("p_")]
     ok = frame[frame["error"].isna()] if len(frame) else frame

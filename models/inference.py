@@ -1,11 +1,13 @@
-"""Running the bundle's ``Predictor`` over a Ray Dataset: shared by ``evaluate``, ``embed`` and ``score``.
+"""Running the bundle's ``Predictor`` over a Ray Dataset: shared by ``evaluate`` and ``score``.
 
-One actor class holds one ``Predictor`` (weights, detector, encoder loaded once per actor).
-Cached object features are reused when the rows carry them, so detection does not run twice
-for posters the features job already saw; rows without a cached vector are detected in the
-same actor, so detection and the CNN never form two stages that wait on each other. Like the
-model itself, this is what training, batch jobs and serving share, so it lives beside the
-Predictor and no job module is imported by another stage.
+One actor class holds one ``Predictor`` (weights, encoder, and the detector if a poster needs
+it, loaded once per actor). Cached object features are joined *inside* the actor, from one
+Arrow table the driver puts in Ray's object store and every actor maps zero-copy: no extra
+Ray Data operator, no per-batch task. Rows without a cached vector are detected in the same
+actor, so detection and the CNN never form two stages that wait on each other. Batches stay
+Arrow from the read to the output (no pandas round trip of the poster bytes). Like the model
+itself, this is what training, batch jobs and serving share, so it lives beside the Predictor
+and no job module is imported by another stage.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from posterfusion.errors import UserValueError
@@ -22,16 +23,73 @@ from posterfusion.features.metadata import FIELDS
 PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
 
 
+class CachedObjects:
+    """The features job's object vectors and detections for the posters a job will see, to join by key.
+
+    Built in the driver (:meth:`load`), shipped to actors as one object-store reference (Ray
+    Data would pickle a bare table into every call's arguments). ``strict``: every row must have
+    features (evaluation, where a silent re-detection would hide a stale cache); otherwise a
+    missing row is detected by the actor.
+    """
+
+    def __init__(self, table: pa.Table, detector_id: str, strict: bool):
+        self.detector_id, self.strict = detector_id, strict
+        self._table, self._ref = table, None
+
+    @classmethod
+    def load(cls, features: Path, detector_id: str, strict: bool = True, wanted: pa.Array | None = None,
+             suffix: str | None = None) -> CachedObjects:
+        return cls(cached_objects_table(features, detector_id, wanted, suffix), detector_id, strict)
+
+    def share(self) -> CachedObjects:
+        """Put the table in Ray's object store once; what is pickled from then on is the reference."""
+        import ray
+
+        if self._ref is None:
+            self._ref = ray.put(self._table)
+        return self
+
+    def __getstate__(self) -> dict:
+        if self._ref is None:
+            raise RuntimeError("CachedObjects.share() first: the table travels through the object store")
+        return {"detector_id": self.detector_id, "strict": self.strict, "_table": None, "_ref": self._ref}
+
+    def table(self) -> pa.Table:
+        """The lookup table: in an actor, read from the object store once (Arrow buffers: no copy)."""
+        if self._table is None:
+            import ray
+
+            self._table = ray.get(self._ref)
+        return self._table
+
+    def join(self, batch: pa.Table) -> pa.Table:
+        """``batch`` plus ``objects`` and ``cached_detections`` (null where the cache has no row)."""
+        import pyarrow.compute as pc
+
+        from posterfusion.features.objects import KEY_COLUMNS
+        from posterfusion.features.store import join_keys
+
+        table = self.table()
+        index = pc.index_in(join_keys(batch, KEY_COLUMNS), value_set=table["key"])
+        if self.strict and index.null_count:
+            first = batch.filter(pc.is_null(index))["movie_id"][0]
+            raise UserValueError(f"{index.null_count} posters have no cached object features for {self.detector_id}, "
+                                 f"e.g. {first}: run `posterfusion features` first")
+        return (batch.append_column("objects", table["objects"].take(index))
+                .append_column("cached_detections", table["detections"].take(index)))
+
+
 class PredictBatch:
-    """Ray Data actor: catalogue rows in; probabilities, detections and per-poster errors out.
+    """Ray Data actor: catalogue rows (Arrow) in; probabilities, detections and per-poster errors out.
 
     Output columns: ``movie_id``, ``poster_sha256``, ``probabilities`` (one float per genre,
-    NaN for a poster that was not scored), ``detections`` (list of dicts), ``objects_source``
-    (``cache`` | ``detected`` | ``none``) and ``error`` (null, or why the poster was not scored).
+    NaN for a poster that was not scored), ``detections``, ``objects_source`` (``cache`` |
+    ``detected`` | ``none``) and ``error`` (null, or why the poster was not scored).
     ``threads`` caps torch's threads so actors × threads never exceeds the cores they share.
     """
 
-    def __init__(self, bundle: str, detect: bool = True, threads: int | None = None, device: str | None = None):
+    def __init__(self, bundle: str, detect: bool = True, threads: int | None = None, device: str | None = None,
+                 objects: CachedObjects | None = None):
         import torch
 
         from posterfusion.models.predictor import Predictor
@@ -39,24 +97,47 @@ class PredictBatch:
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor(bundle, device=device, detect=detect)
+        self.objects = objects
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.reset_index(drop=True)
-        objects = [None if _missing(v) else v for v in batch["objects"]] if "objects" in batch else None
-        cached = [None if _missing(d) else [dict(x) for x in d] for d in batch["cached_detections"]] \
-            if "cached_detections" in batch else None
-        scored = self.predictor.score(batch["poster"].tolist(), batch, objects, cached)
-        out = batch[["movie_id", "poster_sha256"]].copy()
-        out["probabilities"] = list(scored.probabilities)
-        out["detections"] = scored.detections
-        out["objects_source"] = scored.objects_source
-        out["error"] = scored.errors
-        return out
+    def score(self, batch: pa.Table):
+        """(the batch, with cached objects joined, and its :class:`~posterfusion.models.predictor.Scored`)."""
+        if self.objects is not None:
+            batch = self.objects.join(batch)
+        columns = batch.column_names
+        vectors = _vectors(batch["objects"]) if "objects" in columns else None
+        detections = batch["cached_detections"].to_pylist() if "cached_detections" in columns else None
+        metadata = batch.select([f for f in FIELDS if f in columns]).to_pandas()
+        return batch, self.predictor.score(batch["poster"].to_pylist(), metadata, vectors, detections)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from posterfusion.features.objects import DETECTION_TYPE
+
+        batch, scored = self.score(batch)
+        return pa.table({
+            "movie_id": batch["movie_id"], "poster_sha256": batch["poster_sha256"],
+            "probabilities": list_array(scored.probabilities),
+            "detections": pa.array(scored.detections, pa.list_(DETECTION_TYPE)),
+            "objects_source": pa.array(scored.objects_source, pa.string()),
+            "error": pa.array(scored.errors, pa.string()),
+        })
 
 
-def _missing(value) -> bool:
-    """A null cell after Arrow → pandas: None, pd.NA or NaN, depending on the column's other values."""
-    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+def _vectors(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """A list<float> column → one vector per row (None where null), from the flat buffer."""
+    column = column.combine_chunks()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        return [None] * len(column)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    matrix = iter(flat.reshape(int(valid.sum()), -1))
+    return [next(matrix) if ok else None for ok in valid]
+
+
+def list_array(matrix: np.ndarray) -> pa.ListArray:
+    """An (N, K) matrix → a list<float32> column, built from the flat buffer (no per-row Python lists)."""
+    rows, width = matrix.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, np.float32).ravel(), pa.float32()))
 
 
 def cached_objects_table(features: Path, detector_id: str, wanted: pa.Array | None = None,
@@ -84,70 +165,14 @@ def cached_objects_table(features: Path, detector_id: str, wanted: pa.Array | No
     return pa.table({"key": keys, "objects": table["objects"], "detections": table["detections"]})
 
 
-def cached_objects(features: Path, detector_id: str) -> dict[tuple[str, str], tuple[list, list]]:
-    """(movie_id, poster_sha256) → (object vector, detections), as Python objects (for a plain loop)."""
-    from posterfusion.features.store import split_key
-
-    table = cached_objects_table(features, detector_id)
-    return {split_key(k): (v, d) for k, v, d in zip(table["key"].to_pylist(), table["objects"].to_pylist(),
-                                                    table["detections"].to_pylist(), strict=True)}
-
-
-def attach_cached_objects(dataset, features: Path, detector_id: str, strict: bool = True,
-                          wanted: pa.Array | None = None, suffix: str | None = None):
-    """Add ``objects`` and ``cached_detections`` columns from the features job's output.
-
-    ``strict``: every row must have features (evaluation, where a silent re-detection would
-    hide a stale cache); otherwise missing rows get nulls and the actor detects them.
-    ``wanted``/``suffix``: only these rows will be seen (see :func:`cached_objects_table`), so only
-    they are shipped. The lookup table goes to the object store once; each task maps it
-    zero-copy and takes its batch's rows by index, so no process holds a copy of its own.
-    """
-    import ray
-
-    table = cached_objects_table(features, detector_id, wanted, suffix)
-    return dataset.map_batches(_attach, batch_format="pyarrow", num_cpus=0.25,
-                               fn_kwargs={"lookup": _LookupRef(ray.put(table)), "strict": strict,
-                                          "detector_id": detector_id})
-
-
-class _LookupRef:
-    """An ObjectRef wrapper: Ray Data would resolve a bare ref in ``fn_kwargs`` into a pickled copy per call."""
-
-    def __init__(self, ref):
-        self.ref = ref
-
-    def get(self) -> pa.Table:
-        import ray
-
-        return ray.get(self.ref)  # Arrow buffers stay in the shared object store: no copy
-
-
-def _attach(batch: pa.Table, lookup: _LookupRef, strict: bool, detector_id: str) -> pa.Table:
-    import pyarrow.compute as pc
-
-    from posterfusion.features.objects import KEY_COLUMNS
-    from posterfusion.features.store import join_keys
-
-    table = lookup.get()
-    index = pc.index_in(join_keys(batch, KEY_COLUMNS), value_set=table["key"])
-    missing = index.null_count
-    if strict and missing:
-        first = batch.filter(pc.is_null(index))["movie_id"][0]
-        raise UserValueError(f"{missing} posters have no cached object features for {detector_id}, "
-                       f"e.g. {first}: run `posterfusion features` first")
-    return (batch.append_column("objects", table["objects"].take(index))
-            .append_column("cached_detections", table["detections"].take(index)))
-
-
 def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | None = None, detect: bool = True,
-                    actor_class: type = PredictBatch, **actor_kwargs):
-    """``dataset`` (PREDICT_COLUMNS, optionally ``objects``) → rows with ``probabilities``."""
+                    objects: CachedObjects | None = None, actor_class: type = PredictBatch, **actor_kwargs):
+    """``dataset`` (PREDICT_COLUMNS) → rows with ``probabilities``; ``objects`` are joined in the actors."""
     from posterfusion.cluster import actor_pool
 
     pool = actor_pool(actors, gpu_capable=True)
     return dataset.map_batches(
         actor_class, fn_constructor_kwargs={"bundle": str(bundle), "detect": detect, "threads": pool.threads,
-                                            **actor_kwargs},
-        batch_format="pandas", batch_size=batch_size, compute=pool.strategy(),
+                                            "objects": objects.share() if objects else None, **actor_kwargs},
+        batch_format="pyarrow", batch_size=batch_size, compute=pool.strategy(),
         num_cpus=pool.cpus, num_gpus=pool.gpus)  # Ray Data SPREADs actors over the nodes by default

@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -48,35 +47,35 @@ def predictions_schema(genres: list[str]) -> pa.Schema:
     ])
 
 
-def prediction_rows(scored: pd.DataFrame, predictor, run_id: str, schema: pa.Schema) -> pa.Table:
-    """``PredictBatch`` output → prediction rows; a poster that was not scored keeps its row, with ``error``.
+def prediction_rows(batch: pa.Table, scored, predictor, run_id: str, schema: pa.Schema) -> pa.Table:
+    """A scored batch (:class:`~posterfusion.models.predictor.Scored`, aligned with ``batch``'s
+    ``movie_id``/``poster_sha256``) → prediction rows; a poster that was not scored keeps its row, with ``error``.
 
     Top-3 and the thresholded set come from the Predictor's own :func:`top_indices` and thresholds.
     """
     from posterfusion.models.predictor import object_summary, top_indices
 
     genres = predictor.genres
-    probs = np.stack(scored["probabilities"].to_list()) if len(scored) else np.zeros((0, len(genres)), np.float32)
-    ok = ~np.isnan(probs).any(axis=1)
+    probs = scored.probabilities
+    ok = scored.ok
     order = top_indices(probs)
-    n = len(scored)
+    n = len(probs)
     return pa.table({
-        "movie_id": scored["movie_id"].to_list(),
-        "poster_sha256": scored["poster_sha256"].to_list(),
-        "model_version": [predictor.version] * n,
-        "run_id": [run_id] * n,
-        "scored_at": [datetime.now(UTC)] * n,
+        "movie_id": batch["movie_id"],
+        "poster_sha256": batch["poster_sha256"],
+        "model_version": pa.array([predictor.version] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "scored_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("ms", tz="UTC")),
         **{probability_column(g): pa.array(probs[:, j], pa.float32(), mask=~ok) for j, g in enumerate(genres)},
         "top3": [[genres[j] for j in row] if good else None for row, good in zip(order, ok, strict=True)],
         "top3_probabilities": [probs[i, row].tolist() if good else None
                                for i, (row, good) in enumerate(zip(order, ok, strict=True))],
         "genres": [[g for g, p, t in zip(genres, row, predictor.thresholds, strict=True) if p >= t] if good else None
                    for row, good in zip(probs, ok, strict=True)],
-        "objects": [object_summary(d) for d in scored["detections"]],
-        "detections": [list(d) for d in scored["detections"]],
-        "objects_source": scored["objects_source"].to_list(),
-        # from pandas: pandas 3 stores a column of None and str as its str dtype, whose null is NaN
-        "error": pa.Array.from_pandas(scored["error"], type=pa.string()),
+        "objects": [object_summary(d) for d in scored.detections],
+        "detections": scored.detections,
+        "objects_source": scored.objects_source,
+        "error": pa.array(scored.errors, pa.string()),
     }, schema=schema)
 
 

@@ -45,7 +45,9 @@ def test_evaluate_reports_the_model_beside_both_baselines(trained):
     for name, intervals in report["intervals"].items():
         assert list(intervals) == HEADLINE
         for metric, (point, low, high) in intervals.items():
-            assert low <= point <= high, (name, metric)
+            # ECE is biased upward under resampling (binning noise only adds to each bin's |gap|), so its
+            # percentile interval may sit above the point estimate; every other metric's must contain it
+            assert low <= high and (metric == "ece" or low <= point <= high), (name, metric, point, low, high)
     assert report["intervals"]["label_prior"]["roc_auc_macro"][0] == pytest.approx(0.5)
     model, prior = report["intervals"]["model"], report["intervals"]["label_prior"]
     assert model["roc_auc_macro"][0] > 0.7  # the sample's cues are learnable
