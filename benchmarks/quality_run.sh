@@ -3,8 +3,9 @@
 #   1. ingest the Kaggle multi-label set (+ IMDB-5000, TMDb) and the MovieGenre slice (another source)
 #   2. YOLO object features for the dev catalogue
 #   3. compare --recipe quality: cnn, cnn+objects, cnn+metadata, fused, flags-only × seeds 0 and 1
-#   4. compare the seed systems' recipes (CNN-only, as those systems were) side by side
-#   5. evaluate the quality cnn and fused bundles on the MovieGenre source they never saw
+#   4. the frozen-backbone baseline fine-tuning must beat: quality vs frozen, cnn and fused, seed 0
+#   5. compare the seed systems' recipes (CNN-only, as those systems were) side by side
+#   6. evaluate the quality cnn and fused bundles on the MovieGenre source they never saw
 # Usage: benchmarks/quality_run.sh [WORK_DIR]     (env: SEEDS="0 1", SHARED=../shared, BIN=.venv/bin)
 # Bundles already in WORK_DIR/models are reused when their settings and catalogue still match
 # (compare refuses stale ones), so a stopped run continues where it stopped.
@@ -33,6 +34,9 @@ fi
 "$bin/posterfusion" compare --catalogue "$work/catalogue" --features "$work/features" --models "$work/models" \
   --recipe quality --variant cnn --variant cnn+objects --variant cnn+metadata --variant fused --variant flags-only \
   "${seeds[@]}" --out "$work/compare-quality"
+
+"$bin/posterfusion" compare --catalogue "$work/catalogue" --features "$work/features" --models "$work/models" \
+  --recipe quality --recipe frozen --variant cnn --variant fused --out "$work/compare-frozen"
 
 "$bin/posterfusion" compare --catalogue "$work/catalogue" --models "$work/models" \
   --recipe seed-densenet --recipe seed-resnet34 --recipe seed-vgg16 --recipe seed-keras-cnn --recipe seed-resnet50 \

@@ -24,10 +24,10 @@ ACTOR_MARKERS = ("ScoreBatch", "MapWorker")
 
 
 class MemorySampler:
-    """Peak USS (MiB) of this process and of Ray's scoring actor processes while it runs."""
+    """Peak USS (MiB) of this process and of each of Ray's scoring actor processes while it runs."""
 
     def __init__(self, interval: float):
-        self.interval, self.driver, self.actors = interval, 0.0, 0.0
+        self.interval, self.driver, self.actors = interval, 0.0, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -48,7 +48,7 @@ class MemorySampler:
             for process in psutil.process_iter(["cmdline"]):
                 command = " ".join(process.info["cmdline"] or [])
                 if command.startswith("ray::") and any(m in command for m in ACTOR_MARKERS):
-                    self.actors = max(self.actors, _uss(process))
+                    self.actors[process.pid] = max(self.actors.get(process.pid, 0.0), _uss(process))
 
 
 def _uss(process) -> float:
@@ -70,7 +70,8 @@ def score_once(model: Path, catalogue: Path, features: Path | None, out: Path, i
     if not summary["reconciles"]:
         raise RuntimeError(f"the scorer did not reconcile: {summary}")
     return {"seconds": seconds, "scored": summary["scored"], "driver_mib": memory.driver,
-            "actor_mib": memory.actors}
+            "actor_mib": max(memory.actors.values(), default=0.0),
+            "each_actor": "/".join(f"{v:.0f}" for v in sorted(memory.actors.values(), reverse=True)) or "-"}
 
 
 def main() -> None:
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="cached object features (else the detector runs)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 6310])
     parser.add_argument("--sample-s", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu", help="cuda: the actors take the cluster's GPUs (one must exist)")
     parser.add_argument("--address", default=None)
     args = parser.parse_args()
 
@@ -94,14 +96,16 @@ def main() -> None:
             first = score_once(args.model, catalogue, args.features, out, args.sample_s)
             rerun = score_once(args.model, catalogue, args.features, out, args.sample_s)
             rows.append((size, first, rerun))
+        if args.device == "cuda" and not cluster.gpus:
+            raise SystemExit("--device cuda: the cluster has no GPU")
     print(f"bundle {args.model}; {'cached object features' if args.features else 'detector on every poster'}; "
           f"Ray: {cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU")
     print(f"{'posters':>8}{'first s':>9}{'ms/poster':>11}{'rerun s':>9}{'rerun/first':>13}"
-          f"{'driver MiB':>12}{'actor MiB':>11}{'rerun driver':>14}")
+          f"{'driver MiB':>12}{'rerun driver':>14}  each actor's peak MiB")
     for _size, first, rerun in rows:
         print(f"{first['scored']:>8}{first['seconds']:>9.1f}{1000 * first['seconds'] / max(first['scored'], 1):>11.2f}"
               f"{rerun['seconds']:>9.1f}{rerun['seconds'] / first['seconds']:>13.1%}"
-              f"{first['driver_mib']:>12.0f}{first['actor_mib']:>11.0f}{rerun['driver_mib']:>14.0f}")
+              f"{first['driver_mib']:>12.0f}{rerun['driver_mib']:>14.0f}  {first['each_actor']}")
     (small, a, _), (large, b, _) = rows[0], rows[-1]
     print(f"growth {small} → {large} posters ({large / small:.1f}x): time {b['seconds'] / a['seconds']:.2f}x, "
           f"driver peak {b['driver_mib'] / max(a['driver_mib'], 1):.2f}x, actor peak "

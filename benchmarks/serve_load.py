@@ -49,6 +49,22 @@ async def load(url: str, posters: list[bytes], requests: int, concurrency: int
     return latencies, sizes, failed, model
 
 
+async def handle_load(posters: list[bytes], requests: int, concurrency: int) -> tuple[float, Counter]:
+    """(requests/s, batch sizes) of the model replica alone: Serve handle calls, no HTTP proxy, no ingress."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("PosterModel", app_name="posterfusion")
+    gate, sizes = asyncio.Semaphore(concurrency), Counter()
+
+    async def one(i: int) -> None:
+        async with gate:
+            sizes[(await handle.predict.remote(posters[i % len(posters)], None))["batch_size"]] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    return requests / (time.perf_counter() - started), sizes
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -62,13 +78,15 @@ def run(model: Path, batch_size: int, posters: list[bytes], args, low_load: bool
     wait = {} if args.wait_ms is None else {"batch_wait_timeout_s": args.wait_ms / 1000}
     config = ServeConfig(model=model.resolve(), max_batch_size=batch_size, **wait, min_replicas=1, max_replicas=1,
                          max_ongoing_requests=max(16, 2 * batch_size),
-                         max_queued_requests=10_000, replica_cpus=args.replica_cpus)
+                         max_queued_requests=10_000, replica_cpus=args.replica_cpus,
+                         replica_gpus=1.0 if args.device == "cuda" else 0.0)
     url = start_service(config, port=args.port)
     for poster in posters[:4]:  # warm-up: first calls pay for lazy initialisation
         httpx.post(f"{url}/v1/predict", files={"poster": ("p.jpg", poster, "image/jpeg")}, timeout=300)
     started = time.perf_counter()
     latencies, sizes, failed, _ = asyncio.run(load(url, posters, args.requests, args.concurrency))
     seconds = time.perf_counter() - started
+    replica_rps, replica_sizes = asyncio.run(handle_load(posters, args.requests, args.concurrency))
     low = None
     if low_load:
         ends, _, _, model = asyncio.run(load(url, posters, args.low_load_requests, 1))
@@ -79,7 +97,8 @@ def run(model: Path, batch_size: int, posters: list[bytes], args, low_load: bool
     serve.delete("posterfusion")
     return {"batch": batch_size, "rps": len(latencies) / seconds, "p50": percentile(latencies, 50) * 1000,
             "p90": percentile(latencies, 90) * 1000, "p99": percentile(latencies, 99) * 1000,
-            "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds, "low": low}
+            "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds, "low": low,
+            "replica_rps": replica_rps, "replica_sizes": dict(sorted(replica_sizes.items()))}
 
 
 def main() -> None:
@@ -92,6 +111,7 @@ def main() -> None:
     parser.add_argument("--wait-ms", type=float, default=None, help="batch wait (default: the service's own)")
     parser.add_argument("--low-load-requests", type=int, default=50)
     parser.add_argument("--replica-cpus", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu", help="cuda: the model replica takes one GPU")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--address", default=None)
     args = parser.parse_args()
@@ -114,11 +134,15 @@ def main() -> None:
     for r in results:
         print(f"{r['batch']:>14}{r['rps']:>8.1f}{r['p50']:>9.0f}{r['p90']:>9.0f}{r['p99']:>9.0f}{r['failed']:>8}  "
               f"{r['sizes']}")
+    print(f"the model replica alone (Serve handle calls, {args.concurrency} concurrent, no HTTP):")
+    for r in results:
+        print(f"{r['batch']:>14}{r['replica_rps']:>8.1f}  batch sizes formed {r['replica_sizes']}")
     base = next((r for r in results if r["batch"] == 1), None)
     for r in results:
         if base is not None and r is not base:
-            print(f"batching gain, max_batch_size {r['batch']} vs 1: throughput {r['rps'] / base['rps']:.2f}x, "
-                  f"p50 {r['p50'] / base['p50']:.2f}x, p99 {r['p99'] / base['p99']:.2f}x")
+            print(f"batching gain, max_batch_size {r['batch']} vs 1: throughput {r['rps'] / base['rps']:.2f}x over "
+                  f"HTTP (p50 {r['p50'] / base['p50']:.2f}x, p99 {r['p99'] / base['p99']:.2f}x), "
+                  f"{r['replica_rps'] / base['replica_rps']:.2f}x at the replica alone")
     low = results[0]["low"]
     print(f"low load (1 client, {low['requests']} requests, max_batch_size {results[0]['batch']}): end-to-end p50 "
           f"{low['p50']:.1f} ms, model p50 {low['model_p50']:.1f} ms, serving overhead p50 "

@@ -38,7 +38,8 @@ class ServeConfig(BaseModel):
 
     model: Path = Field(description="model bundle directory (on every node)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most posters one model call takes")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="wait for a batch to fill")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="how long a batch waits to fill while other "
+                                        "posters are in flight (a poster alone is scored at once)")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0, description="autoscaling target per model replica, "
@@ -55,6 +56,8 @@ class ServeConfig(BaseModel):
                             "decoding)")
     max_metadata_bytes: int = Field(16_384, ge=2, description="largest metadata JSON (413 above)")
     max_batch_posters: int = Field(32, ge=1, description="most posters in one /v1/predict/batch")
+    access_log: bool = Field(False, description="Serve's own log line per request and replica call; the "
+                             "project's request metrics count every answer either way")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

@@ -401,7 +401,12 @@ def fuzz_cases():
         st.tuples(st.text(max_size=8).filter(lambda t: '"' not in t and "\r" not in t and "\n" not in t),
                   st.binary(max_size=32), st.none(), st.none()))
     route = st.sampled_from(["/v1/predict", "/v1/predict/batch"])
-    return st.tuples(route, st.lists(part, max_size=4), st.sampled_from(["fz0", "other"]))
+    # most bodies are well-formed multipart with a poster part first, so the fuzz reaches past the parser
+    poster = st.tuples(st.sampled_from(["poster", "posters"]), payloads, st.just("p.jpg"),
+                       st.sampled_from(["image/jpeg", "image/png", "application/octet-stream"]))
+    parts = st.one_of(st.lists(part, max_size=4),
+                      st.tuples(poster, st.lists(part, max_size=3)).map(lambda t: [t[0], *t[1]]))
+    return st.tuples(route, parts, st.sampled_from(["fz0", "fz0", "fz0", "other"]))
 
 
 def test_fuzzed_requests_never_get_a_5xx_and_the_service_keeps_serving(service, capsys):
@@ -412,7 +417,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_service_keeps_serving(service, 
 
     statuses: Counter[int] = Counter()
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(fuzz_cases())
     def fuzz(case):
@@ -427,5 +432,5 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_service_keeps_serving(service, 
     with capsys.disabled():
         print(f"\nfuzz: {sum(statuses.values())} cases, statuses {dict(sorted(statuses.items()))}, "
               f"5xx: {sum(n for code, n in statuses.items() if code >= 500 and code != 503)}")
-    assert sum(statuses.values()) == 150 and 200 in statuses and len(statuses) > 3
+    assert sum(statuses.values()) == 200 and 200 in statuses and len(statuses) > 3
     assert post(f"{service}/v1/predict", files=poster_file(jpeg_bytes())).status_code == 200
