@@ -43,12 +43,14 @@ class MemorySampler:
         import psutil
 
         me = psutil.Process(os.getpid())
-        while not self._stop.wait(self.interval):
+        while True:  # a sample at once, then every interval: a run shorter than one still has its peak
             self.driver = max(self.driver, _uss(me))
             for process in psutil.process_iter(["cmdline"]):
                 command = " ".join(process.info["cmdline"] or [])
                 if command.startswith("ray::") and any(m in command for m in ACTOR_MARKERS):
                     self.actors[process.pid] = max(self.actors.get(process.pid, 0.0), _uss(process))
+            if self._stop.wait(self.interval):
+                return
 
 
 def _uss(process) -> float:
