@@ -10,7 +10,8 @@ one report: ``report.md``/``.html``, ``metrics.json`` and plots.
 Entries that share a genre vocabulary are compared with each other and with the label prior and
 classic baseline of that vocabulary, with paired bootstrap differences (each variant − ``cnn``,
 ``fused`` − ``cnn+metadata``, ``cnn+metadata`` − ``flags-only``, ``flags-only`` − ``cnn``, each
-within one recipe and seed). Seed recipes with a vocabulary of their own (the six main genres,
+within one recipe and seed; and the first recipe named − each other recipe, variant for variant
+and seed for seed). Seed recipes with a vocabulary of their own (the six main genres,
 rare genres folded) form groups of their own; one table puts every entry side by side on its
 own vocabulary (beside its own label prior) and on the six main genres all vocabularies share.
 With several seeds, each metric's spread across seeds stands beside the bootstrap intervals.
@@ -159,7 +160,7 @@ def run_compare(config: CompareConfig) -> dict:
                                   thresholds=bundle_thresholds(e.bundle)) for e in members}
         scorers |= baseline_scorers(config.catalogue, vocabulary, frame, stats)
         labels = vocabulary.encode_many(frame["genres"])
-        report = build_report(scorers, labels, list(genres), _pairs(members), config.n_boot, config.seed,
+        report = build_report(scorers, labels, list(genres), paired_differences(members), config.n_boot, config.seed,
                               frame["has_metadata"].to_numpy())
         report |= {"entries": [e.model_dump(mode="json") for e in members], "seed_spread": seed_spread(report, members)}
         reports.append((report, scorers, labels))
@@ -170,12 +171,21 @@ def run_compare(config: CompareConfig) -> dict:
     return result
 
 
-def _pairs(members: list[Entry]) -> list[tuple[str, str]]:
-    """(a, b) names for each PAIRS difference available within one recipe and seed."""
+def paired_differences(members: list[Entry]) -> list[tuple[str, str]]:
+    """(a, b) names of the differences worth a paired bootstrap.
+
+    Within one recipe and seed, each PAIRS difference available. Across recipes, the first recipe
+    named against each other one, variant for variant and seed for seed: ``--recipe quality
+    --recipe frozen`` asks whether fine-tuning beat the frozen backbone, poster for poster.
+    """
     by_key = {(e.recipe, e.seed, e.variant): e.name for e in members}
     runs = sorted({(recipe, seed) for recipe, seed, _ in by_key})
-    return [(by_key[(r, s, a)], by_key[(r, s, b)]) for r, s in runs for a, b in PAIRS
-            if (r, s, a) in by_key and (r, s, b) in by_key]
+    within = [(by_key[(r, s, a)], by_key[(r, s, b)]) for r, s in runs for a, b in PAIRS
+              if (r, s, a) in by_key and (r, s, b) in by_key]
+    recipes = list(dict.fromkeys(e.recipe for e in members))
+    across = [(by_key[(recipes[0], e.seed, e.variant)], e.name) for other in recipes[1:] for e in members
+              if e.recipe == other and (recipes[0], e.seed, e.variant) in by_key]
+    return within + across
 
 
 def seed_spread(report: dict, members: list[Entry]) -> dict:

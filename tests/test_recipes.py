@@ -64,6 +64,23 @@ def test_the_seed_recipes_reproduce_their_systems_settings():
     assert RECIPES["quality"].settings["image_size"] == 224  # MobileNetV2's own training size
 
 
+def test_compare_pairs_variants_within_a_recipe_and_the_first_recipe_against_each_other():
+    from posterfusion.jobs.compare import Entry, paired_differences
+
+    def entry(recipe, variant, seed):
+        return Entry(recipe=recipe, variant=variant, seed=seed, name=f"{recipe}/{variant}/s{seed}", bundle=".")
+
+    members = [entry(r, v, s) for r in ("quality", "frozen") for v in ("cnn", "fused") for s in (0, 1)]
+    members.append(entry("seed-resnet34", "cnn", 0))
+    pairs = paired_differences(members)
+    assert ("quality/fused/s0", "quality/cnn/s0") in pairs and ("frozen/fused/s1", "frozen/cnn/s1") in pairs
+    assert ("quality/cnn/s1", "frozen/cnn/s1") in pairs and ("quality/fused/s0", "frozen/fused/s0") in pairs
+    assert ("quality/cnn/s0", "seed-resnet34/cnn/s0") in pairs
+    assert ("frozen/cnn/s0", "quality/cnn/s0") not in pairs  # one direction: first recipe − other
+    assert not [p for p in pairs if p[0].split("/")[2] != p[1].split("/")[2]]  # never across seeds
+    assert len(pairs) == len(set(pairs)) == 4 + 4 + 1
+
+
 @pytest.fixture(scope="module")
 def sample(ray_session, tmp_path_factory):
     """One small synthetic catalogue for the recipe tests that train."""
