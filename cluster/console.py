@@ -47,8 +47,8 @@ KNOWN_NOISE = [
     # a kill sent to an actor that has already exited (a Ray Data pool shutting down): nothing is lost
     re.compile(rb"core_worker\.cc:\d+: Mismatched ActorID: ignoring KillActor for previous actor [0-9a-f]+, "
                rb"current actor ID: NIL_ID"),
-    re.compile(rb"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor [0-9a-f]+.*KillActor RPC failed "
-               rb"for actor [0-9a-f]+: RpcError: RPC error: Socket closed"),
+    re.compile(rb"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+.*KillActor RPC failed "
+               rb"for actor \w+: RpcError: RPC error: Socket closed"),
 ]
 # "ray" itself is reset by ``ray.init(logging_level=…)``; its children keep a level set here.
 # The authentication logger says, at every local start, that Ray chose token auth (as we want).

@@ -17,6 +17,8 @@ NOISE = [
     "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: ab with address: x",
     "[2026-12-01 22:37:10,977 E 1410 1410] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor ad2cba20, "
     "status: Invalid: KillActor RPC failed for actor ad2cba20: RpcError: RPC error: Socket closed rpc_code: 14",
+    "[2026-12-02 11:24:10,018 E 1565 1565] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor NIL_ID, "
+    "return status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: RPC error: Socket closed rpc_code: 14",
     "[2026-12-02 11:20:43,762 E 919 939] core_worker.cc:4621: Mismatched ActorID: ignoring KillActor for previous "
     "actor e4895af0c40589a09ea5d19801000000, current actor ID: NIL_ID",
 ]
