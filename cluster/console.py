@@ -44,7 +44,7 @@ KNOWN_NOISE = [
     re.compile(rb"^\s*self\.exclude_resources = exclude_resources\s*$"),
     re.compile(rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."),
     re.compile(rb"\(raylet\).*WARNING: \d+ PYTHON worker processes have been started on node"),
-    # a kill sent to an actor that has already exited (a Ray Data pool shutting down): nothing is lost
+    # a kill sent to an actor that has already exited (seen as the demo's stages end): nothing is lost
     re.compile(rb"core_worker\.cc:\d+: Mismatched ActorID: ignoring KillActor for previous actor [0-9a-f]+, "
                rb"current actor ID: NIL_ID"),
     re.compile(rb"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+.*KillActor RPC failed "

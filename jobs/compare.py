@@ -182,9 +182,9 @@ def paired_differences(members: list[Entry]) -> list[tuple[str, str]]:
     runs = sorted({(recipe, seed) for recipe, seed, _ in by_key})
     within = [(by_key[(r, s, a)], by_key[(r, s, b)]) for r, s in runs for a, b in PAIRS
               if (r, s, a) in by_key and (r, s, b) in by_key]
-    recipes = list(dict.fromkeys(e.recipe for e in members))
-    across = [(by_key[(recipes[0], e.seed, e.variant)], e.name) for other in recipes[1:] for e in members
-              if e.recipe == other and (recipes[0], e.seed, e.variant) in by_key]
+    first = members[0].recipe if members else None
+    across = [(by_key[(first, e.seed, e.variant)], e.name) for e in members
+              if e.recipe != first and (first, e.seed, e.variant) in by_key]
     return within + across
 
 

@@ -54,7 +54,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(name="quality",
            summary="MobileNetV2 (ImageNet) at 224 px: 12 head epochs on frozen features, then 4 epochs fine-tuning "
                    "its last two stages at a lower rate; metadata dropout 0.3 (4–7.5 min of training on 2 CPU cores, "
-                   "after ~2.5 min extracting backbone features once per catalogue)",
+                   "after ~2 min extracting backbone features once per catalogue)",
            settings={"backbone": "mobilenet_v2", "weights": MOBILENET_WEIGHTS, "mode": "finetune", "image_size": 224,
                      "warmup_epochs": 12, "epochs": 16, "train_stages": 2, "lr": 1e-3, "backbone_lr": 2e-4,
                      "batch_size": 32, "weight_decay": 1e-2, "dropout": 0.3, "patience": 3,
