@@ -67,6 +67,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, description="peak learning rate of the head")
     backbone_lr: float = Field(2e-4, gt=0, description="peak learning rate of the backbone when it trains")
+    finetune_head_lr: float | None = Field(None, gt=0, description="peak learning rate of the head once the "
+                                           "backbone trains (None: lr); a head already warmed up on frozen "
+                                           "features need not restart at its full rate")
     train_stages: int | None = Field(None, ge=1, description="fine-tune only the backbone's last N stages "
                                      "(None: all); frozen stages cost no gradients")
     weight_decay: float = Field(1e-2, ge=0)
@@ -136,6 +139,7 @@ class LoopConfig(BaseModel):
     batch_size: int
     lr: float
     backbone_lr: float
+    finetune_head_lr: float
     train_stages: int | None
     weight_decay: float
     patience: int
@@ -335,7 +339,8 @@ def loop_config(config: TrainConfig, data: Prepared) -> LoopConfig:
                                  data.encoder.dim, flags)
     return LoopConfig(
         model=model, image_size=config.size, epochs=config.epochs, head_epochs=config.head_epochs,
-        batch_size=config.batch_size, lr=config.lr, backbone_lr=config.backbone_lr, train_stages=config.train_stages,
+        batch_size=config.batch_size, lr=config.lr, backbone_lr=config.backbone_lr,
+        finetune_head_lr=config.finetune_head_lr or config.lr, train_stages=config.train_stages,
         weight_decay=config.weight_decay, patience=config.patience,
         pos_weight=pos_weights(labels, config.pos_weight_cap), label_prior=labels.mean(axis=0).tolist(),
         train_rows=int(train.sum()), threads=_worker_resources(config)[1], amp=config.amp, augment=config.augment,
@@ -523,8 +528,10 @@ def make_optimizer(model, config: LoopConfig):
 def lr_schedules(config: LoopConfig, steps_per_epoch: int):
     """Per-group LR multipliers over global steps: each phase warms up (5 %), then decays on a cosine.
 
-    The backbone's multiplier is 0 during head epochs (it receives no gradients there anyway).
+    The backbone's multiplier is 0 during head epochs (it receives no gradients there anyway); the
+    head's peak in the fine-tuning phase is ``finetune_head_lr`` (a multiplier of its base rate ``lr``).
     """
+    finetune_scale = config.finetune_head_lr / config.lr
     head_steps = config.head_epochs * steps_per_epoch
     full_steps = (config.epochs - config.head_epochs) * steps_per_epoch
 
@@ -537,7 +544,7 @@ def lr_schedules(config: LoopConfig, steps_per_epoch: int):
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, length - warm))))
 
     def head(step: int) -> float:
-        return phase(step, head_steps) if step < head_steps else phase(step - head_steps, full_steps)
+        return phase(step, head_steps) if step < head_steps else finetune_scale * phase(step - head_steps, full_steps)
 
     def backbone(step: int) -> float:
         return 0.0 if step < head_steps else phase(step - head_steps, full_steps)

@@ -1,18 +1,23 @@
-"""The online service: a FastAPI ingress composed with a batched model deployment on Ray Serve.
+"""The online service: a FastAPI ingress and a batched model on Ray Serve, in one replica or two.
 
     HTTP ──► Api (FastAPI ingress: parse, validate, 4xx for bad input)
-               │  DeploymentHandle, one call per poster
+               │  one model call per poster: in this replica (default), or through a handle
                ▼
-             PosterModel (the bundle's Predictor; @serve.batch groups concurrent posters)
+             BatchedModel (the bundle's Predictor; @serve.batch groups concurrent posters)
 
-Why two deployments: validation is cheap and must never wait behind the model, and the
-model replicas are what autoscale (``target_ongoing_requests``) and what overload protects
-(``max_queued_requests``: a full queue answers 503 at once instead of piling up). Each
-poster is its own model call, so posters of one ``/v1/predict/batch`` request and of other
-clients' requests share batches. Every bad input is answered 4xx with a JSON body
-``{"error": {"code", "message"}}`` before it reaches the model; a poster that only fails to
-decode inside the replica comes back as an error value, never as an exception that would
-fail its batch-mates.
+By default (``model_in_ingress``) the model lives in the ingress replica: the proxy's
+request reaches the replica that scores it in one hop, and that deployment is what
+autoscales (``target_ongoing_requests``) and what overload protects (``max_queued_requests``:
+the proxy answers 503 at once instead of letting requests pile up). The model runs in a
+thread, so the replica's event loop keeps parsing and validating while a batch computes. A
+second hop measured 7 ms of every request's latency on this project's 2-core machine
+(docs/results.md), so one deployment is the default; ``model_in_ingress: false`` splits
+off a ``PosterModel`` deployment the ingress calls through a handle, for a cluster where
+parsing should scale apart from GPU model replicas. Each poster is its own model call, so
+posters of one ``/v1/predict/batch`` request and of other clients' requests share batches.
+Every bad input is answered 4xx with a JSON body ``{"error": {"code", "message"}}`` before
+it reaches the model; a poster that only fails to decode inside the model comes back as an
+error value, never as an exception that would fail its batch-mates.
 
 Built by :func:`build_app` — from ``posterfusion serve`` and from ``serve run`` /
 ``serve deploy`` with ``serving/serve_config.yaml`` (the builder takes the typed args).
@@ -49,8 +54,10 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(64, ge=1, description="queued beyond that → 503")
     replica_cpus: float = Field(0.5, gt=0)
     replica_gpus: float = Field(0.0, ge=0)
-    ingress_cpus: float = Field(0.1, gt=0)
-    ingress_replicas: int = Field(1, ge=1)
+    model_in_ingress: bool = Field(True, description="score in the HTTP ingress replica (one hop); false: a "
+                                   "separate PosterModel deployment, so parsing scales apart from the model")
+    ingress_cpus: float = Field(0.1, gt=0, description="with model_in_ingress false: each ingress replica's CPUs")
+    ingress_replicas: int = Field(1, ge=1, description="with model_in_ingress false: ingress replicas")
     max_upload_bytes: int = Field(8_000_000, ge=1, description="largest poster accepted (413 above)")
     max_pixels: int = Field(16_000_000, ge=1, description="largest poster in pixels (413 above; checked before "
                             "decoding)")

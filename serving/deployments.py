@@ -1,4 +1,4 @@
-"""The two Serve deployments and the FastAPI routes (imported only where the service runs).
+"""The Serve deployments and the FastAPI routes (imported only where the service runs).
 
 See :mod:`posterfusion.serving.app` for why the service is split this way; this module
 holds what needs ``ray.serve`` at class-definition time (``@serve.batch``, ``@serve.ingress``).
@@ -6,6 +6,7 @@ holds what needs ``ray.serve`` at class-definition time (``@serve.batch``, ``@se
 
 
 import asyncio
+import inspect
 import logging
 import time
 
@@ -81,9 +82,12 @@ class RecordAnswers:
 api.add_middleware(RecordAnswers)
 
 
-@serve.deployment
-class PosterModel:
-    """One Predictor per replica; concurrent posters (from any request) are scored in batches.
+class BatchedModel:
+    """The bundle's Predictor; concurrent posters (from any request) are scored in batches.
+
+    Lives inside each HTTP ingress replica (``ServeConfig.model_in_ingress``, the default: one
+    hop from the proxy) or as its own deployment, ``PosterModel``, that the ingress calls
+    through a handle (parsing and the model scale apart, at the cost of a hop per poster).
 
     The batch wait adapts to the load: a poster alone in the replica is scored at once (no
     wait added to a quiet service's latency); with others in flight, the batch waits up to
@@ -163,21 +167,41 @@ class PosterModel:
         return results
 
 
+# The model as a deployment of its own (``model_in_ingress=False``).
+PosterModel = serve.deployment(name="PosterModel")(BatchedModel)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Api:
-    """FastAPI ingress: parses and validates, then one model call per poster."""
+    """FastAPI ingress: parses and validates, then one model call per poster.
 
-    def __init__(self, model: DeploymentHandle, config: dict):
-        self.model = model
+    The model is in this replica (``model`` None: a :class:`BatchedModel` built here) or behind
+    a handle to the ``PosterModel`` deployment.
+    """
+
+    def __init__(self, model: DeploymentHandle | None, config: dict):
         self.config = ServeConfig.model_validate(config)
+        self.model = model
+        self.local = None if model is not None else BatchedModel(
+            str(self.config.model), self.config.max_batch_size, self.config.batch_wait_timeout_s,
+            self.config.max_pixels)
 
     async def _call(self, method: str, *args):
-        """A model call; Serve's back-pressure (the queue is full) is the client's 503, on every route."""
+        """A model call, here or through the handle; Serve's back-pressure (the model's queue is full) is the
+        client's 503, on every route. (In one deployment, the proxy itself answers 503 before the request
+        reaches this replica.)"""
+        if self.local is not None:
+            result = getattr(self.local, method)(*args)
+            return await result if inspect.isawaitable(result) else result
         try:
             return await getattr(self.model, method).remote(*args)
         except BackPressureError:
             raise ApiError(503, "overloaded", "the model's queue is full; retry with backoff") from None
+
+    async def score(self, poster: bytes, metadata: dict | None = None) -> dict:
+        """One poster's answer as the routes get it (for handle calls: benchmarks, other deployments)."""
+        return await self._call("predict", poster, metadata)
 
     async def _predict(self, poster: bytes, metadata: dict | None, index: int | None = None) -> dict:
         result = await self._call("predict", poster, metadata)
@@ -239,20 +263,27 @@ class Api:
 
 
 def bind(config: ServeConfig):
-    """The application graph with the config's batching, autoscaling and back-pressure settings."""
-    model = PosterModel.options(
-        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-                            "target_ongoing_requests": config.target_ongoing_requests,
-                            "upscale_delay_s": 3, "downscale_delay_s": 60},
-        max_ongoing_requests=config.max_ongoing_requests,
-        max_queued_requests=config.max_queued_requests,
-        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-        logging_config={"enable_access_log": config.access_log},
-    ).bind(str(config.model), config.max_batch_size, config.batch_wait_timeout_s, config.max_pixels)
+    """The application graph with the config's batching, autoscaling and back-pressure settings.
+
+    With the model in the ingress, that one deployment gets the model replica's settings; else
+    the model deployment does, and the ingress is sized to never be what queues.
+    """
+    replicas = {"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                                       "target_ongoing_requests": config.target_ongoing_requests,
+                                       "upscale_delay_s": 3, "downscale_delay_s": 60},
+                "max_ongoing_requests": config.max_ongoing_requests,
+                "max_queued_requests": config.max_queued_requests,
+                "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+                "logging_config": {"enable_access_log": config.access_log}}
+    args = config.model_dump(mode="json")
+    if config.model_in_ingress:
+        return Api.options(**replicas).bind(None, args)
+    model = PosterModel.options(**replicas).bind(str(config.model), config.max_batch_size,
+                                                 config.batch_wait_timeout_s, config.max_pixels)
     return Api.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=max(64, 4 * config.max_ongoing_requests * config.max_replicas),
         max_queued_requests=4 * config.max_queued_requests,
         ray_actor_options={"num_cpus": config.ingress_cpus},
         logging_config={"enable_access_log": config.access_log},
-    ).bind(model, config.model_dump(mode="json"))
+    ).bind(model, args)

@@ -59,7 +59,8 @@ def test_a_poster_that_breaks_the_network_fails_alone_and_its_neighbours_are_ans
 
 
 @pytest.mark.parametrize("route", ["genres", "healthz"])
-def test_back_pressure_is_a_503_on_every_route(route):
+def test_back_pressure_from_a_separate_model_deployment_is_a_503_on_every_route(route):
+    """With the model in the ingress, the proxy answers 503 itself (test_serving.py's overload test)."""
     from ray.serve.exceptions import BackPressureError
 
     from posterfusion.serving.app import ApiError
@@ -74,7 +75,7 @@ def test_back_pressure_is_a_503_on_every_route(route):
             return Call()
 
     ingress = object.__new__(_class_of(Api))
-    ingress.model = Full()
+    ingress.model, ingress.local = Full(), None
     with pytest.raises(ApiError) as raised:
         asyncio.run(getattr(ingress, route)())
     assert (raised.value.status, raised.value.code) == (503, "overloaded")

@@ -53,7 +53,8 @@ def bundle(small_fused) -> Path:
 
 @pytest.fixture(scope="module")
 def service(bundle):
-    """The app on 127.0.0.1 (a free port), plus a second, tightly limited app for the overload test."""
+    """The app on 127.0.0.1 (a free port), a tightly limited app for the overload test, and the app with
+    its model in a deployment of its own (``model_in_ingress=False``) at /split."""
     from ray import serve
 
     config = ServeConfig(model=bundle, max_batch_size=8, batch_wait_timeout_s=0.05, max_replicas=1,
@@ -64,6 +65,9 @@ def service(bundle):
     from posterfusion.serving.app import build_app
 
     serve.run(build_app(tight), name="tight", route_prefix="/tight", blocking=False)
+    split = ServeConfig(model=bundle, model_in_ingress=False, max_batch_size=8, max_replicas=1, replica_cpus=0.1,
+                        ingress_cpus=0.05)
+    serve.run(build_app(split), name="split", route_prefix="/split", blocking=False)
     yield url
     serve.shutdown()
 
@@ -275,21 +279,42 @@ def test_the_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
     ServeConfig.model_validate(app.args)
 
 
+def test_a_separate_model_deployment_answers_as_the_one_replica_service_does(service):
+    poster = noisy_jpeg_bytes(3, size=(120, 180))
+    one, split = post(f"{service}/v1/predict", files=poster_file(poster)), \
+        post(f"{service}/split/v1/predict", files=poster_file(poster))
+    assert one.status_code == split.status_code == 200, split.text
+    assert split.json()["probabilities"] == pytest.approx(one.json()["probabilities"], abs=1e-6)
+    bad = post(f"{service}/split/v1/predict", files=poster_file(b"not an image"))
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "not_an_image", bad.text
+    assert httpx.get(f"{service}/split/healthz", timeout=30).json()["status"] == "ok"
+
+
 def test_serve_run_builds_the_yaml_application_from_its_args(bundle):
     """What `serve run serving/serve_config.yaml` does: call the builder with the YAML's args; the graph it
-    returns carries those settings to both deployments."""
+    returns carries those settings to the deployment that scores (the ingress itself, by default)."""
     from posterfusion.serving.app import build_app
 
     app = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())["applications"][0]
     args = app["args"] | {"model": str(bundle)}
-    built = build_app(args)
-    ingress = built._bound_deployment
+    ingress = build_app(args)._bound_deployment
+    assert ingress.name == "Api" and ingress.init_args[0] is None  # no model handle: it scores in its replica
+    assert ServeConfig.model_validate(ingress.init_args[1]).model == bundle
+    assert ingress._deployment_config.max_ongoing_requests == args["max_ongoing_requests"]
+    assert ingress._deployment_config.autoscaling_config.max_replicas == args["max_replicas"]
+    assert ingress._deployment_config.max_queued_requests == args["max_queued_requests"]
+
+
+def test_a_separate_model_deployment_takes_the_model_settings_and_the_ingress_calls_it(bundle):
+    from posterfusion.serving.app import build_app
+
+    config = ServeConfig(model=bundle, model_in_ingress=False, max_batch_size=4, max_replicas=3, ingress_cpus=0.2)
+    ingress = build_app(config)._bound_deployment
     model = ingress.init_args[0]._bound_deployment  # the PosterModel handle the ingress calls
     assert ingress.name == "Api" and model.name == "PosterModel"
-    assert model.init_args == (str(bundle), args["max_batch_size"], args["batch_wait_timeout_s"],
-                               ServeConfig.model_validate(args).max_pixels)
-    assert model._deployment_config.max_ongoing_requests == args["max_ongoing_requests"]
-    assert model._deployment_config.autoscaling_config.max_replicas == args["max_replicas"]
+    assert model.init_args == (str(bundle), 4, config.batch_wait_timeout_s, config.max_pixels)
+    assert model._deployment_config.autoscaling_config.max_replicas == 3
+    assert ingress.ray_actor_options["num_cpus"] == 0.2
 
 
 def test_the_config_refuses_batches_that_could_never_fill(tmp_path):

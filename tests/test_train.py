@@ -163,3 +163,17 @@ def test_stored_backbone_features_are_refused_without_pretrained_weights(prepare
         small(prepared, "scratch-frozen", mode="frozen", weights="none")
     with pytest.raises(ValueError, match="need pretrained weights"):
         small(prepared, "scratch-warm", warmup_epochs=1, weights="none")
+
+
+def test_the_head_continues_fine_tuning_at_its_own_peak_rate_and_the_backbone_waits_for_it():
+    """Warm-up trains the head alone; fine-tuning wakes the backbone and runs the head at finetune_head_lr."""
+    from posterfusion.jobs.train import LoopConfig, lr_schedules
+
+    config = LoopConfig.model_construct(head_epochs=2, epochs=4, lr=1e-3, finetune_head_lr=2e-4)
+    backbone, head = lr_schedules(config, steps_per_epoch=100)
+    assert [backbone(s) for s in (0, 50, 199)] == [0.0, 0.0, 0.0]
+    assert max(head(s) for s in range(200)) == pytest.approx(1.0)  # the warm-up reaches lr
+    assert max(head(s) for s in range(200, 400)) == pytest.approx(0.2)  # fine-tuning peaks at 2e-4
+    assert max(backbone(s) for s in range(200, 400)) == pytest.approx(1.0)  # backbone_lr at its peak
+    same = LoopConfig.model_construct(head_epochs=2, epochs=4, lr=1e-3, finetune_head_lr=1e-3)
+    assert max(lr_schedules(same, 100)[1](s) for s in range(200, 400)) == pytest.approx(1.0)
