@@ -9,8 +9,10 @@ from the name, and the bundle records both the name and the resolved settings.
   once, the fast CPU path and the baseline that fine-tuning must beat.
 * ``quality`` — the best fused model we found that this 2-core CPU trains within an hour: the
   ImageNet MobileNetV2 at its native 224 px, 12 head epochs on frozen features, then 4 epochs
-  fine-tuning its last two stages at a lower rate, metadata dropout, calibrated outputs. How it
-  compares with the frozen backbone alone (test split, paired) is in docs/results.md.
+  fine-tuning its last two stages at a lower rate (the warmed-up head too: restarting it at its
+  full rate undid the warm-up on 2 of 3 seeds, chosen on validation by
+  ``benchmarks/finetune_sweep.py``), metadata dropout, calibrated outputs. How it compares with
+  the frozen backbone alone (test split, paired) is in docs/results.md.
 * ``seed-*`` — the seed systems this project grew from, so their numbers can be put beside
   ours; poster-only (``cnn``) like those systems, unless a variant is asked for: DenseNet-121
   with rare genres folded into Other (seed 000, judged by the top-n ratio), ResNet-34 (001),
@@ -53,11 +55,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                     "lr": 3e-3}),
     Recipe(name="quality",
            summary="MobileNetV2 (ImageNet) at 224 px: 12 head epochs on frozen features, then 4 epochs fine-tuning "
-                   "its last two stages at a lower rate; metadata dropout 0.3 (4–7.5 min of training on 2 CPU cores, "
+                   "its last two stages with the head at the backbone's lower rate; metadata dropout 0.3 "
+                   "(4–7.5 min of training on 2 CPU cores, "
                    "after ~2 min extracting backbone features once per catalogue)",
            settings={"backbone": "mobilenet_v2", "weights": MOBILENET_WEIGHTS, "mode": "finetune", "image_size": 224,
                      "warmup_epochs": 12, "epochs": 16, "train_stages": 2, "lr": 1e-3, "backbone_lr": 2e-4,
-                     "batch_size": 32, "weight_decay": 1e-2, "dropout": 0.3, "patience": 3,
+                     "finetune_head_lr": 2e-4, "batch_size": 32, "weight_decay": 1e-2, "dropout": 0.3, "patience": 3,
                      "metadata_dropout": 0.3}),
     Recipe(name="frozen",
            summary="the quality recipe with the backbone never trained: 16 head epochs on MobileNetV2 features "
