@@ -76,12 +76,24 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def low_load(url: str, posters: list[bytes], requests: int) -> dict:
-    """One client, one request at a time: end-to-end latency and what of it is not the model's own time."""
+    """One client, one request at a time: end-to-end latency and what of it is not the model's own time.
+
+    Also ``GET /healthz`` (no body, no model: the route answers from the replica) — the floor any
+    request pays for HTTP, Serve's proxy and the hop(s) to the replica on this machine.
+    """
+    import httpx
+
     ends, _, _, model = asyncio.run(load(url, posters, requests, 1))
     overhead = [e - m for e, m in zip(ends, model, strict=True)]
+    health = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.get(f"{url}/healthz").raise_for_status()
+            health.append(time.perf_counter() - started)
     return {"p50": percentile(ends, 50) * 1000, "model_p50": percentile(model, 50) * 1000,
             "overhead_p50": percentile(overhead, 50) * 1000, "overhead_p90": percentile(overhead, 90) * 1000,
-            "requests": len(ends)}
+            "healthz_p50": percentile(health, 50) * 1000, "requests": len(ends)}
 
 
 def deploy(model: Path, batch_size: int, posters: list[bytes], args, in_ingress: bool = True) -> str:
@@ -172,7 +184,8 @@ def main() -> None:
     for name, low in (("model in the ingress replica", results[0]["low"]), ("model in its own deployment", split)):
         print(f"low load, {name} (1 client, {low['requests']} requests, max_batch_size {results[0]['batch']}): "
               f"end-to-end p50 {low['p50']:.1f} ms, model p50 {low['model_p50']:.1f} ms, serving overhead p50 "
-              f"{low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms)")
+              f"{low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms); GET /healthz p50 "
+              f"{low['healthz_p50']:.1f} ms")
 
 
 if __name__ == "__main__":
