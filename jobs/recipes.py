@@ -56,7 +56,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(name="quality",
            summary="MobileNetV2 (ImageNet) at 224 px: 12 head epochs on frozen features, then 4 epochs fine-tuning "
                    "its last two stages with the head at the backbone's lower rate; metadata dropout 0.3 "
-                   "(4–7.5 min of training on 2 CPU cores, "
+                   "(5–7 min of training on 2 CPU cores, "
                    "after ~2 min extracting backbone features once per catalogue)",
            settings={"backbone": "mobilenet_v2", "weights": MOBILENET_WEIGHTS, "mode": "finetune", "image_size": 224,
                      "warmup_epochs": 12, "epochs": 16, "train_stages": 2, "lr": 1e-3, "backbone_lr": 2e-4,

@@ -12,9 +12,11 @@ writes the bundle.
 Fine-tuning as the field does it, in two phases: ``warmup_epochs`` train the head on the
 frozen backbone's features (a fresh head's large gradients would otherwise wreck the
 pretrained filters), then the whole network trains with the backbone at a lower learning rate
-(``backbone_lr``), on augmented posters (``TrainPreset``). ``mode="frozen"`` stops after the
-first phase: every epoch is a head epoch (the fast CPU path, and the baseline fine-tuning must
-beat). Each phase warms its learning rate up, then decays it on a cosine.
+(``backbone_lr``) and the warmed-up head at ``finetune_head_lr`` (restarting it at its warm-up
+rate undid the warm-up on 2 of 3 seeds: docs/results.md), on augmented posters
+(``TrainPreset``). ``mode="frozen"`` stops after the first phase: every epoch is a head
+epoch (the fast CPU path, and the baseline fine-tuning must beat). Each phase warms its
+learning rate up, then decays it on a cosine.
 
 Workers (``train_loop``): DDP via ``prepare_model``, BCE-with-logits (optionally with
 per-genre ``pos_weight``, undone later by the calibration's logit adjustment), metadata
