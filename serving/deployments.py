@@ -1,6 +1,6 @@
 """The Serve deployments and the FastAPI routes (imported only where the service runs).
 
-See :mod:`posterfusion.serving.app` for why the service is split this way; this module
+See :mod:`posterfusion.serving.app` for how the service is laid out and why; this module
 holds what needs ``ray.serve`` at class-definition time (``@serve.batch``, ``@serve.ingress``).
 """
 
@@ -204,7 +204,7 @@ class Api:
         return await self._call("predict", poster, metadata)
 
     async def _predict(self, poster: bytes, metadata: dict | None, index: int | None = None) -> dict:
-        result = await self._call("predict", poster, metadata)
+        result = await self.score(poster, metadata)
         if "error" in result:
             code = result["error"].split(":", 1)[0]
             where = f"poster {index}: " if index is not None else ""
