@@ -31,6 +31,8 @@ CANDIDATES: dict[str, dict] = {
     "head-2e-4": {"finetune_head_lr": 2e-4},
     # ... and the backbone moves half as fast
     "head-1e-4-bb-1e-4": {"finetune_head_lr": 1e-4, "backbone_lr": 1e-4},
+    # two fine-tuning runs from one warm-up, greedily averaged: its members print beside it (paired)
+    "soup-2": {"soup": 2},
 }
 
 
@@ -51,8 +53,8 @@ def train_candidate(args, name: str, seed: int) -> dict:
 def row(name: str, seed: int | str, metrics: dict) -> str:
     best, val = metrics["best"], metrics["validation"]["model"]
     return (f"{name:<20} {seed!s:>4}  {best['val_macro_auc']:.4f}  {val['roc_auc_main6']:.4f}  {val['hit@3']:.3f}"
-            f"  {val['top_n_ratio']:.3f}"
-            f"  {best['epoch']:>2}/{metrics['history'][-1]['epoch']:<2} {best['phase']:<5} {metrics['seconds']:>6.0f}")
+            f"  {val['top_n_ratio']:.3f}  {best['epoch']!s:>2}/{metrics['history'][-1]['epoch']:<2}"
+            f" {best['phase']:<5} {metrics['seconds']:>6.0f}")
 
 
 def main() -> None:
@@ -80,6 +82,8 @@ def main() -> None:
     for name in names:
         for seed, metrics in zip(seeds, results[name], strict=True):
             print(row(name, seed, metrics))
+            for member in metrics.get("soup", {}).get("members", []):
+                print(row(f"  member {member['seed']}", seed, member | {"seconds": 0}))
         mean = {k: sum(m["validation"]["model"][k] for m in results[name]) / len(seeds)
                 for k in ("roc_auc_main6", "hit@3", "top_n_ratio")}
         macro = sum(m["best"]["val_macro_auc"] for m in results[name]) / len(seeds)

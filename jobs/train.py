@@ -74,6 +74,8 @@ class TrainConfig(BaseModel):
                                            "features need not restart at its full rate")
     train_stages: int | None = Field(None, ge=1, description="fine-tune only the backbone's last N stages "
                                      "(None: all); frozen stages cost no gradients")
+    soup: int = Field(1, ge=1, description="fine-tuning runs from the one warmed-up head (seeds seed + 1000·i); the "
+                      "bundle holds the greedy average of their weights (a model soup: one model's inference cost)")
     weight_decay: float = Field(1e-2, ge=0)
     dropout: float = Field(0.3, ge=0, lt=1)
     hidden: int = Field(256, ge=1)
@@ -100,6 +102,14 @@ class TrainConfig(BaseModel):
             raise ValueError("frozen mode and head warm-up train on stored backbone features, which need "
                              "pretrained weights (--weights FILE or imagenet); from scratch, use mode finetune "
                              "with no warm-up")
+        return self
+
+    @model_validator(mode="after")
+    def _soup_needs_a_shared_warm_up(self) -> TrainConfig:
+        """Weights average well only between runs that left one starting point: the warmed-up head."""
+        if self.soup > 1 and not (self.mode == "finetune" and 0 < self.warmup_epochs < self.epochs):
+            raise ValueError("soup > 1 averages fine-tuning runs that start from one warmed-up head: it needs mode "
+                             "finetune and 0 < warmup_epochs < epochs")
         return self
 
     @model_validator(mode="after")
@@ -156,6 +166,8 @@ class LoopConfig(BaseModel):
     missing_metadata: list[float]
     object_mean: list[float]
     object_std: list[float]
+    stop_after: int | None = Field(None, description="stop after this epoch (a soup's shared head warm-up)")
+    start_from: str | None = Field(None, description="checkpoint to continue from (a soup member: the warm-up's)")
     log_level: str = Field("WARNING", description="the workers' root logger (Ray Train sets it to INFO)")
 
 
@@ -353,18 +365,28 @@ def loop_config(config: TrainConfig, data: Prepared) -> LoopConfig:
 
 
 def run_train(config: TrainConfig) -> dict:
-    """Train, pick the best checkpoint, calibrate, write the bundle; return the run summary."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from posterfusion.cluster.console import train_logging_level
-
+    """Train, pick the best checkpoint (or soup the members'), calibrate, write the bundle; return the summary."""
     started = time.perf_counter()
     data = prepare(config)
     loop = loop_config(config, data)
     datasets = feature_datasets(config, data) if loop.head_epochs else {}
     if loop.head_epochs < loop.epochs:
         datasets |= image_datasets(config, data)
+    if config.soup == 1:
+        result = fit(config, loop, datasets)
+        trained = best_of(result) | {"run_path": result.path}
+    else:
+        trained = soup(config, loop, datasets, data.vocabulary.genres)
+    return _write_bundle(config, loop, data, trained, time.perf_counter() - started)
+
+
+def fit(config: TrainConfig, loop: LoopConfig, datasets: dict):
+    """One Ray Train run of ``train_loop`` (a fresh run name: Ray Train resumes a name it has seen)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from posterfusion.cluster.console import train_logging_level
+
     storage = (config.storage_path or config.out.parent / "ray_results").resolve()
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop.model_dump(mode="json"), datasets=datasets,
@@ -377,40 +399,108 @@ def run_train(config: TrainConfig) -> dict:
             failure_config=FailureConfig(max_failures=config.max_failures),
             logging_config=LoggingConfig(log_level=train_logging_level())),
     )
-    result = trainer.fit()
+    return trainer.fit()
+
+
+def best_of(result) -> dict:
+    """The run's best epoch: its weights, validation logits and labels, and the whole history."""
+    import torch
+
     best = result.get_best_checkpoint(metric="val_macro_auc", mode="max")
     if best is None:
         raise RuntimeError(f"training reported no checkpoint (error: {result.error})")
-    return _write_bundle(config, loop, data, best, result, time.perf_counter() - started)
+    with best.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["model"]
+        with np.load(Path(directory) / "validation.npz") as val:
+            logits, labels = val["logits"], val["labels"]
+    with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
+        history = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["history"]
+    return {"state": state, "logits": logits, "labels": labels, "history": history,
+            "best": max(history, key=lambda h: h["val_macro_auc"])}
 
 
-def _write_bundle(config: TrainConfig, loop: LoopConfig, data: Prepared, checkpoint, result, seconds: float) -> dict:
+def soup(config: TrainConfig, loop: LoopConfig, datasets: dict, genres: list[str]) -> dict:
+    """A greedy model soup (Wortsman et al., 2022) of ``config.soup`` fine-tuning runs.
+
+    The head warms up once on frozen features; each member fine-tunes from that one checkpoint
+    with its own seed (data order, augmentation, dropout, metadata dropout). Members sorted by
+    their validation macro AUC, the best is the soup; each next one is averaged in only if the
+    averaged weights score higher on validation. Models fine-tuned from one starting point
+    average into one that is usually better than each, at one model's inference cost.
+    """
+    warm = fit(config, loop.model_copy(update={"stop_after": loop.head_epochs}), datasets)
+    start = warm.checkpoint.path
+    members = []
+    for i in range(config.soup):
+        seed = loop.seed + 1000 * i
+        result = fit(config, loop.model_copy(update={"seed": seed, "start_from": start}), datasets)
+        members.append(best_of(result) | {"seed": seed, "run_path": result.path})
+    members.sort(key=lambda m: -m["best"]["val_macro_auc"])
+    chosen, current = [members[0]], members[0]
+    for member in members[1:]:
+        candidate = average_states([m["state"] for m in [*chosen, member]])
+        record, logits, labels = validate_state(candidate, loop, datasets["val"])
+        _say(f"[train] soup of seeds {[m['seed'] for m in [*chosen, member]]}: val macro AUC "
+             f"{record['val_macro_auc']:.4f} (so far {current['best']['val_macro_auc']:.4f})")
+        if record["val_macro_auc"] > current["best"]["val_macro_auc"]:
+            chosen.append(member)
+            current = {"state": candidate, "logits": logits, "labels": labels,
+                       "best": record | {"epoch": f"soup of {len(chosen)}", "phase": "soup"}}
+    return current | {"history": members[0]["history"], "run_path": warm.path,
+                      "soup": {"members": [_member_summary(m, loop, genres) for m in members],
+                               "chosen": [m["seed"] for m in chosen]}}
+
+
+def average_states(states: list[dict]) -> dict:
+    """The element-wise mean of state dicts of one architecture (integer buffers: the first's)."""
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
+def validate_state(state: dict, loop: LoopConfig, val_dataset):
+    """``validate`` of weights on the driver, on the decoded validation posters (a soup is in no worker)."""
     import torch
 
+    model = training_model(loop)
+    model.load_state_dict(state)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(loop.pos_weight))
+    batches = val_dataset.iter_torch_batches(batch_size=loop.batch_size)
+    return validate(model, loss_fn, loop, torch.device("cpu"), "full", batches)
+
+
+def _member_summary(member: dict, loop: LoopConfig, genres: list[str]) -> dict:
+    """A member alone, as it would have been bundled: best epoch, calibrated validation metrics."""
+    from posterfusion.models.calibration import Calibration
+
+    shift = np.log(np.asarray(loop.pos_weight))
+    calibrated = Calibration.fit(member["logits"], member["labels"], shift).probabilities(member["logits"])
+    validation = validation_summary(member["labels"], calibrated, np.asarray(loop.label_prior), genres)
+    return {"seed": member["seed"], "best": member["best"], "history": member["history"],
+            "run_path": member["run_path"], "validation": validation}
+
+
+def _write_bundle(config: TrainConfig, loop: LoopConfig, data: Prepared, trained: dict, seconds: float) -> dict:
     from posterfusion.features.catalogue import catalogue_identity
     from posterfusion.models.bundle import BundleConfig, save_bundle
     from posterfusion.models.calibration import Calibration
     from posterfusion.models.metrics import tune_thresholds
 
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")
-        val = np.load(Path(directory) / "validation.npz")
-    with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
-        history = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["history"]
     shift = np.log(np.asarray(loop.pos_weight))
-    calibration = Calibration.fit(val["logits"], val["labels"], shift)
-    calibrated = calibration.probabilities(val["logits"])
+    logits, labels, history = trained["logits"], trained["labels"], trained["history"]
+    calibration = Calibration.fit(logits, labels, shift)
+    calibrated = calibration.probabilities(logits)
     genres = data.vocabulary.genres
-    thresholds = dict(zip(genres, tune_thresholds(val["labels"], calibrated).tolist(), strict=True))
-    best = max(history, key=lambda h: h["val_macro_auc"])
-    metrics = {"best": best, "history": history, "seconds": round(seconds, 1),
-               "validation": validation_summary(val["labels"], calibrated, np.asarray(loop.label_prior), genres),
-               "run_path": result.path, "train_rows": loop.train_rows, "workers": config.workers,
+    thresholds = dict(zip(genres, tune_thresholds(labels, calibrated).tolist(), strict=True))
+    metrics = {"best": trained["best"], "history": history, "seconds": round(seconds, 1),
+               "validation": validation_summary(labels, calibrated, np.asarray(loop.label_prior), genres),
+               "run_path": trained["run_path"], "train_rows": loop.train_rows, "workers": config.workers,
                "pos_weight": loop.pos_weight, "skipped": data.skipped}
+    if "soup" in trained:
+        metrics["soup"] = trained["soup"]
     bundle = BundleConfig(model=loop.model, image_size=loop.image_size, detector=data.detector,
                           detector_id=data.detector_id, recipe=config.recipe,
                           train=config.model_dump(mode="json"), catalogue=catalogue_identity(config.catalogue))
-    save_bundle(config.out, config=bundle, state_dict=state["model"], vocabulary=data.vocabulary,
+    save_bundle(config.out, config=bundle, state_dict=trained["state"], vocabulary=data.vocabulary,
                 encoder=data.encoder, thresholds=thresholds, calibration=calibration, metrics=metrics)
     return metrics | {"bundle": str(config.out), "genres": genres, "final_epoch": history[-1]["epoch"],
                       "recipe": config.recipe, "notes": config.notes}
@@ -465,9 +555,9 @@ def train_loop(raw_config: dict) -> None:
     steps = max(1, math.ceil(config.train_rows / (config.batch_size * context.get_world_size())))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedules(config, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.amp == "fp16")
-    state = _resume(model, optimizer, scheduler, scaler)
+    state = _resume(model, optimizer, scheduler, scaler, config.start_from)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(config.pos_weight, device=device))
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+    for epoch in range(state["epoch"] + 1, (config.stop_after or config.epochs) + 1):
         phase = "head" if epoch <= config.head_epochs else "full"
         started = time.perf_counter()
         train = _batches("train_features" if phase == "head" else "train", config, device, shuffle=True)
@@ -554,12 +644,15 @@ def lr_schedules(config: LoopConfig, steps_per_epoch: int):
     return [backbone, head]
 
 
-def _resume(model, optimizer, scheduler, scaler) -> dict:
-    """Continue from the last checkpoint (after a worker failure) or start at epoch 0."""
+def _resume(model, optimizer, scheduler, scaler, start_from: str | None = None) -> dict:
+    """Continue from this run's last checkpoint (after a worker failure), else from ``start_from`` (a soup
+    member: the shared warm-up's), else start at epoch 0."""
     import ray.train
     import torch
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, origin = ray.train.get_checkpoint(), "resumed from"
+    if checkpoint is None and start_from is not None:
+        checkpoint, origin = ray.train.Checkpoint(start_from), "fine-tunes from the warmed-up head of"
     if checkpoint is None:
         return {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
     with checkpoint.as_directory() as directory:
@@ -568,7 +661,7 @@ def _resume(model, optimizer, scheduler, scaler) -> dict:
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    _say(f"[train] resumed from the epoch-{saved['epoch']} checkpoint")
+    _say(f"[train] {origin} the epoch-{saved['epoch']} checkpoint")
     return {k: saved[k] for k in ("epoch", "best", "bad_epochs", "history")} | {"resumed_from": saved["epoch"]}
 
 

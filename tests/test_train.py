@@ -67,6 +67,56 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monk
     assert "resumed from the epoch-2 checkpoint" in capfd.readouterr().out
 
 
+def test_a_soup_fine_tunes_each_member_from_one_warm_up_and_bundles_the_weights_validation_chose(prepared):
+    """Two members share the head warm-up, then fine-tune apart; the bundle is the greedy soup of them."""
+    from posterfusion.jobs.evaluate import load_split_frame
+    from posterfusion.models.metrics import macro_auc
+    from posterfusion.models.predictor import Predictor
+
+    summary = run_train(small(prepared, "soup", epochs=4, warmup_epochs=2, soup=2, seed=3, variant="cnn",
+                              backbone="mobilenet_v2", weights="mobilenet_v2_imagenet.safetensors", image_size=64,
+                              train_stages=2, lr=3e-3, backbone_lr=1e-3))
+    members = summary["soup"]["members"]
+    assert sorted(m["seed"] for m in members) == [3, 1003]
+    histories = [m["best"] for m in members]
+    assert histories[0]["val_macro_auc"] >= histories[1]["val_macro_auc"]  # best member first
+    warm_ups = [[h for h in summary_history if h["phase"] == "head"]
+                for summary_history in _member_histories(summary)]
+    assert warm_ups[0] == warm_ups[1] and len(warm_ups[0]) == 2  # one warm-up, shared
+    fine = [[h["train_loss"] for h in history if h["phase"] == "full"] for history in _member_histories(summary)]
+    assert fine[0] != fine[1]  # each member fine-tunes with its own seed
+    chosen = summary["soup"]["chosen"]
+    assert chosen[0] == members[0]["seed"] and summary["best"]["val_macro_auc"] >= members[0]["best"]["val_macro_auc"]
+    assert (summary["best"]["phase"] == "soup") == (len(chosen) == 2)
+    # the bundle holds the chosen weights: its own validation predictions give the AUC the choice was made on
+    predictor = Predictor(prepared / "soup" / "bundle")
+    frame = load_split_frame(prepared / "catalogue", "val")
+    posters = _posters(prepared / "catalogue", frame["movie_id"])
+    probabilities = predictor.score(posters, frame).probabilities
+    labels = predictor.vocabulary.encode_many(frame["genres"])
+    assert macro_auc(labels, probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
+
+
+def _member_histories(summary: dict) -> list[list[dict]]:
+    return [member["history"] for member in summary["soup"]["members"]]
+
+
+def test_a_soup_averages_float_weights_and_keeps_integer_buffers():
+    import torch
+
+    from posterfusion.jobs.train import average_states
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    mean = average_states([a, b])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and mean["n"].item() == 5
+
+
+def test_a_soup_needs_one_warm_up_to_start_its_members_from(prepared):
+    with pytest.raises(ValueError, match="start from one warmed-up head"):
+        small(prepared, "soup-cold", soup=2, weights="mobilenet_v2_imagenet.safetensors", backbone="mobilenet_v2")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_trains_and_reads_exactly_its_inputs(prepared, variant):
     """On one frozen pretrained backbone, so its features are extracted once for all the variants."""
