@@ -3,12 +3,17 @@
 Starts the app on 127.0.0.1 (a local Ray, or ``--address``), then for each batch size sends
 ``--requests`` posters (real posters from ../shared, cycled) from ``--concurrency`` clients
 over HTTP, and prints requests/s, p50/p90/p99 latency, the batch sizes the replica formed,
-and the ratios. One model replica in both runs, so only batching differs. Then, at low load
+and the ratios. One model replica in both runs, so only batching differs. Every HTTP figure is
+taken twice: through Serve's HTTP proxy (the service's URL) and straight to the replica's own
+port (Serve's direct ingress, which this benchmark switches on for the Ray it starts; the proxy
+keeps serving). Then, at low load
 (one client, one request at a time, the first batch size's settings), the serving overhead:
 end-to-end latency minus the model replica's own time for the batch (``model_ms`` in each
 answer) — HTTP, validation, the hops and the batch wait — for the service as deployed (the
 model in the ingress replica) and, side by side, with the model in a deployment of its own
-(``model_in_ingress=False``: one more hop per poster).
+(``model_in_ingress=False``: one more hop per poster). Last, the floor without Serve: the same
+client and the ingress's own parsing in a bare FastAPI app under uvicorn, so the part of the
+overhead that Serve's proxy and hop add stands beside the part HTTP and parsing cost anyway.
 
     python benchmarks/serve_load.py --model runs/demo/model
     python benchmarks/serve_load.py --model M --requests 400 --concurrency 32 --batch-sizes 1 4 16
@@ -96,10 +101,72 @@ def low_load(url: str, posters: list[bytes], requests: int) -> dict:
             "healthz_p50": percentile(health, 50) * 1000, "requests": len(ends)}
 
 
-def deploy(model: Path, batch_size: int, posters: list[bytes], args, in_ingress: bool = True) -> str:
+def plain_floor(model: Path, posters: list[bytes], requests: int, port: int) -> dict:
+    """The same client against the same parsing without Ray Serve: what HTTP itself costs here.
+
+    A bare FastAPI app under uvicorn (in a thread of this process, on loopback) that does the
+    ingress's own work on a poster — ``read_form`` under its limits, the part checks, the
+    metadata field, a ``PredictResponse`` of the real shape (a model's answer, canned) — but no
+    proxy, no replica hop and no model. Serving overhead minus this is what Serve adds.
+    """
+    import threading
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from posterfusion.models.predictor import Predictor
+    from posterfusion.serving.app import ServeConfig, check_poster_part, parse_metadata, read_form, read_json_field
+    from posterfusion.serving.schemas import PredictResponse
+
+    config = ServeConfig(model=model)
+    predictor = Predictor(model, detect=False)
+    scored = predictor.score(posters[:1], [None], objects=[None] if predictor.model.uses_objects else None)
+    answer = predictor.prediction(scored, 0)
+    canned = {"model_version": predictor.version, "probabilities": answer.probabilities,
+              "top3": [{"genre": g, "probability": q} for g, q in answer.top3], "genres": answer.genres,
+              "objects": [], "detections": [], "batch_size": 1, "model_ms": 0.0}
+
+    async def healthz(request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model_version": predictor.version})
+
+    async def predict(request) -> JSONResponse:
+        form = await read_form(request, config)
+        part = form.get("poster")
+        check_poster_part(part, config.max_upload_bytes, "poster")
+        assert await part.read()
+        parse_metadata(await read_json_field(form.get("metadata"), "metadata", config.max_metadata_bytes))
+        return JSONResponse(PredictResponse.model_validate(canned).model_dump(mode="json"))
+
+    app = FastAPI()  # plain routes: this module's postponed annotations would hide Request from FastAPI
+    app.router.add_route("/healthz", healthz, methods=["GET"])
+    app.router.add_route("/v1/predict", predict, methods=["POST"])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ends, _, _, _ = asyncio.run(load(url, posters, requests, 1))
+        health = []
+        with httpx.Client(timeout=60) as client:
+            for _ in range(requests):
+                started = time.perf_counter()
+                client.get(f"{url}/healthz").raise_for_status()
+                health.append(time.perf_counter() - started)
+    finally:
+        server.should_exit = True
+        thread.join()
+    return {"p50": percentile(ends, 50) * 1000, "healthz_p50": percentile(health, 50) * 1000}
+
+
+def deploy(model: Path, batch_size: int, posters: list[bytes], args, in_ingress: bool = True) -> tuple[str, str]:
+    """(the proxy's URL, the ingress replica's own URL under direct ingress)."""
     import httpx
 
-    from posterfusion.serving.app import ServeConfig, start_service
+    from posterfusion.serving.app import ServeConfig, direct_urls, start_service
 
     wait = {} if args.wait_ms is None else {"batch_wait_timeout_s": args.wait_ms / 1000}
     config = ServeConfig(model=model.resolve(), max_batch_size=batch_size, **wait, min_replicas=1, max_replicas=1,
@@ -107,35 +174,81 @@ def deploy(model: Path, batch_size: int, posters: list[bytes], args, in_ingress:
                          max_queued_requests=10_000, replica_cpus=args.replica_cpus,
                          replica_gpus=1.0 if args.device == "cuda" else 0.0)
     url = start_service(config, port=args.port)
+    replicas = direct_urls()
+    if len(replicas) != 1:
+        raise RuntimeError(f"expected one ingress replica answering directly, found {replicas}: does this Ray run "
+                           "Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where it started)?")
     for poster in posters[:4]:  # warm-up: first calls pay for lazy initialisation
-        httpx.post(f"{url}/v1/predict", files={"poster": ("p.jpg", poster, "image/jpeg")}, timeout=300)
-    return url
+        for target in (url, replicas[0]):
+            httpx.post(f"{target}/v1/predict", files={"poster": ("p.jpg", poster, "image/jpeg")}, timeout=300)
+    return url, replicas[0]
 
 
 def split_low_load(model: Path, batch_size: int, posters: list[bytes], args) -> dict:
-    """The low-load figures with the model in a deployment of its own (proxy → ingress → model)."""
+    """The low-load figures with the model in a deployment of its own (ingress → model: one more hop)."""
     from ray import serve
 
-    url = deploy(model, batch_size, posters, args, in_ingress=False)
-    low = low_load(url, posters, args.low_load_requests)
+    url, direct = deploy(model, batch_size, posters, args, in_ingress=False)
+    low = {"proxy": low_load(url, posters, args.low_load_requests),
+           "direct": low_load(direct, posters, args.low_load_requests)}
     serve.delete("posterfusion")
     return low
 
 
 def run(model: Path, batch_size: int, posters: list[bytes], args, measure_low_load: bool = False) -> dict:
+    """One batch size: the same load through Serve's proxy and straight to the replica, then handle calls."""
     from ray import serve
 
-    url = deploy(model, batch_size, posters, args)
-    started = time.perf_counter()
-    latencies, sizes, failed, _ = asyncio.run(load(url, posters, args.requests, args.concurrency))
-    seconds = time.perf_counter() - started
+    url, direct = deploy(model, batch_size, posters, args)
+    out = {"batch": batch_size}
+    for path, target in (("proxy", url), ("direct", direct)):
+        started = time.perf_counter()
+        latencies, sizes, failed, _ = asyncio.run(load(target, posters, args.requests, args.concurrency))
+        seconds = time.perf_counter() - started
+        out[path] = {"rps": len(latencies) / seconds, "p50": percentile(latencies, 50) * 1000,
+                     "p90": percentile(latencies, 90) * 1000, "p99": percentile(latencies, 99) * 1000,
+                     "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds}
+        if measure_low_load:
+            out[path]["low"] = low_load(target, posters, args.low_load_requests)
     replica_rps, replica_sizes = asyncio.run(handle_load(posters, args.requests, args.concurrency, in_ingress=True))
-    low = low_load(url, posters, args.low_load_requests) if measure_low_load else None
     serve.delete("posterfusion")
-    return {"batch": batch_size, "rps": len(latencies) / seconds, "p50": percentile(latencies, 50) * 1000,
-            "p90": percentile(latencies, 90) * 1000, "p99": percentile(latencies, 99) * 1000,
-            "failed": failed, "sizes": dict(sorted(sizes.items())), "seconds": seconds, "low": low,
-            "replica_rps": replica_rps, "replica_sizes": dict(sorted(replica_sizes.items()))}
+    return out | {"replica_rps": replica_rps, "replica_sizes": dict(sorted(replica_sizes.items()))}
+
+
+PATHS = {"proxy": "through Serve's HTTP proxy", "direct": "straight to the replica (Serve's direct ingress)"}
+
+
+def report(results: list[dict], split: dict, plain: dict, args, cluster) -> None:
+    print(f"bundle {args.model}; {args.requests} requests, {args.concurrency} concurrent, real posters; "
+          f"1 replica (ingress + model) × {args.replica_cpus} CPU; Ray: {cluster.cpus:g} CPU, {cluster.gpus:g} GPU")
+    for path, what in PATHS.items():
+        print(f"HTTP {what}:")
+        print(f"{'max_batch_size':>14}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'failed':>8}  "
+              "batch sizes formed")
+        for r in results:
+            h = r[path]
+            print(f"{r['batch']:>14}{h['rps']:>8.1f}{h['p50']:>9.0f}{h['p90']:>9.0f}{h['p99']:>9.0f}{h['failed']:>8}  "
+                  f"{h['sizes']}")
+    print(f"the model replica alone (Serve handle calls, {args.concurrency} concurrent, no HTTP):")
+    for r in results:
+        print(f"{r['batch']:>14}{r['replica_rps']:>8.1f}  batch sizes formed {r['replica_sizes']}")
+    base = next((r for r in results if r["batch"] == 1), None)
+    for r in results:
+        if base is not None and r is not base:
+            gains = ", ".join(f"{r[p]['rps'] / base[p]['rps']:.2f}x over HTTP {p} "
+                              f"(p99 {r[p]['p99'] / base[p]['p99']:.2f}x)" for p in PATHS)
+            print(f"batching gain, max_batch_size {r['batch']} vs 1: throughput {gains}, "
+                  f"{r['replica_rps'] / base['replica_rps']:.2f}x at the replica alone")
+    layouts = (("model in the ingress replica", {p: results[0][p]["low"] for p in PATHS}),
+               ("model in its own deployment", split))
+    for name, lows in layouts:
+        for path, low in lows.items():
+            print(f"low load, {name}, {path} (1 client, {low['requests']} requests, max_batch_size "
+                  f"{results[0]['batch']}): end-to-end p50 {low['p50']:.1f} ms, model p50 {low['model_p50']:.1f} ms, "
+                  f"serving overhead p50 {low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms); "
+                  f"GET /healthz p50 {low['healthz_p50']:.1f} ms")
+    print(f"the same client and parsing without Ray Serve (bare FastAPI under uvicorn, no model): poster p50 "
+          f"{plain['p50']:.1f} ms, GET /healthz p50 {plain['healthz_p50']:.1f} ms")
 
 
 def main() -> None:
@@ -150,15 +263,17 @@ def main() -> None:
     parser.add_argument("--replica-cpus", type=float, default=0.5)
     parser.add_argument("--device", default="cpu", help="cuda: the model replica takes one GPU")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--address", default=None)
+    parser.add_argument("--address", default=None, help="a cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
     args = parser.parse_args()
     from posterfusion.cluster.multinode import free_port
 
     args.port = args.port or free_port()
 
     from posterfusion.cluster import ClusterConfig, prepare_environment, ray_cluster
+    from posterfusion.serving.app import enable_direct_ingress
 
     prepare_environment()
+    enable_direct_ingress()  # the local Ray below: the proxy keeps its URL, each replica gets one of its own
     posters = [p.read_bytes() for p in sorted(args.posters.glob("*.jpg"))[:64]]
     with ray_cluster(ClusterConfig(address=args.address)) as cluster:
         results = [run(args.model, b, posters, args, measure_low_load=i == 0) for i, b in enumerate(args.batch_sizes)]
@@ -166,26 +281,8 @@ def main() -> None:
         from ray import serve
 
         serve.shutdown()
-    print(f"bundle {args.model}; {args.requests} requests, {args.concurrency} concurrent, real posters; "
-          f"1 replica (ingress + model) × {args.replica_cpus} CPU; Ray: {cluster.cpus:g} CPU, {cluster.gpus:g} GPU")
-    print(f"{'max_batch_size':>14}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'failed':>8}  batch sizes formed")
-    for r in results:
-        print(f"{r['batch']:>14}{r['rps']:>8.1f}{r['p50']:>9.0f}{r['p90']:>9.0f}{r['p99']:>9.0f}{r['failed']:>8}  "
-              f"{r['sizes']}")
-    print(f"the model replica alone (Serve handle calls, {args.concurrency} concurrent, no HTTP):")
-    for r in results:
-        print(f"{r['batch']:>14}{r['replica_rps']:>8.1f}  batch sizes formed {r['replica_sizes']}")
-    base = next((r for r in results if r["batch"] == 1), None)
-    for r in results:
-        if base is not None and r is not base:
-            print(f"batching gain, max_batch_size {r['batch']} vs 1: throughput {r['rps'] / base['rps']:.2f}x over "
-                  f"HTTP (p50 {r['p50'] / base['p50']:.2f}x, p99 {r['p99'] / base['p99']:.2f}x), "
-                  f"{r['replica_rps'] / base['replica_rps']:.2f}x at the replica alone")
-    for name, low in (("model in the ingress replica", results[0]["low"]), ("model in its own deployment", split)):
-        print(f"low load, {name} (1 client, {low['requests']} requests, max_batch_size {results[0]['batch']}): "
-              f"end-to-end p50 {low['p50']:.1f} ms, model p50 {low['model_p50']:.1f} ms, serving overhead p50 "
-              f"{low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms); GET /healthz p50 "
-              f"{low['healthz_p50']:.1f} ms")
+    plain = plain_floor(args.model, posters, args.low_load_requests, free_port())
+    report(results, split, plain, args, cluster)
 
 
 if __name__ == "__main__":

@@ -358,22 +358,34 @@ def serve(
     max_queued_requests: Annotated[int | None, typer.Option(help="Queue length beyond which requests get 503.")] = None,
     replica_cpus: Annotated[float | None, typer.Option(help="CPUs per model replica.")] = None,
     replica_gpus: Annotated[float | None, typer.Option(help="GPUs per model replica.")] = None,
+    direct_ingress: Annotated[bool, typer.Option(help="Each replica also answers on its own port, past Serve's "
+                                                      "proxy (Serve's direct ingress; the local Ray only: a "
+                                                      "cluster sets RAY_SERVE_ENABLE_DIRECT_INGRESS=1).")] = False,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Serve the model over HTTP with Ray Serve (batching, autoscaling) until interrupted."""
     import time
 
-    from posterfusion.serving.app import ServeConfig, start_service
+    from posterfusion.errors import UserValueError
+    from posterfusion.serving.app import ServeConfig, direct_urls, enable_direct_ingress, start_service
 
     config = ServeConfig(model=model.resolve(), **_given(
         max_batch_size=max_batch_size, batch_wait_timeout_s=None if batch_wait_ms is None else batch_wait_ms / 1000,
         min_replicas=min_replicas, max_replicas=max_replicas, max_queued_requests=max_queued_requests,
         replica_cpus=replica_cpus, replica_gpus=replica_gpus))
     _check(model=model)
+    if direct_ingress:
+        enable_direct_ingress()
     with _cluster(address, num_cpus):
         url = start_service(config, host=host, port=port)
         typer.echo(f"serving {model} at {url}/ (upload page), {url}/v1/predict, {url}/docs — Ctrl-C stops")
+        if direct_ingress:
+            replicas = direct_urls()
+            if not replicas:
+                raise UserValueError("the cluster does not run Serve's direct ingress: start it with "
+                                     "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment")
+            typer.echo(f"each replica directly (no proxy hop): {', '.join(replicas)}")
         try:
             while True:
                 time.sleep(3600)

@@ -410,13 +410,14 @@ def best_of(result) -> dict:
     if best is None:
         raise RuntimeError(f"training reported no checkpoint (error: {result.error})")
     with best.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["model"]
+        saved = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")
         with np.load(Path(directory) / "validation.npz") as val:
             logits, labels = val["logits"], val["labels"]
     with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
         history = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["history"]
-    return {"state": state, "logits": logits, "labels": labels, "history": history,
-            "best": max(history, key=lambda h: h["val_macro_auc"])}
+    # the chosen checkpoint's own epoch: a soup member's history also holds the warm-up epochs it started from
+    return {"state": saved["model"], "logits": logits, "labels": labels, "history": history,
+            "best": saved["history"][-1]}
 
 
 def soup(config: TrainConfig, loop: LoopConfig, datasets: dict, genres: list[str]) -> dict:

@@ -221,6 +221,46 @@ def build_app(args: ServeConfig | dict):
     return bind(config)
 
 
+# Serve's direct ingress (Ray >= 2.56, experimental): a cluster-wide switch read when Serve starts.
+DIRECT_INGRESS_ENV = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # how long a stopping replica keeps answering so a load balancer can drop it (Serve: 30 s)
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
+def enable_direct_ingress() -> None:
+    """Set :data:`DIRECT_INGRESS_ENV` in this process, for the local Ray it is about to start.
+
+    Only a Ray started afterwards by this process inherits it; a running cluster (``--address``)
+    needs it in its own environment (the KubeRay manifests' ``env``).
+    """
+    import os
+
+    for key, value in DIRECT_INGRESS_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def direct_urls(name: str = "posterfusion") -> list[str]:
+    """The HTTP address of each running ingress replica of app ``name`` under Serve's direct ingress.
+
+    With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the cluster's environment, every ingress
+    replica also answers HTTP itself, on a port of its own (30000 and up) on the host Serve's
+    HTTP options name (loopback here): a client or a load balancer beside it skips Serve's proxy
+    and the hop from the proxy to the replica — most of the serving overhead on this project's
+    machine (docs/results.md). The proxy keeps serving the usual URL. Serve has no public call for
+    these ports yet; they come from the controller's target groups. Empty when direct ingress is off.
+    """
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name))
+    return sorted(f"http://{target.ip}:{target.port}" for group in groups
+                  if group.app_name == name and group.ingress_deployment_name
+                  and group.protocol == RequestProtocol.HTTP for target in group.targets)
+
+
 def start_service(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "posterfusion",
                   route_prefix: str = "/") -> str:
     """Start Serve's HTTP proxy on ``host:port`` (loopback by default) and deploy the app; return its URL.

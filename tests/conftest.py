@@ -24,9 +24,15 @@ prepare_environment()  # before ray is imported anywhere in the session
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (a start costs seconds)."""
-    from posterfusion.cluster import ClusterConfig, ray_cluster
+    """One local Ray for the whole test session (a start costs seconds).
 
+    With Serve's direct ingress switched on, so the service tests reach each replica both through
+    the proxy (the service's URL, as without it) and on the replica's own port.
+    """
+    from posterfusion.cluster import ClusterConfig, ray_cluster
+    from posterfusion.serving.app import enable_direct_ingress
+
+    enable_direct_ingress()
     with ray_cluster(ClusterConfig(num_cpus=2)) as info:
         yield info
 

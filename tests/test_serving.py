@@ -279,6 +279,22 @@ def test_the_serve_config_yaml_is_a_valid_serve_config_with_valid_args():
     ServeConfig.model_validate(app.args)
 
 
+def test_under_direct_ingress_each_replica_answers_on_its_own_port_as_through_the_proxy(service, bundle):
+    """``posterfusion serve --direct-ingress``: a client beside the replica skips the proxy, same answers."""
+    from posterfusion.serving.app import direct_urls
+
+    replicas = direct_urls("posterfusion")
+    assert len(replicas) == 1 and replicas[0].startswith("http://127.0.0.1:")  # loopback, like the proxy
+    assert replicas[0] != service
+    poster = noisy_jpeg_bytes(11)
+    via_proxy, direct = (post(f"{url}/v1/predict", files=poster_file(poster)) for url in (service, replicas[0]))
+    assert direct.status_code == via_proxy.status_code == 200, direct.text
+    assert direct.json()["probabilities"] == pytest.approx(via_proxy.json()["probabilities"], abs=1e-6)
+    bad = post(f"{replicas[0]}/v1/predict", files=poster_file(b"not a poster"))
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "not_an_image"
+    assert httpx.get(f"{replicas[0]}/healthz", timeout=30).json()["status"] == "ok"
+
+
 def test_a_separate_model_deployment_answers_as_the_one_replica_service_does(service):
     poster = noisy_jpeg_bytes(3, size=(120, 180))
     one, split = post(f"{service}/v1/predict", files=poster_file(poster)), \

@@ -73,7 +73,7 @@ def test_a_soup_fine_tunes_each_member_from_one_warm_up_and_bundles_the_weights_
     from posterfusion.models.metrics import macro_auc
     from posterfusion.models.predictor import Predictor
 
-    summary = run_train(small(prepared, "soup", epochs=4, warmup_epochs=2, soup=2, seed=3, variant="cnn",
+    summary = run_train(small(prepared, "soup", epochs=3, warmup_epochs=2, soup=2, seed=3, variant="cnn",
                               backbone="mobilenet_v2", weights="mobilenet_v2_imagenet.safetensors", image_size=64,
                               train_stages=2, lr=3e-3, backbone_lr=1e-3))
     members = summary["soup"]["members"]
