@@ -426,10 +426,13 @@ def soup(config: TrainConfig, loop: LoopConfig, datasets: dict, genres: list[str
     The head warms up once on frozen features; each member fine-tunes from that one checkpoint
     with its own seed (data order, augmentation, dropout, metadata dropout). Members sorted by
     their validation macro AUC, the best is the soup; each next one is averaged in only if the
-    averaged weights score higher on validation. Models fine-tuned from one starting point
-    average into one that is usually better than each, at one model's inference cost.
+    averaged weights score higher on validation. Models fine-tuned from one starting point often
+    average into one better than each, at one model's inference cost; on this project's posters
+    the average landed between its two members (docs/results.md), so no recipe uses it.
     """
     warm = fit(config, loop.model_copy(update={"stop_after": loop.head_epochs}), datasets)
+    if warm.checkpoint is None:
+        raise RuntimeError(f"the soup's head warm-up reported no checkpoint (error: {warm.error})")
     start = warm.checkpoint.path
     members = []
     for i in range(config.soup):

@@ -97,7 +97,7 @@ def test_the_seed_recipes_train_and_stand_in_one_comparison_table(sample, tmp_pa
     seeds = [n for n in RECIPES if n.startswith("seed-")]
     result = run_compare(CompareConfig(  # short settings: each system trains one epoch on 48 posters
         catalogue=root / "catalogue", out=tmp_path / "compare", models=tmp_path / "models", recipes=seeds,
-        variants=["cnn"], n_boot=50, train={"epochs": 1, "image_size": 32, "batch_size": 16, "limit": 48}))
+        variants=["cnn"], n_boot=20, train={"epochs": 1, "image_size": 32, "batch_size": 16, "limit": 48}))
     rows = {row["entry"]: row for row in result["side_by_side"]}
     assert {f"{n}/cnn" for n in seeds} <= set(rows)
     assert sum(name == "label_prior" for name in (r["entry"] for r in result["side_by_side"])) == len(result["groups"])
