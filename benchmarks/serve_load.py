@@ -80,22 +80,28 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
+def healthz_latencies(url: str, requests: int) -> list[float]:
+    """Seconds of each of ``requests`` sequential ``GET /healthz`` on one kept-alive connection."""
+    import httpx
+
+    latencies = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.get(f"{url}/healthz").raise_for_status()
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
 def low_load(url: str, posters: list[bytes], requests: int) -> dict:
     """One client, one request at a time: end-to-end latency and what of it is not the model's own time.
 
     Also ``GET /healthz`` (no body, no model: the route answers from the replica) — the floor any
     request pays for HTTP, Serve's proxy and the hop(s) to the replica on this machine.
     """
-    import httpx
-
     ends, _, _, model = asyncio.run(load(url, posters, requests, 1))
     overhead = [e - m for e, m in zip(ends, model, strict=True)]
-    health = []
-    with httpx.Client(timeout=60) as client:
-        for _ in range(requests):
-            started = time.perf_counter()
-            client.get(f"{url}/healthz").raise_for_status()
-            health.append(time.perf_counter() - started)
+    health = healthz_latencies(url, requests)
     return {"p50": percentile(ends, 50) * 1000, "model_p50": percentile(model, 50) * 1000,
             "overhead_p50": percentile(overhead, 50) * 1000, "overhead_p90": percentile(overhead, 90) * 1000,
             "healthz_p50": percentile(health, 50) * 1000, "requests": len(ends)}
@@ -111,7 +117,6 @@ def plain_floor(model: Path, posters: list[bytes], requests: int, port: int) -> 
     """
     import threading
 
-    import httpx
     import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
@@ -150,12 +155,7 @@ def plain_floor(model: Path, posters: list[bytes], requests: int, port: int) -> 
     try:
         url = f"http://127.0.0.1:{port}"
         ends, _, _, _ = asyncio.run(load(url, posters, requests, 1))
-        health = []
-        with httpx.Client(timeout=60) as client:
-            for _ in range(requests):
-                started = time.perf_counter()
-                client.get(f"{url}/healthz").raise_for_status()
-                health.append(time.perf_counter() - started)
+        health = healthz_latencies(url, requests)
     finally:
         server.should_exit = True
         thread.join()

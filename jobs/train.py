@@ -474,25 +474,27 @@ def validate_state(state: dict, loop: LoopConfig, val_dataset):
 
 def _member_summary(member: dict, loop: LoopConfig, genres: list[str]) -> dict:
     """A member alone, as it would have been bundled: best epoch, calibrated validation metrics."""
-    from posterfusion.models.calibration import Calibration
-
-    shift = np.log(np.asarray(loop.pos_weight))
-    calibrated = Calibration.fit(member["logits"], member["labels"], shift).probabilities(member["logits"])
+    _, calibrated = calibrate(member["logits"], member["labels"], loop)
     validation = validation_summary(member["labels"], calibrated, np.asarray(loop.label_prior), genres)
     return {"seed": member["seed"], "best": member["best"], "history": member["history"],
             "run_path": member["run_path"], "validation": validation}
 
 
+def calibrate(logits: np.ndarray, labels: np.ndarray, loop: LoopConfig):
+    """(the calibration fitted on validation logits, after undoing the loss's pos_weight shift; their probabilities)."""
+    from posterfusion.models.calibration import Calibration
+
+    calibration = Calibration.fit(logits, labels, np.log(np.asarray(loop.pos_weight)))
+    return calibration, calibration.probabilities(logits)
+
+
 def _write_bundle(config: TrainConfig, loop: LoopConfig, data: Prepared, trained: dict, seconds: float) -> dict:
     from posterfusion.features.catalogue import catalogue_identity
     from posterfusion.models.bundle import BundleConfig, save_bundle
-    from posterfusion.models.calibration import Calibration
     from posterfusion.models.metrics import tune_thresholds
 
-    shift = np.log(np.asarray(loop.pos_weight))
     logits, labels, history = trained["logits"], trained["labels"], trained["history"]
-    calibration = Calibration.fit(logits, labels, shift)
-    calibrated = calibration.probabilities(logits)
+    calibration, calibrated = calibrate(logits, labels, loop)
     genres = data.vocabulary.genres
     thresholds = dict(zip(genres, tune_thresholds(labels, calibrated).tolist(), strict=True))
     metrics = {"best": trained["best"], "history": history, "seconds": round(seconds, 1),

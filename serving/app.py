@@ -233,7 +233,7 @@ def enable_direct_ingress() -> None:
     """Set :data:`DIRECT_INGRESS_ENV` in this process, for the local Ray it is about to start.
 
     Only a Ray started afterwards by this process inherits it; a running cluster (``--address``)
-    needs it in its own environment (the KubeRay manifests' ``env``).
+    needs it in the environment its Ray processes started with (docs/operations.md).
     """
     import os
 
