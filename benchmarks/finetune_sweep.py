@@ -32,7 +32,10 @@ CANDIDATES: dict[str, dict] = {
     # ... and the backbone moves half as fast
     "head-1e-4-bb-1e-4": {"finetune_head_lr": 1e-4, "backbone_lr": 1e-4},
     # two fine-tuning runs from one warm-up, greedily averaged: its members print beside it (paired)
-    "soup-2": {"soup": 2},
+    "soup-2": {"members": 2, "combine": "soup"},
+    # ... kept side by side, their logits averaged (an output ensemble sharing the frozen stages)
+    "ensemble-2": {"members": 2, "combine": "ensemble"},
+    "ensemble-3": {"members": 3, "combine": "ensemble"},
 }
 
 
@@ -82,7 +85,7 @@ def main() -> None:
     for name in names:
         for seed, metrics in zip(seeds, results[name], strict=True):
             print(row(name, seed, metrics))
-            for member in metrics.get("soup", {}).get("members", []):
+            for member in metrics.get("members", {}).get("runs", []):
                 print(row(f"  member {member['seed']}", seed, member | {"seconds": 0}))
         mean = {k: sum(m["validation"]["model"][k] for m in results[name]) / len(seeds)
                 for k in ("roc_auc_main6", "hit@3", "top_n_ratio")}

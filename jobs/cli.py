@@ -160,8 +160,10 @@ def train(
     finetune_head_lr: Annotated[float | None, typer.Option(help="Peak head rate once the backbone trains "
                                                                 "(default: --lr).")] = None,
     train_stages: Annotated[int | None, typer.Option(help="Fine-tune only the backbone's last N stages.")] = None,
-    soup: Annotated[int | None, typer.Option(help="Fine-tuning runs from one warm-up, their weights averaged "
-                                                  "where validation gains.")] = None,
+    members: Annotated[int | None, typer.Option(help="Fine-tuning runs from one head warm-up (seeds seed + "
+                                                     "1000·i), combined into one bundle.")] = None,
+    combine: Annotated[str | None, typer.Option(help="ensemble (logits averaged; shared frozen stages run "
+                                                     "once) | soup (weights averaged where validation gains)")] = None,
     patience: Annotated[int | None, typer.Option(help="Epochs without val AUC gain before stopping.")] = None,
     metadata_dropout: Annotated[float | None, typer.Option(help="Share of samples trained without metadata.")] = None,
     pos_weight_cap: Annotated[float | None, typer.Option(help="Per-genre loss weight cap (1 = none).")] = None,
@@ -186,7 +188,8 @@ def train(
         recipe, catalogue, out, features=features, detector=DetectorConfig(weights=detector) if detector else None,
         variant=variant, backbone=backbone, weights=weights, fusion=fusion, mode=mode, image_size=image_size,
         epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
-        finetune_head_lr=finetune_head_lr, train_stages=train_stages, soup=soup,
+        finetune_head_lr=finetune_head_lr, train_stages=train_stages, members=members,
+        combine=combine,
         patience=patience, metadata_dropout=metadata_dropout, pos_weight_cap=pos_weight_cap, workers=workers,
         gpu=gpu, cpus_per_worker=cpus_per_worker, amp=amp, max_failures=max_failures, limit=limit, seed=seed)
     _check(catalogue=catalogue)

@@ -115,7 +115,9 @@ def stale_reason(bundle: Path, train) -> str | None:
     recorded = read_config(bundle)
     now = train.model_dump(mode="json")
     ignored = {"out", "storage_path", "cache", "notes"}
-    changed = sorted(k for k in now if k not in ignored and recorded.train.get(k) != now[k])
+    # a setting newer than the bundle was, when it was trained, at its default
+    then = {k: field.default for k, field in type(train).model_fields.items()} | recorded.train
+    changed = sorted(k for k in now if k not in ignored and then.get(k) != now[k])
     if changed:
         return f"trained with other settings ({', '.join(changed)})"
     if recorded.catalogue.get("fingerprint") != catalogue_identity(train.catalogue)["fingerprint"]:

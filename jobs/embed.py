@@ -140,7 +140,7 @@ def run_embeddings(config: EmbedConfig) -> dict:
         if written != rows:
             raise RuntimeError(f"embedded {written} posters but the catalogue selection has {rows}")
         manifest = {"model_version": version, "model": str(config.model), "catalogue": str(config.catalogue),
-                    "split": config.split, "rows": rows, "dim": bundle.model.hidden,
+                    "split": config.split, "rows": rows, "dim": bundle.model.embedding_dim,
                     "genres": _bundle_genres(config.model),
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -148,7 +148,7 @@ def run_embeddings(config: EmbedConfig) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
-    return {"rows": rows, "dim": bundle.model.hidden, "model_version": version, "split": config.split,
+    return {"rows": rows, "dim": bundle.model.embedding_dim, "model_version": version, "split": config.split,
             "actors": pool.size, "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
             "seconds": round(seconds, 2), "posters_per_s": round(rows / seconds, 2), "out": str(final)}
 

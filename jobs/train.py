@@ -74,8 +74,11 @@ class TrainConfig(BaseModel):
                                            "features need not restart at its full rate")
     train_stages: int | None = Field(None, ge=1, description="fine-tune only the backbone's last N stages "
                                      "(None: all); frozen stages cost no gradients")
-    soup: int = Field(1, ge=1, description="fine-tuning runs from the one warmed-up head (seeds seed + 1000·i); the "
-                      "bundle holds the greedy average of their weights (a model soup: one model's inference cost)")
+    members: int = Field(1, ge=1, description="fine-tuning runs from the one warmed-up head (seeds seed + 1000·i)")
+    combine: Literal["ensemble", "soup"] = Field(
+        "ensemble", description="how several members become one bundle: 'ensemble' keeps them all and averages "
+        "their logits (their shared frozen backbone stages run once); 'soup' greedily averages their weights "
+        "(one network's inference cost)")
     weight_decay: float = Field(1e-2, ge=0)
     dropout: float = Field(0.3, ge=0, lt=1)
     hidden: int = Field(256, ge=1)
@@ -105,11 +108,12 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _soup_needs_a_shared_warm_up(self) -> TrainConfig:
-        """Weights average well only between runs that left one starting point: the warmed-up head."""
-        if self.soup > 1 and not (self.mode == "finetune" and 0 < self.warmup_epochs < self.epochs):
-            raise ValueError("soup > 1 averages fine-tuning runs that start from one warmed-up head: it needs mode "
-                             "finetune and 0 < warmup_epochs < epochs")
+    def _members_need_a_shared_warm_up(self) -> TrainConfig:
+        """Members start from one warmed-up head: weights average well only between runs that left one
+        starting point, and an ensemble's members share the stages that checkpoint froze."""
+        if self.members > 1 and not (self.mode == "finetune" and 0 < self.warmup_epochs < self.epochs):
+            raise ValueError("members > 1 fine-tune from one warmed-up head: they need mode finetune and "
+                             "0 < warmup_epochs < epochs")
         return self
 
     @model_validator(mode="after")
@@ -166,8 +170,8 @@ class LoopConfig(BaseModel):
     missing_metadata: list[float]
     object_mean: list[float]
     object_std: list[float]
-    stop_after: int | None = Field(None, description="stop after this epoch (a soup's shared head warm-up)")
-    start_from: str | None = Field(None, description="checkpoint to continue from (a soup member: the warm-up's)")
+    stop_after: int | None = Field(None, description="stop after this epoch (the members' shared head warm-up)")
+    start_from: str | None = Field(None, description="checkpoint to continue from (a member: the shared warm-up's)")
     log_level: str = Field("WARNING", description="the workers' root logger (Ray Train sets it to INFO)")
 
 
@@ -365,18 +369,19 @@ def loop_config(config: TrainConfig, data: Prepared) -> LoopConfig:
 
 
 def run_train(config: TrainConfig) -> dict:
-    """Train, pick the best checkpoint (or soup the members'), calibrate, write the bundle; return the summary."""
+    """Train, pick the best checkpoint (or combine the members'), calibrate, write the bundle; return the summary."""
     started = time.perf_counter()
     data = prepare(config)
     loop = loop_config(config, data)
     datasets = feature_datasets(config, data) if loop.head_epochs else {}
     if loop.head_epochs < loop.epochs:
         datasets |= image_datasets(config, data)
-    if config.soup == 1:
+    if config.members == 1:
         result = fit(config, loop, datasets)
         trained = best_of(result) | {"run_path": result.path}
     else:
-        trained = soup(config, loop, datasets, data.vocabulary.genres)
+        combine = soup if config.combine == "soup" else ensemble
+        trained = combine(loop, datasets, data.vocabulary.genres, *train_members(config, loop, datasets))
     return _write_bundle(config, loop, data, trained, time.perf_counter() - started)
 
 
@@ -420,39 +425,72 @@ def best_of(result) -> dict:
             "best": saved["history"][-1]}
 
 
-def soup(config: TrainConfig, loop: LoopConfig, datasets: dict, genres: list[str]) -> dict:
-    """A greedy model soup (Wortsman et al., 2022) of ``config.soup`` fine-tuning runs.
+def train_members(config: TrainConfig, loop: LoopConfig, datasets: dict) -> tuple[str, list[dict]]:
+    """The head warms up once on frozen features; each of ``config.members`` runs fine-tunes from that
+    one checkpoint with its own seed (data order, augmentation, dropout, metadata dropout).
 
-    The head warms up once on frozen features; each member fine-tunes from that one checkpoint
-    with its own seed (data order, augmentation, dropout, metadata dropout). Members sorted by
-    their validation macro AUC, the best is the soup; each next one is averaged in only if the
-    averaged weights score higher on validation. Models fine-tuned from one starting point often
-    average into one better than each, at one model's inference cost; on this project's posters
-    the average landed between its two members (docs/results.md), so no recipe uses it.
+    Returns the warm-up's run path and the members (best checkpoint of each, in seed order).
     """
     warm = fit(config, loop.model_copy(update={"stop_after": loop.head_epochs}), datasets)
     if warm.checkpoint is None:
-        raise RuntimeError(f"the soup's head warm-up reported no checkpoint (error: {warm.error})")
-    start = warm.checkpoint.path
+        raise RuntimeError(f"the members' head warm-up reported no checkpoint (error: {warm.error})")
     members = []
-    for i in range(config.soup):
+    for i in range(config.members):
         seed = loop.seed + 1000 * i
-        result = fit(config, loop.model_copy(update={"seed": seed, "start_from": start}), datasets)
+        result = fit(config, loop.model_copy(update={"seed": seed, "start_from": warm.checkpoint.path}), datasets)
         members.append(best_of(result) | {"seed": seed, "run_path": result.path})
-    members.sort(key=lambda m: -m["best"]["val_macro_auc"])
+    return warm.path, members
+
+
+def soup(loop: LoopConfig, datasets: dict, genres: list[str], warm_path: str, members: list[dict]) -> dict:
+    """A greedy model soup (Wortsman et al., 2022) of the members.
+
+    Members sorted by their validation macro AUC, the best is the soup; each next one is averaged
+    in only if the averaged weights score higher on validation. Models fine-tuned from one
+    starting point often average into one better than each, at one model's inference cost; on
+    this project's posters the average landed between its two members (docs/results.md), so no
+    recipe uses it.
+    """
+    members = sorted(members, key=lambda m: -m["best"]["val_macro_auc"])
     chosen, current = [members[0]], members[0]
     for member in members[1:]:
         candidate = average_states([m["state"] for m in [*chosen, member]])
-        record, logits, labels = validate_state(candidate, loop, datasets["val"])
+        record, logits, labels = validate_model(_loaded(training_model(loop), candidate), loop, datasets["val"])
         _say(f"[train] soup of seeds {[m['seed'] for m in [*chosen, member]]}: val macro AUC "
              f"{record['val_macro_auc']:.4f} (so far {current['best']['val_macro_auc']:.4f})")
         if record["val_macro_auc"] > current["best"]["val_macro_auc"]:
             chosen.append(member)
             current = {"state": candidate, "logits": logits, "labels": labels,
                        "best": record | {"epoch": f"soup of {len(chosen)}", "phase": "soup"}}
-    return current | {"history": members[0]["history"], "run_path": warm.path,
-                      "soup": {"members": [_member_summary(m, loop, genres) for m in members],
-                               "chosen": [m["seed"] for m in chosen]}}
+    return current | {"history": members[0]["history"], "run_path": warm_path,
+                      "members": {"combine": "soup", "chosen": [m["seed"] for m in chosen],
+                                  "runs": [_member_summary(m, loop, genres) for m in members]}}
+
+
+def ensemble(loop: LoopConfig, datasets: dict, genres: list[str], warm_path: str, members: list[dict]) -> dict:
+    """All members in one bundle, their logits averaged (:class:`~posterfusion.models.ensemble.EnsembleNet`).
+
+    The stages every member left frozen are found in their weights and run once; the
+    ensemble is validated on the driver as it will be bundled, and calibration is fitted on
+    those logits (an average of calibrated members would not be calibrated itself).
+    """
+    import torch
+
+    from posterfusion.models.ensemble import EnsembleNet, ensemble_state, members_shared_stages
+
+    states = [m["state"] for m in members]
+    model_config = loop.model.model_copy(update={"members": len(members),
+                                                 "shared_stages": members_shared_stages(loop.model, states)})
+    model = _loaded(EnsembleNet(model_config, load_weights=False), ensemble_state(states))
+    record, logits, labels = validate_model(model.to(memory_format=torch.channels_last), loop, datasets["val"])
+    alone = ", ".join(f"{m['best']['val_macro_auc']:.4f}" for m in members)
+    _say(f"[train] ensemble of seeds {[m['seed'] for m in members]} ({model_config.shared_stages} backbone stages "
+         f"shared): val macro AUC {record['val_macro_auc']:.4f} (members alone {alone})")
+    return {"state": model.state_dict(), "logits": logits, "labels": labels, "model": model_config,
+            "best": record | {"epoch": f"ensemble of {len(members)}", "phase": "ensemble"},
+            "history": members[0]["history"], "run_path": warm_path,
+            "members": {"combine": "ensemble", "chosen": [m["seed"] for m in members],
+                        "runs": [_member_summary(m, loop, genres) for m in members]}}
 
 
 def average_states(states: list[dict]) -> dict:
@@ -461,12 +499,15 @@ def average_states(states: list[dict]) -> dict:
             for k, v in states[0].items()}
 
 
-def validate_state(state: dict, loop: LoopConfig, val_dataset):
-    """``validate`` of weights on the driver, on the decoded validation posters (a soup is in no worker)."""
+def _loaded(model, state: dict):
+    model.load_state_dict(state)
+    return model
+
+
+def validate_model(model, loop: LoopConfig, val_dataset):
+    """``validate`` on the driver, on the decoded validation posters (a soup or an ensemble is in no worker)."""
     import torch
 
-    model = training_model(loop)
-    model.load_state_dict(state)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(loop.pos_weight))
     batches = val_dataset.iter_torch_batches(batch_size=loop.batch_size)
     return validate(model, loss_fn, loop, torch.device("cpu"), "full", batches)
@@ -501,9 +542,9 @@ def _write_bundle(config: TrainConfig, loop: LoopConfig, data: Prepared, trained
                "validation": validation_summary(labels, calibrated, np.asarray(loop.label_prior), genres),
                "run_path": trained["run_path"], "train_rows": loop.train_rows, "workers": config.workers,
                "pos_weight": loop.pos_weight, "skipped": data.skipped}
-    if "soup" in trained:
-        metrics["soup"] = trained["soup"]
-    bundle = BundleConfig(model=loop.model, image_size=loop.image_size, detector=data.detector,
+    if "members" in trained:
+        metrics["members"] = trained["members"]
+    bundle = BundleConfig(model=trained.get("model", loop.model), image_size=loop.image_size, detector=data.detector,
                           detector_id=data.detector_id, recipe=config.recipe,
                           train=config.model_dump(mode="json"), catalogue=catalogue_identity(config.catalogue))
     save_bundle(config.out, config=bundle, state_dict=trained["state"], vocabulary=data.vocabulary,
@@ -651,7 +692,7 @@ def lr_schedules(config: LoopConfig, steps_per_epoch: int):
 
 
 def _resume(model, optimizer, scheduler, scaler, start_from: str | None = None) -> dict:
-    """Continue from this run's last checkpoint (after a worker failure), else from ``start_from`` (a soup
+    """Continue from this run's last checkpoint (after a worker failure), else from ``start_from`` (a
     member: the shared warm-up's), else start at epoch 0."""
     import ray.train
     import torch

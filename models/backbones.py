@@ -42,6 +42,25 @@ class Backbone(nn.Module):
     input_mean: tuple[float, float, float] = IMAGENET_MEAN
     input_std: tuple[float, float, float] = IMAGENET_STD
     native_size: int = 224
+    sequential_stages: bool = False  # forward == the stages() in order, then pool: a trunk can run once
+
+    def forward_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``stages()[start:stop]`` of the forward pass, pooled when it runs to the last stage.
+
+        Lets an ensemble whose members share their frozen lower stages run those once
+        (:class:`~posterfusion.models.ensemble.EnsembleNet`). Only backbones whose stages compose
+        exactly into ``forward`` (``sequential_stages``) can be split; the others run whole.
+        """
+        stages = self.stages()
+        stop = len(stages) if stop is None else stop
+        if (start, stop) == (0, len(stages)):
+            return self(x)
+        if not self.sequential_stages:
+            raise ValueError(f"{type(self).__name__} cannot run part of its stages (sequential_stages is False)")
+        for stage in stages[start:stop]:
+            for block in stage:
+                x = block(x)
+        return _pool(x) if stop == len(stages) else x
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a loaded state dict onto this module's keys (drops the torchvision classifier)."""
@@ -329,6 +348,7 @@ class MobileNetV2(Backbone):
     classifier_prefixes = ("classifier.",)
     input_mean = (0.5, 0.5, 0.5)
     input_std = (0.5, 0.5, 0.5)
+    sequential_stages = True
 
     def __init__(self):
         super().__init__()

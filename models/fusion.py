@@ -65,6 +65,14 @@ class FusionConfig(BaseModel):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     freeze_backbone: bool = Field(False, description="the backbone is never trained (frozen-features mode)")
     freeze_bn: bool = Field(False, description="backbone BatchNorms stay in eval mode (pretrained statistics)")
+    members: int = Field(1, ge=1, description="networks whose logits are averaged (an ensemble; 1: one network)")
+    shared_stages: int = Field(0, ge=0, description="leading backbone stages an ensemble's members share (they "
+                               "were frozen while the members fine-tuned): run once per batch")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the representation similarity search reads: each member's hidden layer, side by side."""
+        return self.hidden * self.members
 
     @property
     def uses_objects(self) -> bool:
@@ -198,6 +206,12 @@ class FusionNet(nn.Module):
         """Penultimate ``(N, hidden)`` features: the fused representation used for similarity search."""
         return self.embed_features(self.backbone(images), objects, metadata)
 
+    def embed_and_logits(self, images: torch.Tensor, objects: torch.Tensor | None = None,
+                         metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate features, logits) in one pass: what the Predictor scores with (in eval mode)."""
+        hidden = self.embed(images, objects, metadata)
+        return hidden, self.classifier(self.dropout(hidden))
+
     def forward(self, inputs: torch.Tensor, objects: torch.Tensor | None = None,
                 metadata: torch.Tensor | None = None, pooled: bool = False) -> torch.Tensor:
         """Genre logits ``(N, num_genres)``; the bundle's calibration turns them into probabilities.
@@ -215,13 +229,18 @@ class FusionNet(nn.Module):
         return side.to(features.dtype)
 
 
-def build_model(config: FusionConfig, load_weights: bool = True) -> FusionNet:
-    """The network of ``config``; ``load_weights=False`` skips the backbone's starting weights.
+def build_model(config: FusionConfig, load_weights: bool = True) -> nn.Module:
+    """The network of ``config`` (an :class:`EnsembleNet` when it has several members);
+    ``load_weights=False`` skips the backbone's starting weights.
 
     Training starts from ``config.weights``; a bundle's Predictor loads all weights from the
     bundle itself and must never fetch the starting ones (a download at every replica start,
     or a path that exists only where training ran).
     """
+    if config.members > 1:
+        from posterfusion.models.ensemble import EnsembleNet
+
+        return EnsembleNet(config, load_weights=load_weights)
     return FusionNet(config, load_weights=load_weights)
 
 

@@ -169,7 +169,7 @@ class Predictor:
         meta = self._metadata(metadata, n, errors)
         vectors, found, sources = self._objects(images, objects, detections, errors)
         probabilities = np.full((n, len(self.genres)), np.nan, dtype=np.float32)
-        embeddings = np.zeros((n, self.config.model.hidden), np.float32) if embed else None
+        embeddings = np.zeros((n, self.config.model.embedding_dim), np.float32) if embed else None
         good = [i for i in range(n) if errors[i] is None]
         if good:
             hidden, logits = self._forward([images[i] for i in good], meta[good],
@@ -255,12 +255,12 @@ class Predictor:
         batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.precision):
-            hidden = self.model.embed(
+            hidden, logits = self.model.embed_and_logits(
                 self.preset(batch),
                 torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
                 torch.as_tensor(metadata, device=self.device) if self.model.uses_metadata else None,
             )
-            logits = self.model.classifier(hidden).float()  # forward() minus dropout, an identity in eval
+            logits = logits.float()
             unit = torch.nn.functional.normalize(hidden.float(), dim=1)
         return unit.cpu().numpy(), logits.cpu().numpy()
 

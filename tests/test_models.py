@@ -313,3 +313,68 @@ def test_the_pretrained_mobilenet_classifies_the_check_images(image, index, labe
     labels = (SHARED / "weights" / "check" / "imagenet_labels.txt").read_text().splitlines()
     assert int(probabilities.argmax()) == index and labels[index + 1] == label  # line 0: TF's background class
     assert float(probabilities[index]) > 0.75
+
+
+def _members_from_one_checkpoint(config: FusionConfig, trained_stages: int, count: int = 2) -> list[dict]:
+    """Members as fine-tuning leaves them: one starting network, each changed only in its last stages and head."""
+    torch.manual_seed(0)
+    start = build_model(config, load_weights=False).state_dict()
+    states = []
+    for i in range(count):
+        net = build_model(config, load_weights=False)
+        net.load_state_dict(start)
+        torch.manual_seed(100 + i)
+        for stage in net.backbone.stages()[-trained_stages:]:
+            for p in stage.parameters():
+                p.data.add_(0.05 * torch.randn_like(p))
+        for p in net.classifier.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+        states.append(net.state_dict())
+    return states
+
+
+def test_an_ensemble_runs_its_shared_stages_once_and_averages_what_its_members_would_say():
+    from posterfusion.models.ensemble import EnsembleNet, ensemble_state, members_shared_stages
+    from posterfusion.models.fusion import FusionNet
+
+    config = FusionConfig(backbone="mobilenet_v2", variant="cnn+metadata", num_genres=4, metadata_dim=3)
+    states = _members_from_one_checkpoint(config, trained_stages=2)
+    shared = members_shared_stages(config, states)
+    assert shared == 4  # MobileNetV2's six stages, the last two changed
+    ensemble = EnsembleNet(config.model_copy(update={"members": 2, "shared_stages": shared}), load_weights=False)
+    ensemble.load_state_dict(ensemble_state(states))
+    ensemble.eval()
+    images, metadata = torch.randn(3, 3, 64, 64), torch.randn(3, 3)
+    alone = []
+    for state in states:
+        member = FusionNet(config, load_weights=False)
+        member.load_state_dict(state)
+        alone.append(member.eval())
+    calls = []
+    hook = ensemble.members[1].backbone.features[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        hidden, logits = ensemble.embed_and_logits(images, None, metadata)
+        expected = torch.stack([m(images, None, metadata) for m in alone]).mean(0)
+    hook.remove()
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not calls  # the second member's copy of the shared stages never ran
+    assert hidden.shape == (3, 2 * config.hidden) and config.model_copy(update={"members": 2}).embedding_dim == 512
+
+
+def test_an_ensemble_refuses_members_that_differ_where_it_says_they_share():
+    from posterfusion.models.ensemble import EnsembleNet, ensemble_state
+
+    config = FusionConfig(backbone="mobilenet_v2", variant="cnn", num_genres=4)
+    states = _members_from_one_checkpoint(config, trained_stages=3)  # stage 3 differs too
+    ensemble = EnsembleNet(config.model_copy(update={"members": 2, "shared_stages": 4}), load_weights=False)
+    with pytest.raises(ValueError, match="differ in backbone stage 3"):
+        ensemble.load_state_dict(ensemble_state(states))
+
+
+def test_a_backbone_split_into_its_stages_gives_its_own_features():
+    backbone = create_backbone("mobilenet_v2").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(backbone.forward_stages(backbone.forward_stages(x, 0, 3), 3), backbone(x), atol=1e-5)
+    with pytest.raises(ValueError, match="cannot run part of its stages"):
+        create_backbone("resnet34").forward_stages(x, 0, 2)  # its stages() leave out relu and max-pool

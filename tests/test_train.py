@@ -67,38 +67,47 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monk
     assert "resumed from the epoch-2 checkpoint" in capfd.readouterr().out
 
 
-def test_a_soup_fine_tunes_each_member_from_one_warm_up_and_bundles_the_weights_validation_chose(prepared):
-    """Two members share the head warm-up, then fine-tune apart; the bundle is the greedy soup of them."""
+def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_soup(prepared, monkeypatch):
+    """Two members share the head warm-up, then fine-tune apart; the bundle is their ensemble, the
+    frozen stages shared. The same members, handed to the soup, give the greedy soup of them."""
+    from posterfusion.jobs import train
     from posterfusion.jobs.evaluate import load_split_frame
     from posterfusion.models.metrics import macro_auc
     from posterfusion.models.predictor import Predictor
 
-    summary = run_train(small(prepared, "soup", epochs=3, warmup_epochs=2, soup=2, seed=3, variant="cnn",
+    soups, ensemble = [], train.ensemble
+
+    def ensemble_and_soup(*args):  # one training run checks both ways of combining its members
+        soups.append(train.soup(*args))
+        return ensemble(*args)
+
+    monkeypatch.setattr(train, "ensemble", ensemble_and_soup)
+    summary = run_train(small(prepared, "members", epochs=3, warmup_epochs=2, members=2, seed=3, variant="cnn",
                               backbone="mobilenet_v2", weights="mobilenet_v2_imagenet.safetensors", image_size=64,
                               train_stages=2, lr=3e-3, backbone_lr=1e-3))
-    members = summary["soup"]["members"]
-    assert sorted(m["seed"] for m in members) == [3, 1003]
-    histories = [m["best"] for m in members]
-    assert histories[0]["val_macro_auc"] >= histories[1]["val_macro_auc"]  # best member first
-    warm_ups = [[h for h in summary_history if h["phase"] == "head"]
-                for summary_history in _member_histories(summary)]
-    assert warm_ups[0] == warm_ups[1] and len(warm_ups[0]) == 2  # one warm-up, shared
-    fine = [[h["train_loss"] for h in history if h["phase"] == "full"] for history in _member_histories(summary)]
+    runs = summary["members"]["runs"]
+    assert summary["members"]["combine"] == "ensemble" and [m["seed"] for m in runs] == [3, 1003]
+    histories = [m["history"] for m in runs]
+    assert [h for h in histories[0] if h["phase"] == "head"] == [h for h in histories[1] if h["phase"] == "head"]
+    assert len([h for h in histories[0] if h["phase"] == "head"]) == 2  # one warm-up, shared
+    fine = [[h["train_loss"] for h in history if h["phase"] == "full"] for history in histories]
     assert fine[0] != fine[1]  # each member fine-tunes with its own seed
-    chosen = summary["soup"]["chosen"]
-    assert chosen[0] == members[0]["seed"] and summary["best"]["val_macro_auc"] >= members[0]["best"]["val_macro_auc"]
-    assert (summary["best"]["phase"] == "soup") == (len(chosen) == 2)
-    # the bundle holds the chosen weights: its own validation predictions give the AUC the choice was made on
-    predictor = Predictor(prepared / "soup" / "bundle")
+
+    config = json.loads((prepared / "members" / "bundle" / "config.json").read_text())["model"]
+    assert config["members"] == 2 and config["shared_stages"] == 4  # MobileNetV2's 6 stages, the last 2 trained
+    # the bundle is the ensemble validated on the driver: its validation predictions give the recorded AUC
+    predictor = Predictor(prepared / "members" / "bundle")
     frame = load_split_frame(prepared / "catalogue", "val")
-    posters = _posters(prepared / "catalogue", frame["movie_id"])
-    probabilities = predictor.score(posters, frame).probabilities
+    scored = predictor.score(_posters(prepared / "catalogue", frame["movie_id"]), frame, embed=True)
     labels = predictor.vocabulary.encode_many(frame["genres"])
-    assert macro_auc(labels, probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
+    assert macro_auc(labels, scored.probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
+    assert scored.embeddings.shape == (len(frame), 2 * config["hidden"])
 
-
-def _member_histories(summary: dict) -> list[list[dict]]:
-    return [member["history"] for member in summary["soup"]["members"]]
+    soup = soups[0]["members"]
+    best = max(runs, key=lambda m: m["best"]["val_macro_auc"])
+    assert soup["chosen"][0] == best["seed"]  # the best member first; the other only if averaging gains
+    assert soups[0]["best"]["val_macro_auc"] >= best["best"]["val_macro_auc"]
+    assert (soups[0]["best"]["phase"] == "soup") == (len(soup["chosen"]) == 2)
 
 
 def test_a_soup_averages_float_weights_and_keeps_integer_buffers():
@@ -112,9 +121,9 @@ def test_a_soup_averages_float_weights_and_keeps_integer_buffers():
     assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and mean["n"].item() == 5
 
 
-def test_a_soup_needs_one_warm_up_to_start_its_members_from(prepared):
-    with pytest.raises(ValueError, match="start from one warmed-up head"):
-        small(prepared, "soup-cold", soup=2, weights="mobilenet_v2_imagenet.safetensors", backbone="mobilenet_v2")
+def test_members_need_one_warm_up_to_start_from(prepared):
+    with pytest.raises(ValueError, match="fine-tune from one warmed-up head"):
+        small(prepared, "members-cold", members=2, weights="mobilenet_v2_imagenet.safetensors", backbone="mobilenet_v2")
 
 
 @pytest.mark.parametrize("variant", ["cnn", "fused", "flags-only"])
