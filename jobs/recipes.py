@@ -93,9 +93,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
-# Without pretrained weights there are no fixed features to train a head on first: every epoch trains it all,
-# and there is no warmed-up head for several members to start from.
-FROM_SCRATCH = {"weights": "none", "mode": "finetune", "warmup_epochs": 0, "members": 1}
+# Without pretrained weights there are no fixed features to train a head on first: every epoch trains it all.
+FROM_SCRATCH = {"weights": "none", "mode": "finetune", "warmup_epochs": 0}
 
 
 class ResolvedRecipe(BaseModel):
@@ -150,9 +149,15 @@ def resolve_recipe(name: str | None, overrides: dict) -> ResolvedRecipe:
     if resolved.get("weights", "none") == "none":
         scratch = {k: v for k, v in FROM_SCRATCH.items() if k not in overrides and resolved.get(k) != v}
         if scratch:
-            notes.append("from scratch: every epoch trains the whole network (no frozen features, no head warm-up, "
-                         "one member)")
+            notes.append("from scratch: every epoch trains the whole network (no frozen features, no head warm-up)")
             resolved |= scratch
+    warm_up = resolved.get("mode", "finetune") == "finetune" and 0 < resolved.get("warmup_epochs", 0) < resolved.get(
+        "epochs", 10)
+    if resolved.get("members", 1) > 1 and "members" not in overrides and not warm_up:
+        # members fine-tune from one warmed-up head: without a warm-up followed by fine-tuning there is one run
+        notes.append("no fine-tuning after a head warm-up (mode finetune, 0 < warmup_epochs < epochs): one member, "
+                     "not an ensemble")
+        resolved["members"] = 1
     return ResolvedRecipe(name=name, settings=resolved, notes=notes)
 
 

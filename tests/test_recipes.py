@@ -127,3 +127,12 @@ def test_compare_refuses_a_bundle_trained_with_other_settings(sample, tmp_path):
         ensure_bundles(config.model_copy(update={"train": SMALL | {"epochs": 2}}))
     with pytest.raises(ValueError, match="unknown training settings"):
         CompareConfig(catalogue=root, out=root, models=root, train={"epoch": 2})
+
+
+def test_a_recipe_of_several_members_trains_one_when_the_flags_leave_no_warm_up_to_share(tmp_path):
+    assert train_config("quality", tmp_path, tmp_path / "out").members == 3
+    short = resolve_recipe("quality", {"epochs": 2})  # all head epochs: nothing fine-tunes after the warm-up
+    assert short.settings["members"] == 1 and "one member, not an ensemble" in short.notes[0]
+    assert resolve_recipe("quality", {"warmup_epochs": 0}).settings["members"] == 1
+    with pytest.raises(ValueError, match="fine-tune from one warmed-up head"):  # asked for explicitly: refused
+        train_config("quality", tmp_path, tmp_path / "out", epochs=2, members=2)
