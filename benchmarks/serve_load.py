@@ -9,7 +9,10 @@ port (Serve's direct ingress, which this benchmark switches on for the Ray it st
 keeps serving). Then, at low load
 (one client, one request at a time, the first batch size's settings), the serving overhead:
 end-to-end latency minus the model replica's own time for the batch (``model_ms`` in each
-answer) — HTTP, validation, the hops and the batch wait — for the service as deployed (the
+answer) — HTTP, validation, the hops and the batch wait — taken with two clients in turn: a
+plain sequential ``httpx.Client`` (what a caller making one request at a time uses: the
+headline figure) and the ``httpx.AsyncClient`` of the load runs (its event loop adds its own
+time to every request), for the service as deployed (the
 model in the ingress replica) and, side by side, with the model in a deployment of its own
 (``model_in_ingress=False``: one more hop per poster). Last, the floor without Serve: the same
 client and the ingress's own parsing in a bare FastAPI app under uvicorn, so the part of the
@@ -93,17 +96,38 @@ def healthz_latencies(url: str, requests: int) -> list[float]:
     return latencies
 
 
+def sequential(url: str, posters: list[bytes], requests: int) -> tuple[list[float], list[float]]:
+    """(latencies in s, model seconds) of ``requests`` posters sent one after another on one connection."""
+    import httpx
+
+    latencies, model = [], []
+    with httpx.Client(timeout=300) as client:
+        for i in range(requests):
+            started = time.perf_counter()
+            response = client.post(f"{url}/v1/predict", files={"poster": ("p.jpg", posters[i % len(posters)],
+                                                                          "image/jpeg")})
+            latencies.append(time.perf_counter() - started)
+            response.raise_for_status()
+            model.append(response.json()["model_ms"] / 1000)
+    return latencies, model
+
+
 def low_load(url: str, posters: list[bytes], requests: int) -> dict:
     """One client, one request at a time: end-to-end latency and what of it is not the model's own time.
 
-    Also ``GET /healthz`` (no body, no model: the route answers from the replica) — the floor any
-    request pays for HTTP, Serve's proxy and the hop(s) to the replica on this machine.
+    Taken with a sequential ``httpx.Client`` (the headline) and then with the load runs'
+    ``httpx.AsyncClient`` (``async_`` keys). Also ``GET /healthz`` (no body, no model: the route
+    answers from the replica) — the floor any request pays for HTTP, Serve's proxy and the
+    hop(s) to the replica on this machine.
     """
-    ends, _, _, model = asyncio.run(load(url, posters, requests, 1))
+    ends, model = sequential(url, posters, requests)
+    async_ends, _, _, async_model = asyncio.run(load(url, posters, requests, 1))
     overhead = [e - m for e, m in zip(ends, model, strict=True)]
+    async_overhead = [e - m for e, m in zip(async_ends, async_model, strict=True)]
     health = healthz_latencies(url, requests)
     return {"p50": percentile(ends, 50) * 1000, "model_p50": percentile(model, 50) * 1000,
             "overhead_p50": percentile(overhead, 50) * 1000, "overhead_p90": percentile(overhead, 90) * 1000,
+            "async_overhead_p50": percentile(async_overhead, 50) * 1000,
             "healthz_p50": percentile(health, 50) * 1000, "requests": len(ends)}
 
 
@@ -154,12 +178,14 @@ def plain_floor(model: Path, posters: list[bytes], requests: int, port: int) -> 
         time.sleep(0.05)
     try:
         url = f"http://127.0.0.1:{port}"
-        ends, _, _, _ = asyncio.run(load(url, posters, requests, 1))
+        ends, _ = sequential(url, posters, requests)
+        async_ends, _, _, _ = asyncio.run(load(url, posters, requests, 1))
         health = healthz_latencies(url, requests)
     finally:
         server.should_exit = True
         thread.join()
-    return {"p50": percentile(ends, 50) * 1000, "healthz_p50": percentile(health, 50) * 1000}
+    return {"p50": percentile(ends, 50) * 1000, "async_p50": percentile(async_ends, 50) * 1000,
+            "healthz_p50": percentile(health, 50) * 1000}
 
 
 def deploy(model: Path, batch_size: int, posters: list[bytes], args, in_ingress: bool = True) -> tuple[str, str]:
@@ -245,10 +271,12 @@ def report(results: list[dict], split: dict, plain: dict, args, cluster) -> None
         for path, low in lows.items():
             print(f"low load, {name}, {path} (1 client, {low['requests']} requests, max_batch_size "
                   f"{results[0]['batch']}): end-to-end p50 {low['p50']:.1f} ms, model p50 {low['model_p50']:.1f} ms, "
-                  f"serving overhead p50 {low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms); "
+                  f"serving overhead p50 {low['overhead_p50']:.1f} ms (p90 {low['overhead_p90']:.1f} ms; "
+                  f"{low['async_overhead_p50']:.1f} ms with the asyncio client); "
                   f"GET /healthz p50 {low['healthz_p50']:.1f} ms")
-    print(f"the same client and parsing without Ray Serve (bare FastAPI under uvicorn, no model): poster p50 "
-          f"{plain['p50']:.1f} ms, GET /healthz p50 {plain['healthz_p50']:.1f} ms")
+    print(f"the same clients and parsing without Ray Serve (bare FastAPI under uvicorn, no model): poster p50 "
+          f"{plain['p50']:.1f} ms ({plain['async_p50']:.1f} ms with the asyncio client), "
+          f"GET /healthz p50 {plain['healthz_p50']:.1f} ms")
 
 
 def main() -> None:

@@ -349,6 +349,11 @@ def predict(
             typer.echo(format_prediction(path, prediction))
 
 
+def _interrupted(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: Ray's own handler would abort the process with a stack dump instead."""
+    raise KeyboardInterrupt
+
+
 @app.command()
 def serve(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")],
@@ -367,7 +372,8 @@ def serve(
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Serve the model over HTTP with Ray Serve (batching, autoscaling) until interrupted."""
+    """Serve the model over HTTP with Ray Serve (batching, autoscaling) until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
     import time
 
     from posterfusion.errors import UserValueError
@@ -389,6 +395,7 @@ def serve(
                 raise UserValueError("the cluster does not run Serve's direct ingress: start it with "
                                      "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment")
             typer.echo(f"each replica directly (no proxy hop): {', '.join(replicas)}")
+        signal.signal(signal.SIGTERM, _interrupted)  # a service manager's stop: the same clean shutdown as Ctrl-C
         try:
             while True:
                 time.sleep(3600)

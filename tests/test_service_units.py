@@ -170,3 +170,44 @@ def test_one_detector_runs_one_call_at_a_time_whatever_threads_call_it():
     for thread in threads:
         thread.join()
     assert most[0] == 1
+
+
+def test_metrics_are_recorded_off_the_request_path_summed_per_tag_set():
+    """The route only queues; a flush makes one ``inc`` per counter and tag set, and every histogram value."""
+    import time
+
+    from posterfusion.serving.metrics import Deferred
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def inc(self, value, tags=None):
+            calls.append((self.name, "inc", value, tags))
+
+        def observe(self, value, tags=None):
+            calls.append((self.name, "observe", value, tags))
+
+    requests, latency = Fake("requests"), Fake("latency")
+    deferred = Deferred(flush_s=3600)
+    for status in ("200", "200", "422"):
+        deferred.count(requests, (("endpoint", "/v1/predict"), ("status", status)))
+        deferred.observe(latency, 4.0, (("endpoint", "/v1/predict"),))
+    assert calls == []  # nothing recorded while the requests are answered
+    deferred.flush()
+    assert sorted(c for c in calls if c[1] == "inc") == [
+        ("requests", "inc", 1, {"endpoint": "/v1/predict", "status": "422"}),
+        ("requests", "inc", 2, {"endpoint": "/v1/predict", "status": "200"})]
+    assert [c for c in calls if c[1] == "observe"] == [("latency", "observe", 4.0, {"endpoint": "/v1/predict"})] * 3
+    deferred.close()
+
+    calls.clear()
+    by_thread = Deferred(flush_s=0.05)
+    by_thread.observe(latency, 1.0)
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert calls == [("latency", "observe", 1.0, None)]
+    by_thread.close()
