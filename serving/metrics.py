@@ -15,9 +15,9 @@ thread of the replica makes the Ray calls every ``flush_s`` (counters summed per
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -33,7 +33,7 @@ class Deferred:
     def __init__(self, flush_s: float = 1.0):
         self.flush_s, self.lock = flush_s, threading.Lock()
         self.counts: Counter = Counter()
-        self.values: list[tuple[Callable, float, tuple]] = []
+        self.values: list[tuple[object, float, tuple]] = []
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True, name="metrics-flush").start()
 
@@ -60,7 +60,10 @@ class Deferred:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a metric that refuses a value must not stop every later flush
+                logging.getLogger("ray.serve").exception("recording the service's metrics failed")
 
 
 _DEFERRED: list[Deferred] = []
