@@ -79,10 +79,10 @@ def shared_deferred() -> Deferred:
 class ApiMetrics:
     """Recorded by the ingress: every answer, by endpoint and HTTP status."""
 
-    def __init__(self, deferred: Deferred | None = None):
+    def __init__(self):
         from ray.serve import metrics
 
-        self.deferred = deferred or shared_deferred()
+        self.deferred = shared_deferred()
         self.requests = metrics.Counter("posterfusion_requests_total", description="HTTP answers by status",
                                         tag_keys=("endpoint", "status"))
         self.latency = metrics.Histogram("posterfusion_request_latency_ms", description="ingress latency",
@@ -96,10 +96,10 @@ class ApiMetrics:
 class ModelMetrics:
     """Recorded by the model replicas: batch sizes, batch latency, what was predicted and rejected."""
 
-    def __init__(self, genres: list[str], deferred: Deferred | None = None):
+    def __init__(self, genres: list[str]):
         from ray.serve import metrics
 
-        self.deferred = deferred or shared_deferred()
+        self.deferred = shared_deferred()
         self.batch_size = metrics.Histogram("posterfusion_batch_size", description="posters per model call",
                                             boundaries=BATCH_SIZES)
         self.batch_latency = metrics.Histogram("posterfusion_batch_latency_ms", description="one model call",
