@@ -20,37 +20,41 @@ Bundles already in ``--out`` are reused, so a stopped sweep continues where it s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-# Candidate overrides of the recipe's fine-tuning phase (the head warm-up is shared by all).
+# Candidate overrides (partial training configurations) of the recipe's fine-tuning phase (the head
+# warm-up is shared by all); the single-network candidates set combine.members 1.
+ONE = {"combine": {"members": 1}}
 CANDIDATES: dict[str, dict] = {
     # the head restarts at its warm-up peak (1e-3) when the backbone starts training: the recipe until 2026-12-02
-    "restart-1e-3": {"finetune_head_lr": 1e-3},
+    "restart-1e-3": {"optim": {"finetune_head_lr": 1e-3}} | ONE,
     # the head, already trained on frozen features, continues at the backbone's rate: the recipe since
-    "head-2e-4": {"finetune_head_lr": 2e-4},
+    "head-2e-4": {"optim": {"finetune_head_lr": 2e-4}} | ONE,
     # ... and the backbone moves half as fast
-    "head-1e-4-bb-1e-4": {"finetune_head_lr": 1e-4, "backbone_lr": 1e-4},
+    "head-1e-4-bb-1e-4": {"optim": {"finetune_head_lr": 1e-4, "backbone_lr": 1e-4}} | ONE,
     # two fine-tuning runs from one warm-up, greedily averaged: its members print beside it (paired)
-    "soup-2": {"members": 2, "combine": "soup"},
+    "soup-2": {"combine": {"members": 2, "method": "soup"}},
     # ... kept side by side, their logits averaged (an output ensemble sharing the frozen stages)
-    "ensemble-2": {"members": 2, "combine": "ensemble"},
-    "ensemble-3": {"members": 3, "combine": "ensemble"},
+    "ensemble-2": {"combine": {"members": 2, "method": "ensemble"}},
+    "ensemble-3": {"combine": {"members": 3, "method": "ensemble"}},
 }
 
 
 def train_candidate(args, name: str, seed: int) -> dict:
     """Train (or reuse) one candidate on one seed; return the bundle's recorded training metrics."""
-    from posterfusion.jobs.recipes import train_config
     from posterfusion.jobs.train import format_train_summary, run_train
+    from posterfusion.jobs.train.config import merge
+    from posterfusion.jobs.train.recipes import resolve
+    from posterfusion.models.bundle import load_bundle
 
     bundle = args.out / f"{name}-s{seed}"
     if not (bundle / "metrics.json").is_file():
-        config = train_config(args.recipe, args.catalogue, bundle, variant=args.variant, seed=seed,
-                              features=args.features, storage_path=args.out / "ray_results",
-                              **CANDIDATES[name])
+        config = resolve(args.recipe, merge(CANDIDATES[name], {
+            "model": {"variant": args.variant}, "data": {"catalogue": str(args.catalogue),
+                                                         "features": str(args.features)},
+            "run": {"seed": seed, "out": str(bundle), "storage_path": str(args.out / "ray_results")}}))
         print(format_train_summary(run_train(config)), flush=True)
-    return json.loads((bundle / "metrics.json").read_text())
+    return load_bundle(bundle).metrics()
 
 
 def row(name: str, seed: int | str, metrics: dict) -> str:

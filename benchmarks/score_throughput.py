@@ -47,11 +47,11 @@ def plain_loop(model: Path, catalogue: Path, features: Path | None, out: Path, b
 
     from posterfusion.features.catalogue import catalogue_files
     from posterfusion.jobs.score import ScoreBatch
-    from posterfusion.models.bundle import read_config
+    from posterfusion.models.bundle import load_bundle
     from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects
 
     started = time.perf_counter()
-    detector_id = read_config(model).detector_id
+    detector_id = load_bundle(model).config.detector_id
     objects = CachedObjects.load(features, detector_id, strict=False) if features and detector_id else None
     actor = ScoreBatch(str(model), detect=True, run_id="plain", threads=os.cpu_count(), objects=objects,
                        device=device)

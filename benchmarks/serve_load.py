@@ -20,12 +20,22 @@ overhead that Serve's proxy and hop add stands beside the part HTTP and parsing 
 
     python benchmarks/serve_load.py --model runs/demo/model
     python benchmarks/serve_load.py --model M --requests 400 --concurrency 32 --batch-sizes 1 4 16
+
+``--timeline`` measures autoscaling instead: the service as an operator runs it (its autoscaling
+settings, or ``--upscale-delay-s``/``--downscale-delay-s``/``--look-back-s``), clients added
+step by step (``--ramp 1 4 16 32``, ``--step-s`` each), then none, until Serve is back at
+``min_replicas`` (at most ``--cooldown-s``); every ``--interval-s`` a row: time, clients, the
+running replicas as Serve counts them (``serve.status()``), requests/s, p50 and p99 of the
+requests answered in that interval, and the failed ones.
+
+    python benchmarks/serve_load.py --model M --timeline --max-replicas 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 from collections import Counter
@@ -146,7 +156,8 @@ def plain_floor(model: Path, posters: list[bytes], requests: int, port: int) -> 
     from fastapi.responses import JSONResponse
 
     from posterfusion.models.predictor import Predictor
-    from posterfusion.serving.app import ServeConfig, check_poster_part, parse_metadata, read_form, read_json_field
+    from posterfusion.serving.app import ServeConfig
+    from posterfusion.serving.requests import check_poster_part, parse_metadata, read_form, read_json_field
     from posterfusion.serving.schemas import PredictResponse
 
     config = ServeConfig(model=model)
@@ -279,6 +290,111 @@ def report(results: list[dict], split: dict, plain: dict, args, cluster) -> None
           f"GET /healthz p50 {plain['healthz_p50']:.1f} ms")
 
 
+def running_replicas(name: str = "posterfusion") -> int:
+    """The ingress (model) replicas Serve counts as RUNNING."""
+    from ray import serve
+
+    return serve.status().applications[name].deployments["Api"].replica_states.get("RUNNING", 0)
+
+
+def timeline_service(model: Path, posters: list[bytes], args):
+    """The service with the operator's autoscaling settings (or the flags'); its URL and config."""
+    import httpx
+
+    from posterfusion.serving.app import ServeConfig, start_service
+
+    given = {"upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s,
+             "autoscaling_look_back_s": args.look_back_s}
+    config = ServeConfig(model=model.resolve(), min_replicas=1, max_replicas=args.max_replicas,
+                         replica_cpus=args.replica_cpus, replica_gpus=1.0 if args.device == "cuda" else 0.0,
+                         max_queued_requests=10_000, **{k: v for k, v in given.items() if v is not None})
+    url = start_service(config, port=args.port)
+    for poster in posters[:4]:  # warm-up: first calls pay for lazy initialisation
+        httpx.post(f"{url}/v1/predict", files={"poster": ("p.jpg", poster, "image/jpeg")}, timeout=300)
+    return url, config
+
+
+async def ramp(url: str, posters: list[bytes], args, min_replicas: int) -> list[dict]:
+    """Clients step by step, then none until Serve is back at ``min_replicas``; a row per interval."""
+    import httpx
+
+    answered: list[tuple[float, float, bool]] = []  # (when, latency s, ok)
+    clients: list[asyncio.Task] = []
+    rows: list[dict] = []
+    started = time.perf_counter()
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=max(args.ramp))) as client:
+        async def one_client(i: int) -> None:
+            for n in itertools.count(i, max(args.ramp)):
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(f"{url}/v1/predict", files={"poster": (
+                        "p.jpg", posters[n % len(posters)], "image/jpeg")})
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                answered.append((time.perf_counter(), time.perf_counter() - sent, ok))
+
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(args.interval_s)
+                now = time.perf_counter()
+                window = [a for a in answered if a[0] > now - args.interval_s]
+                rows.append(interval_row(now - started, len(clients), await asyncio.to_thread(running_replicas),
+                                         window, args.interval_s))
+
+        sampler = asyncio.create_task(sample())
+        for level in args.ramp:
+            clients += [asyncio.create_task(one_client(i)) for i in range(len(clients), level)]
+            await asyncio.sleep(args.step_s)
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        clients.clear()
+        stopped = time.perf_counter()
+        while time.perf_counter() - stopped < args.cooldown_s and not (
+                rows and rows[-1]["clients"] == 0 and rows[-1]["replicas"] <= min_replicas):
+            await asyncio.sleep(args.interval_s)
+        sampler.cancel()
+    return rows
+
+
+def interval_row(t: float, clients: int, replicas: int, window: list[tuple[float, float, bool]],
+                 interval_s: float) -> dict:
+    latencies = [latency for _, latency, ok in window if ok]
+    return {"t": t, "clients": clients, "replicas": replicas, "rps": len(latencies) / interval_s,
+            "p50": percentile(latencies, 50) * 1000 if latencies else float("nan"),
+            "p99": percentile(latencies, 99) * 1000 if latencies else float("nan"),
+            "failed": sum(1 for _, _, ok in window if not ok)}
+
+
+def report_timeline(rows: list[dict], config, args, cluster) -> None:
+    print(f"autoscaling timeline: bundle {args.model}; {config.min_replicas}..{config.max_replicas} replicas × "
+          f"{config.replica_cpus} CPU, target_ongoing_requests {config.target_ongoing_requests:g}, max_batch_size "
+          f"{config.max_batch_size}; upscale_delay_s {config.upscale_delay_s:g}, downscale_delay_s "
+          f"{config.downscale_delay_s:g}, autoscaling_look_back_s {config.autoscaling_look_back_s:g}; clients "
+          f"{args.ramp} for {args.step_s:g} s each, then none; Ray: {cluster.cpus:g} CPU, {cluster.gpus:g} GPU")
+    print(f"{'t s':>7}{'clients':>9}{'replicas':>10}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    for r in rows:
+        print(f"{r['t']:>7.1f}{r['clients']:>9}{r['replicas']:>10}{r['rps']:>8.1f}{r['p50']:>9.0f}{r['p99']:>9.0f}"
+              f"{r['failed']:>8}")
+    changes = [r for i, r in enumerate(rows) if i and r["replicas"] != rows[i - 1]["replicas"]]
+    print("replica changes: " + (", ".join(f"{r['replicas']} at {r['t']:.0f} s ({r['clients']} clients)"
+                                           for r in changes) or "none"))
+
+
+def timeline(posters: list[bytes], args) -> None:
+    from ray import serve
+
+    from posterfusion.cluster import ClusterConfig, ray_cluster
+
+    with ray_cluster(ClusterConfig(address=args.address)) as cluster:
+        url, config = timeline_service(args.model, posters, args)
+        rows = asyncio.run(ramp(url, posters, args, config.min_replicas))
+        serve.shutdown()
+    report_timeline(rows, config, args, cluster)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -292,6 +408,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda: the model replica takes one GPU")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--address", default=None, help="a cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+    parser.add_argument("--timeline", action="store_true", help="the autoscaling timeline under a ramp instead")
+    parser.add_argument("--max-replicas", type=int, default=2, help="--timeline: the autoscaling ceiling")
+    parser.add_argument("--ramp", type=int, nargs="+", default=[1, 4, 16, 32], help="--timeline: clients per step")
+    parser.add_argument("--step-s", type=float, default=20.0, help="--timeline: seconds per step")
+    parser.add_argument("--cooldown-s", type=float, default=180.0,
+                        help="--timeline: most seconds to watch after the load stops")
+    parser.add_argument("--interval-s", type=float, default=2.0, help="--timeline: seconds per row")
+    parser.add_argument("--upscale-delay-s", type=float, default=None, help="--timeline (default: the service's)")
+    parser.add_argument("--downscale-delay-s", type=float, default=None, help="--timeline (default: the service's)")
+    parser.add_argument("--look-back-s", type=float, default=None, help="--timeline (default: the service's)")
     args = parser.parse_args()
     from posterfusion.cluster.multinode import free_port
 
@@ -303,6 +429,8 @@ def main() -> None:
     prepare_environment()
     enable_direct_ingress()  # the local Ray below: the proxy keeps its URL, each replica gets one of its own
     posters = [p.read_bytes() for p in sorted(args.posters.glob("*.jpg"))[:64]]
+    if args.timeline:
+        return timeline(posters, args)
     with ray_cluster(ClusterConfig(address=args.address)) as cluster:
         results = [run(args.model, b, posters, args, measure_low_load=i == 0) for i, b in enumerate(args.batch_sizes)]
         split = split_low_load(args.model, args.batch_sizes[0], posters, args)

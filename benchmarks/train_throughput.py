@@ -1,6 +1,6 @@
 """Training throughput (samples/s): the Ray Train job vs a plain loop, same model, batch, image size and data.
 
-Both run :func:`posterfusion.jobs.train.train_epoch` — the one training step of the project —
+Both run :func:`posterfusion.jobs.train.loop.train_epoch` — the one training step of the project —
 over the same posters decoded once into ``size × size`` uint8 tensors: the plain loop from a
 list in memory, the Ray Train worker from its dataset shard in Ray's object store (the job's
 decoded-image cache). The Ray figure is the job's own per-epoch training samples/s (validation
@@ -44,13 +44,16 @@ def real_catalogue(root: Path, posters: int) -> Path:
 
 
 def settings(args, catalogue: Path, out: Path):
-    from posterfusion.features.vocab import VocabConfig
-    from posterfusion.jobs.recipes import train_config
+    from posterfusion.jobs.train.recipes import resolve
 
-    return train_config("quality", catalogue, out, variant="cnn+metadata", image_size=args.size, warmup_epochs=0,
-                        epochs=args.epochs, batch_size=args.batch, workers=args.workers, gpu=args.device == "cuda",
-                        train_stages=args.train_stages, vocab=VocabConfig(min_count=5), patience=args.epochs,
-                        storage_path=out.parent / "ray_results")
+    return resolve("quality", {
+        "model": {"variant": "cnn+metadata", "image_size": args.size},
+        "optim": {"warmup_epochs": 0, "epochs": args.epochs, "batch_size": args.batch,
+                  "train_stages": args.train_stages, "patience": args.epochs},
+        "data": {"catalogue": str(catalogue), "vocab": {"min_count": 5}},
+        "run": {"out": str(out), "workers": args.workers, "gpu": args.device == "cuda",
+                "storage_path": str(out.parent / "ray_results")},
+        "combine": {"members": 1}})
 
 
 def plain_loop(config, device: str, epochs: int) -> float:
@@ -58,29 +61,33 @@ def plain_loop(config, device: str, epochs: int) -> float:
     import numpy as np
     import torch
 
-    from posterfusion.jobs import train as job
+    from posterfusion.jobs.train.config import WorkerArgs
+    from posterfusion.jobs.train.data import data_facts, prepare
+    from posterfusion.jobs.train.loop import lr_schedules, make_optimizer, train_epoch, training_model
+    from posterfusion.jobs.train.run import plan
 
-    data = job.prepare(config)
-    loop = job.loop_config(config, data)
-    torch.set_num_threads(loop.threads)
+    data = prepare(config)
+    args = WorkerArgs(config=config, facts=data_facts(config, data), plan=plan(config))
+    torch.set_num_threads(args.plan.threads)
+    batch = config.optim.batch_size
     rows = np.flatnonzero((data.frame["split"] == "train").to_numpy())
     images = _decoded(config, data.frame.iloc[rows])
     sides = {k: v[rows] for k, v in data.sides.items()}
-    model = job.training_model(loop).to(device)
-    optimizer = job.make_optimizer(model, loop)
-    steps = math.ceil(len(rows) / loop.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, job.lr_schedules(loop, steps))
+    model = training_model(args).to(device)
+    optimizer = make_optimizer(model, args)
+    steps = math.ceil(len(rows) / batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedules(args, steps))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rates = []
     for epoch in range(1, epochs + 1):
         order = np.random.default_rng(epoch).permutation(len(rows))
-        batches = ({"image": torch.from_numpy(images[order[i:i + loop.batch_size]]).to(device),
-                    **{k: torch.from_numpy(v[order[i:i + loop.batch_size]]).to(device) for k, v in sides.items()}}
-                   for i in range(0, len(rows), loop.batch_size))
+        batches = ({"image": torch.from_numpy(images[order[i:i + batch]]).to(device),
+                    **{k: torch.from_numpy(v[order[i:i + batch]]).to(device) for k, v in sides.items()}}
+                   for i in range(0, len(rows), batch))
         started = time.perf_counter()
-        _, seen = job.train_epoch(model, optimizer, scheduler, scaler, loss_fn, loop, torch.device(device), "full",
-                                  epoch, batches)
+        _, seen = train_epoch(model, optimizer, scheduler, scaler, loss_fn, args, torch.device(device), "full",
+                              epoch, batches)
         rates.append(seen / (time.perf_counter() - started))
     return sum(rates[1:]) / max(1, len(rates) - 1) if len(rates) > 1 else rates[0]
 
@@ -92,9 +99,9 @@ def _decoded(config, frame):
     from posterfusion.features.catalogue import catalogue_files
     from posterfusion.features.presets import decode_poster
 
-    table = pads.dataset(catalogue_files(config.catalogue), format="parquet").to_table(
+    table = pads.dataset(catalogue_files(config.data.catalogue), format="parquet").to_table(
         columns=["movie_id", "poster"]).to_pandas().set_index("movie_id")
-    return np.stack([decode_poster(table.loc[m, "poster"], config.size).numpy() for m in frame["movie_id"]])
+    return np.stack([decode_poster(table.loc[m, "poster"], config.model.size).numpy() for m in frame["movie_id"]])
 
 
 def ray_train(config) -> tuple[float, float]:

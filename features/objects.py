@@ -24,8 +24,9 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posterfusion.errors import UserFileNotFound, UserValueError
+from posterfusion.errors import UserValueError
 from posterfusion.features.catalogue import decode_rgb
+from posterfusion.weights import find_weights, require_weights
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,14 +85,13 @@ class DetectorConfig(BaseModel):
 
 
 def detector_weights(config: DetectorConfig) -> Path:
-    """The file the detector is loaded from: as given, else its name under ``$POSTERFUSION_WEIGHTS``, and a
-    ``.pt`` replaced by its ``.safetensors`` twin (loading a ``.pt`` would run arbitrary pickled code)."""
-    import os
+    """The file the detector is loaded from (found as :mod:`posterfusion.weights` says), a ``.pt`` replaced
+    by its ``.safetensors`` twin (loading a ``.pt`` would run arbitrary pickled code).
 
-    path = Path(config.weights)
-    folder = os.environ.get("POSTERFUSION_WEIGHTS")
-    if not path.is_file() and folder and (Path(folder) / path.name).is_file():
-        path = Path(folder) / path.name  # a bundle trained elsewhere: its id's hash says if this is the same file
+    A file found nowhere stays as given: :func:`detector_id` then has no hash to record, and loading
+    it fails with the file's name.
+    """
+    path = find_weights(config.weights) or Path(config.weights)
     if path.suffix == ".pt":
         twin = path.with_suffix(".safetensors")
         if not twin.is_file():
@@ -323,9 +323,7 @@ def load_yolo(config: DetectorConfig):
     YAML (no download), with the COCO class names of Ultralytics' ``coco.yaml``; a ``.tflite``
     export is opened by LiteRT.
     """
-    path = detector_weights(config)
-    if not path.is_file():
-        raise UserFileNotFound(f"detector weights not found: {config.weights}")
+    path = require_weights(detector_weights(config), "detector weights file")
     yolo = yolo_class()
     if path.suffix != ".safetensors":
         return yolo(str(path), task="detect")

@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 OTHER = "Other"
 
 
 class VocabConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     synonyms: dict[str, str] = Field(default_factory=lambda: {"Musical": "Music"})
     drop: list[str] = Field(default_factory=lambda: ["N/A"], description="labels that are no genre")
     min_count: int = Field(20, ge=0, description="rarer genres fold into Other")

@@ -2,6 +2,9 @@
 
 Every subcommand that needs Ray takes ``--address`` (else ``RAY_ADDRESS``, else a local,
 loopback-only Ray started for the command; see :mod:`posterfusion.cluster`).
+
+Each command imports its job inside its body: the jobs import torch and Ray at their tops
+(seconds), and ``--help`` or a mistyped option should answer at once.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ def _given(**options) -> dict:
 def _check(model: Path | None = None, catalogue: Path | None = None) -> None:
     """Refuse a path that is not a bundle or a catalogue before any Ray starts (seconds, not a minute)."""
     if model is not None:
-        from posterfusion.models.bundle import read_config
+        from posterfusion.models.bundle import load_bundle
 
-        read_config(model)
+        load_bundle(model)
     if catalogue is not None:
         from posterfusion.features.catalogue import catalogue_files
 
@@ -138,79 +141,64 @@ def features(
     typer.echo(format_features_summary(summary))
 
 
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Any training setting: SECTION.NAME=VALUE, repeatable "
+                                                        "(`posterfusion recipes --show quality` lists them).")]
+FromScratch = Annotated[bool, typer.Option(help="Train without the recipe's pretrained weights (its scratch settings "
+                                                "apply); without it, missing weights are an error.")]
+
+
 @app.command()
 def train(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
-    recipe: Annotated[str | None, typer.Option(help="Named recipe (`posterfusion recipes` lists them; default: "
-                                                  "quality); flags override.")] = "quality",
+    recipe: Annotated[str, typer.Option(help="Named recipe (`posterfusion recipes` lists them).")] = "quality",
     features: Annotated[Path | None, typer.Option(help="Object features directory (`features --out`).")] = None,
-    detector: Annotated[str | None, typer.Option(help="Detector weights (default: the features dir's).")] = None,
     variant: Annotated[str | None, typer.Option(help="Which inputs: see `posterfusion recipes`.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="A registered backbone: see `posterfusion recipes`.")] = None,
-    weights: Annotated[str | None, typer.Option(help="none | imagenet | a weights file.")] = None,
-    fusion: Annotated[str | None, typer.Option(help="concat | gated")] = None,
-    mode: Annotated[str | None, typer.Option(help="finetune | frozen (train only the head).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Square input size.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs, head warm-up included.")] = None,
-    warmup_epochs: Annotated[int | None, typer.Option(help="Head-only epochs before fine-tuning.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Per-worker batch size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate of the head.")] = None,
-    backbone_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the backbone.")] = None,
-    finetune_head_lr: Annotated[float | None, typer.Option(help="Peak head rate once the backbone trains "
-                                                                "(default: --lr).")] = None,
-    train_stages: Annotated[int | None, typer.Option(help="Fine-tune only the backbone's last N stages.")] = None,
-    members: Annotated[int | None, typer.Option(help="Fine-tuning runs from one head warm-up (seeds seed + "
-                                                     "1000·i), combined into one bundle.")] = None,
-    combine: Annotated[str | None, typer.Option(help="ensemble (logits averaged; shared frozen stages run "
-                                                     "once) | soup (weights averaged where validation gains)")] = None,
-    patience: Annotated[int | None, typer.Option(help="Epochs without val AUC gain before stopping.")] = None,
-    metadata_dropout: Annotated[float | None, typer.Option(help="Share of samples trained without metadata.")] = None,
-    pos_weight_cap: Annotated[float | None, typer.Option(help="Per-genre loss weight cap (1 = none).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
     gpu: Annotated[bool | None, typer.Option(help="One GPU per worker.")] = None,
-    cpus_per_worker: Annotated[float | None, typer.Option(help="Default: a share of the cluster.")] = None,
-    amp: Annotated[str | None, typer.Option(help="auto | off | bf16 | fp16")] = None,
-    max_failures: Annotated[int | None, typer.Option(help="Worker failures to recover from.")] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many training posters.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    from_scratch: FromScratch = False,
+    set_: Sets = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Train the fusion network with Ray Train and write a calibrated model bundle."""
-    from posterfusion.errors import UserValueError
-    from posterfusion.features.objects import DetectorConfig
-    from posterfusion.jobs.recipes import train_config
     from posterfusion.jobs.train import format_train_summary, run_train
-    from posterfusion.models.fusion import VARIANTS
+    from posterfusion.jobs.train.config import shortcut_overrides
+    from posterfusion.jobs.train.recipes import resolve
 
-    config = train_config(
-        recipe, catalogue, out, features=features, detector=DetectorConfig(weights=detector) if detector else None,
-        variant=variant, backbone=backbone, weights=weights, fusion=fusion, mode=mode, image_size=image_size,
-        epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
-        finetune_head_lr=finetune_head_lr, train_stages=train_stages, members=members,
-        combine=combine,
-        patience=patience, metadata_dropout=metadata_dropout, pos_weight_cap=pos_weight_cap, workers=workers,
-        gpu=gpu, cpus_per_worker=cpus_per_worker, amp=amp, max_failures=max_failures, limit=limit, seed=seed)
+    overrides = shortcut_overrides(set_ or [], catalogue=catalogue, out=out, features=features, variant=variant,
+                                   seed=seed, workers=workers, gpu=gpu)
+    config = resolve(recipe, overrides, from_scratch=from_scratch)
+    config.check_ready()
     _check(catalogue=catalogue)
-    if VARIANTS[config.variant].objects and config.features is None:
-        raise UserValueError(f"variant {config.variant!r} reads object features: pass --features "
-                             "(run `posterfusion features` first)")
     with _cluster(address, num_cpus):
         summary = run_train(config)
     typer.echo(format_train_summary(summary))
 
 
 @app.command()
-def recipes() -> None:
-    """The named training recipes, backbones and variants (each listed from its own registry)."""
-    from posterfusion.jobs.recipes import RECIPES
+def recipes(
+    show: Annotated[str | None, typer.Option(help="Print this recipe's resolved configuration (with --set, "
+                                                  "--from-scratch) instead of the list; trains nothing.")] = None,
+    from_scratch: FromScratch = False,
+    set_: Sets = None,
+) -> None:
+    """The named training recipes, backbones and variants; or one recipe's resolved configuration."""
+    from posterfusion.jobs.train.config import format_config, parse_sets
+    from posterfusion.jobs.train.recipes import RECIPES, resolve, weights_problem
     from posterfusion.models.backbones import list_backbones
     from posterfusion.models.fusion import VARIANTS
 
+    if show is not None:
+        overrides = parse_sets(set_ or [])
+        config = resolve(show, overrides, from_scratch=from_scratch, check_weights=False)
+        problem = weights_problem(config, explicit="weights" in overrides.get("model", {}))
+        typer.echo(format_config(config) + (f"# not trainable here as is: {problem}\n" if problem else ""), nl=False)
+        return
     for recipe in RECIPES.values():
         system = f" ({recipe.system}, judged by {recipe.metric})" if recipe.system else ""
-        typer.echo(f"{recipe.name:<16}{recipe.summary}{system}")
+        typer.echo(f"{recipe.name:<16}{recipe.summary()}{system}")
     typer.echo(f"backbones: {', '.join(list_backbones())}")
     typer.echo(f"variants: {', '.join(VARIANTS)}")
 
@@ -246,24 +234,27 @@ def evaluate(
 def compare(
     catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
     out: Annotated[Path, typer.Option(help="Report directory.")],
-    models: Annotated[Path, typer.Option(help="Bundles in MODELS/<recipe>/<variant>-s<seed>; missing ones are "
-                                              "trained.")],
+    models: Annotated[Path, typer.Option(help="Bundles in MODELS/<recipe>/<variant>-s<seed>; missing or stale ones "
+                                              "are trained.")],
     recipe: Annotated[list[str] | None, typer.Option(help="Recipes to compare (default: quality).")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="Variants (default: each recipe's own).")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="Training seeds (default: 0).")] = None,
     features: Annotated[Path | None, typer.Option(help="Object features directory.")] = None,
-    detector: Annotated[str | None, typer.Option(help="Detector weights (default: the features dir's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override every recipe's epochs.")] = None,
+    from_scratch: FromScratch = False,
+    set_: Sets = None,
     n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Train (or load) recipes × variants × seeds and compare them on one split."""
-    from posterfusion.jobs.compare import CompareConfig, markdown, run_compare
+    from posterfusion.jobs.compare import CompareConfig, check_entries, markdown, run_compare
+    from posterfusion.jobs.train.config import parse_sets
 
-    config = CompareConfig(catalogue=catalogue, out=out, models=models, **_given(
-        recipes=recipe or None, variants=variant or None, seeds=seed or None, features=features, detector=detector,
-        n_boot=n_boot, train={"epochs": epochs} if epochs else None))
+    config = CompareConfig(catalogue=catalogue, out=out, models=models, from_scratch=from_scratch,
+                           train=parse_sets(set_ or []), **_given(recipes=recipe or None, variants=variant or None,
+                                                                  seeds=seed or None, features=features,
+                                                                  n_boot=n_boot))
+    check_entries(config)  # every entry's configuration and weights, before any Ray starts
     _check(catalogue=catalogue)
     with _cluster(address, num_cpus):
         result = run_compare(config)
@@ -350,8 +341,17 @@ def predict(
 
 
 def _interrupted(signum, frame) -> None:
-    """SIGTERM as Ctrl-C: Ray's own handler would abort the process with a stack dump instead."""
+    """SIGTERM or SIGINT: a clean stop. Ray's own SIGTERM handler aborts with a stack dump, and a SIGINT sent
+    to the process (``kill -INT``) did not stop it (measured: still serving after 18 s)."""
     raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Both stop signals end ``posterfusion serve`` the way Ctrl-C at its terminal does."""
+    import signal
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _interrupted)
 
 
 @app.command()
@@ -372,8 +372,7 @@ def serve(
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Serve the model over HTTP with Ray Serve (batching, autoscaling) until interrupted (Ctrl-C or SIGTERM)."""
-    import signal
+    """Serve the model over HTTP with Ray Serve (batching, autoscaling) until interrupted (Ctrl-C, SIGINT, SIGTERM)."""
     import time
 
     from posterfusion.errors import UserValueError
@@ -386,16 +385,18 @@ def serve(
     _check(model=model)
     if direct_ingress:
         enable_direct_ingress()
-    with _cluster(address, num_cpus):
+    with _cluster(address, num_cpus) as cluster:
         url = start_service(config, host=host, port=port)
         typer.echo(f"serving {model} at {url}/ (upload page), {url}/v1/predict, {url}/docs — Ctrl-C stops")
+        typer.echo(f"Ray at {cluster.address}: posterfusion deploy --address {cluster.address} --model NEW "
+                   "switches the model in place")
         if direct_ingress:
             replicas = direct_urls()
             if not replicas:
                 raise UserValueError("the cluster does not run Serve's direct ingress: start it with "
                                      "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment")
             typer.echo(f"each replica directly (no proxy hop): {', '.join(replicas)}")
-        signal.signal(signal.SIGTERM, _interrupted)  # a service manager's stop: the same clean shutdown as Ctrl-C
+        stop_on_signals()  # a service manager's stop, or kill -INT: the same clean shutdown as Ctrl-C
         try:
             while True:
                 time.sleep(3600)
@@ -403,6 +404,32 @@ def serve(
             from ray import serve as ray_serve
 
             ray_serve.shutdown()
+
+
+@app.command()
+def deploy(
+    model: Annotated[Path, typer.Option(help="The bundle to serve: a new version, or the previous one to roll back.")],
+    address: Annotated[str | None, typer.Option(help="The running service's Ray (posterfusion serve prints it; "
+                                                     "default: RAY_ADDRESS).")] = None,
+    name: Annotated[str, typer.Option(help="The Serve application to switch.")] = "posterfusion",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every replica to switch.")] = 600.0,
+) -> None:
+    """Switch a running service to another model bundle in place, keeping its settings; no request fails.
+
+    The bundle is loaded here first: one that cannot load is refused before any replica switches.
+    """
+    import os
+
+    from posterfusion.errors import UserValueError
+    from posterfusion.serving.app import check_bundle, switch_model
+
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise UserValueError("deploy switches a running service: pass --address (posterfusion serve prints it) "
+                             "or set RAY_ADDRESS")
+    version = check_bundle(model.resolve())
+    with _cluster(address):
+        config = switch_model(model.resolve(), name=name, timeout_s=timeout)
+    typer.echo(f"{name}: every replica serves {config.model} (model_version {version}); other settings kept")
 
 
 @app.command()

@@ -2,8 +2,9 @@
 
 An *entry* is one trained bundle: a recipe (``quality``, ``seed-densenet``, …), a variant
 (``cnn``, ``cnn+objects``, ``cnn+metadata``, ``fused``, ``flags-only``) and a seed. Compare
-trains the entries that have no bundle yet (``MODELS/<recipe>/<variant>-s<seed>``), refuses a
-bundle trained with other settings or on another catalogue (it would be silently stale),
+trains the entries that have no bundle yet (``MODELS/<recipe>/<variant>-s<seed>``), retrains —
+and says so — a bundle trained with other settings or on another catalogue (it would be
+silently stale; settings newer than a bundle count at their defaults, so old bundles stay),
 scores every entry on the same test posters with its own calibration and thresholds, and writes
 one report: ``report.md``/``.html``, ``metrics.json`` and plots.
 
@@ -27,20 +28,30 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from posterfusion.errors import UserValueError
+from posterfusion.features.catalogue import catalogue_identity
 from posterfusion.jobs.evaluate import (
+    EvaluateConfig,
     Scorer,
+    baseline_scorers,
     build_report,
     by_metadata_tables,
     json_default,
     load_split_frame,
+    model_scores,
+    poster_statistics,
     summary_table,
 )
+from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
+from posterfusion.jobs.train.config import flat, merge
+from posterfusion.jobs.train.recipes import get_recipe, resolve
+from posterfusion.models.bundle import FORMAT_VERSION, Bundle, load_bundle
 from posterfusion.models.fusion import VARIANTS, Variant
+from posterfusion.models.metrics import HEADLINE
 
 PAIRS = [("fused", "cnn"), ("cnn+objects", "cnn"), ("cnn+metadata", "cnn"), ("fused", "cnn+metadata"),
          ("cnn+metadata", "flags-only"), ("flags-only", "cnn")]
-SIDE_BY_SIDE = ["roc_auc_macro", "roc_auc_main6", "map_macro", "hit@3", "top_n_ratio", "f1_micro@tuned", "ece"]
+# the side-by-side table leaves out the two headline metrics a reader needs least to rank the entries
+SIDE_BY_SIDE = [m for m in HEADLINE if m not in ("roc_auc_micro", "f1_micro@0.5")]
 
 
 class CompareConfig(BaseModel):
@@ -53,8 +64,9 @@ class CompareConfig(BaseModel):
     variants: list[Variant] | None = Field(None, description="default: each recipe's own variant")
     seeds: list[int] = Field(default_factory=lambda: [0])
     features: Path | None = None
-    detector: str | None = None
-    train: dict = Field(default_factory=dict, description="TrainConfig overrides for every entry trained here")
+    train: dict = Field(default_factory=dict, description="a partial training configuration (--set) for every "
+                        "entry trained here")
+    from_scratch: bool = Field(False, description="train without the recipes' pretrained weights")
     split: str = "test"
     n_boot: int = Field(1000, ge=0)
     seed: int = Field(0, description="bootstrap seed")
@@ -62,11 +74,7 @@ class CompareConfig(BaseModel):
     @field_validator("train")
     @classmethod
     def _known_settings(cls, value: dict) -> dict:
-        from posterfusion.jobs.train import TrainConfig
-
-        unknown = sorted(set(value) - set(TrainConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}")
+        TrainConfig.model_validate(value)  # names and values checked now, not an hour into the run
         return value
 
 
@@ -80,13 +88,9 @@ class Entry(BaseModel):
 
 def entries(config: CompareConfig) -> list[Entry]:
     """Every (recipe, variant, seed), named by what varies between them."""
-    from posterfusion.jobs.recipes import RECIPES
-
     out = []
     for recipe in config.recipes:
-        if recipe not in RECIPES:
-            raise UserValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
-        variants = config.variants or [RECIPES[recipe].settings.get("variant", "fused")]
+        variants = config.variants or [get_recipe(recipe).resolved().model.variant]
         for variant in variants:
             for seed in config.seeds:
                 parts = [recipe] * (len(config.recipes) > 1) + [variant] + [f"s{seed}"] * (len(config.seeds) > 1)
@@ -95,71 +99,71 @@ def entries(config: CompareConfig) -> list[Entry]:
     return out
 
 
-def entry_config(config: CompareConfig, entry: Entry):
-    from posterfusion.features.objects import DetectorConfig
-    from posterfusion.jobs.recipes import train_config
-
-    detector = DetectorConfig(weights=config.detector) if config.detector else None
-    features = config.features if VARIANTS[entry.variant].objects else None
-    return train_config(entry.recipe, config.catalogue, entry.bundle, **(config.train | {
-        "variant": entry.variant, "seed": entry.seed, "features": features,
-        "detector": detector if features else None,
-        "storage_path": config.models / "ray_results"}))
+def entry_config(config: CompareConfig, entry: Entry) -> TrainConfig:
+    """The training configuration of one entry: its recipe, the shared overrides, its variant and seed."""
+    features = str(config.features) if config.features and VARIANTS[entry.variant].objects else None
+    own = {"model": {"variant": entry.variant},
+           "data": {"catalogue": str(config.catalogue), "features": features},
+           "run": {"seed": entry.seed, "out": str(entry.bundle), "storage_path": str(config.models / "ray_results")}}
+    return resolve(entry.recipe, merge(config.train, own), from_scratch=config.from_scratch)
 
 
-def stale_reason(bundle: Path, train) -> str | None:
+def check_entries(config: CompareConfig) -> list[TrainConfig]:
+    """Every entry's configuration, resolved (weights found, settings valid) before anything trains."""
+    configs = [entry_config(config, entry) for entry in entries(config)]
+    for train in configs:
+        train.check_ready()
+    return configs
+
+
+# what an entry's bundle may differ in and still be the same model
+IGNORED = ("run.out", "run.storage_path", "data.cache", "notes")
+
+
+def stale_reason(bundle: Bundle, train: TrainConfig) -> str | None:
     """Why an existing bundle is not what ``train`` would make now (None: it is)."""
-    from posterfusion.features.catalogue import catalogue_identity
-    from posterfusion.models.bundle import read_config
-
-    recorded = read_config(bundle)
-    now = train.model_dump(mode="json")
-    ignored = {"out", "storage_path", "cache", "notes"}
+    if bundle.config.format_version < FORMAT_VERSION:
+        return f"written in bundle format {bundle.config.format_version} (now {FORMAT_VERSION})"
+    now = flat(train.model_dump(mode="json"))
     # a setting newer than the bundle was, when it was trained, at its default
-    then = {k: field.default for k, field in type(train).model_fields.items()} | recorded.train
-    changed = sorted(k for k in now if k not in ignored and then.get(k) != now[k])
+    then = flat(TrainConfig().model_dump(mode="json")) | flat(bundle.config.train)
+    changed = sorted(k for k in now if not k.startswith(IGNORED) and then.get(k) != now[k])
     if changed:
         return f"trained with other settings ({', '.join(changed)})"
-    if recorded.catalogue.get("fingerprint") != catalogue_identity(train.catalogue)["fingerprint"]:
+    if bundle.config.catalogue.get("fingerprint") != catalogue_identity(train.data.catalogue)["fingerprint"]:
         return "trained on another catalogue (or an older version of this one)"
     return None
 
 
 def ensure_bundles(config: CompareConfig) -> list[Entry]:
-    """Train the entries without a bundle; refuse stale ones (delete them to retrain)."""
-    from posterfusion.jobs.train import format_train_summary, run_train
-
+    """Train the entries without a bundle, and retrain stale ones (saying why)."""
     todo = entries(config)
-    for entry in todo:
-        train = entry_config(config, entry)
+    for entry, train in zip(todo, check_entries(config), strict=True):
         if (entry.bundle / "model.safetensors").is_file():
-            reason = stale_reason(entry.bundle, train)
-            if reason:
-                raise UserValueError(f"bundle {entry.bundle} is stale: {reason}; delete it to retrain")
-            continue
+            reason = stale_reason(load_bundle(entry.bundle), train)
+            if reason is None:
+                continue
+            print(f"[compare] {entry.bundle} is stale: {reason}; retraining it", flush=True)
         summary = run_train(train)
         print("[compare] " + format_train_summary(summary).replace("\n", "\n[compare] "), flush=True)
     return todo
 
 
 def run_compare(config: CompareConfig) -> dict:
-    from posterfusion.features.vocab import GenreVocabulary
-    from posterfusion.jobs.evaluate import EvaluateConfig, baseline_scorers, model_scores, poster_statistics
-    from posterfusion.models.predictor import bundle_thresholds
-
     started = time.perf_counter()
     todo = ensure_bundles(config)
     frame = load_split_frame(config.catalogue, config.split)
     stats = poster_statistics(config.catalogue, config.catalogue, frame)
+    bundles = {entry.name: load_bundle(entry.bundle) for entry in todo}
     groups: dict[tuple, list[Entry]] = {}
     for entry in todo:
-        groups.setdefault(tuple(GenreVocabulary.load(entry.bundle / "genres.json").genres), []).append(entry)
+        groups.setdefault(tuple(bundles[entry.name].genres), []).append(entry)
     reports = []
     for genres, members in groups.items():
-        vocabulary = GenreVocabulary.load(members[0].bundle / "genres.json")
+        vocabulary = bundles[members[0].name].vocabulary
         scorers = {e.name: Scorer(scores=model_scores(EvaluateConfig(model=e.bundle, catalogue=config.catalogue,
                                                                      out=config.out, features=config.features), frame),
-                                  thresholds=bundle_thresholds(e.bundle)) for e in members}
+                                  thresholds=bundles[e.name].thresholds) for e in members}
         scorers |= baseline_scorers(config.catalogue, vocabulary, frame, stats)
         labels = vocabulary.encode_many(frame["genres"])
         report = build_report(scorers, labels, list(genres), paired_differences(members), config.n_boot, config.seed,

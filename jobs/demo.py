@@ -31,14 +31,15 @@ class DemoConfig(BaseModel):
 
 
 def run_demo(config: DemoConfig) -> dict:
-    data, metadata = _data(config)
     catalogue, features, bundle = (config.work / name for name in ("catalogue", "features", "model"))
+    train = training_config(config, catalogue, features, bundle)  # before any work: the weights decide
+    data, metadata = _data(config)
     with ray_cluster(ClusterConfig(address=config.address)) as cluster:
         typer.echo(f"Ray: {cluster.nodes} node(s), {cluster.cpus:g} CPU, {cluster.gpus:g} GPU "
                    f"({'local' if cluster.local else cluster.address})")
         _ingest(data, metadata, catalogue)
         detector = _features(config, catalogue, features)
-        _train(config, catalogue, features, detector, bundle)
+        _train(train)
         _predict(bundle, catalogue)
         table = _evaluate(bundle, catalogue, features if detector else None, config.work / "evaluation")
         predictions = _score(bundle, catalogue, features if detector else None, config.work / "predictions")
@@ -86,12 +87,25 @@ def _features(config: DemoConfig, catalogue: Path, out: Path):
     return detector
 
 
-def _train(config: DemoConfig, catalogue: Path, features: Path, detector, bundle: Path) -> None:
-    from posterfusion.jobs.recipes import train_config
+def training_config(config: DemoConfig, catalogue: Path, features: Path, bundle: Path):
+    """The recipe's training configuration; where its pretrained weights are missing (a fresh machine
+    without ../shared), the demo opts into training from scratch itself and says so in one line."""
+    from posterfusion.jobs.train.recipes import resolve, weights_problem
+
+    detector = config.detector
+    overrides = {"data": {"catalogue": str(catalogue), "features": str(features) if detector else None,
+                          "detector": {"weights": detector} if detector else None},
+                 "model": {"variant": "fused" if detector else "cnn+metadata"}, "run": {"out": str(bundle)}}
+    problem = weights_problem(resolve(config.recipe, overrides, check_weights=False))
+    if problem:
+        typer.echo(f"[train] {problem}: the demo trains from scratch instead (--from-scratch), a far weaker model")
+    return resolve(config.recipe, overrides, from_scratch=problem is not None)
+
+
+def _train(train) -> None:
     from posterfusion.jobs.train import format_train_summary, run_train
 
-    summary = run_train(train_config(config.recipe, catalogue, bundle, features=features if detector else None,
-                                     detector=detector, variant="fused" if detector else "cnn+metadata"))
+    summary = run_train(train)
     typer.echo("[train] " + format_train_summary(summary))
 
 

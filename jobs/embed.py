@@ -122,17 +122,17 @@ def run_embeddings(config: EmbedConfig) -> dict:
     """
     from posterfusion.cluster import actor_pool
     from posterfusion.features.catalogue import catalogue_files
-    from posterfusion.models.bundle import model_version, read_config
+    from posterfusion.models.bundle import load_bundle
 
     started = time.perf_counter()
-    bundle = read_config(config.model)  # fails early, on the driver, for a path that is no bundle
+    bundle = load_bundle(config.model)  # fails early, on the driver, for a path that is no bundle
     files = catalogue_files(config.catalogue)
     rows = _count_rows(files, config.split)
     if not rows:
         raise UserValueError(f"the catalogue {config.catalogue} has no rows"
                          + (f" in split {config.split!r}" if config.split else ""))
     pool = actor_pool(config.actors, math.ceil(rows / config.batch_size), gpu_capable=True)
-    version = model_version(config.model)
+    version = bundle.version
     staging = config.out / f"_embeddings-{uuid.uuid4().hex[:8]}"
     try:
         _write_embeddings(config, files, pool, staging)
@@ -140,15 +140,15 @@ def run_embeddings(config: EmbedConfig) -> dict:
         if written != rows:
             raise RuntimeError(f"embedded {written} posters but the catalogue selection has {rows}")
         manifest = {"model_version": version, "model": str(config.model), "catalogue": str(config.catalogue),
-                    "split": config.split, "rows": rows, "dim": bundle.model.embedding_dim,
-                    "genres": _bundle_genres(config.model),
+                    "split": config.split, "rows": rows, "dim": bundle.config.model.embedding_dim,
+                    "genres": bundle.genres,
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         final = _replace(staging, config.out / "embeddings")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
-    return {"rows": rows, "dim": bundle.model.embedding_dim, "model_version": version, "split": config.split,
+    return {"rows": rows, "dim": bundle.config.model.embedding_dim, "model_version": version, "split": config.split,
             "actors": pool.size, "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
             "seconds": round(seconds, 2), "posters_per_s": round(rows / seconds, 2), "out": str(final)}
 
@@ -167,12 +167,6 @@ def _write_embeddings(config: EmbedConfig, files: list[str], pool, staging: Path
                         compute=pool.strategy(), num_cpus=pool.cpus,
                         num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
     ds.write_parquet(str(staging), ray_remote_args={"num_cpus": config.io_cpus})
-
-
-def _bundle_genres(bundle: Path) -> list[str]:
-    from posterfusion.features.vocab import GenreVocabulary
-
-    return GenreVocabulary.load(bundle / "genres.json").genres
 
 
 def _replace(staging: Path, final: Path) -> Path:

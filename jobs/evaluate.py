@@ -25,9 +25,18 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.features.metadata import FIELDS as META_COLUMNS
+from posterfusion.models.bundle import load_bundle
+from posterfusion.models.calibration import expected_calibration_error
+from posterfusion.models.metrics import (
+    bootstrap_ci,
+    evaluate_all,
+    headline_metrics,
+    label_prior_scores,
+    macro_auc,
+    paired_bootstrap,
+    tune_thresholds,
+)
 
-HEADLINE = ["roc_auc_macro", "roc_auc_main6", "roc_auc_micro", "map_macro", "hit@3", "top_n_ratio",
-            "f1_micro@tuned", "f1_micro@0.5", "ece"]
 MIN_SUBSET = 20  # posters a with/without-metadata subset needs before its metrics are reported
 
 
@@ -117,10 +126,9 @@ def encode_labels(vocabulary, frame: pd.DataFrame, space: LabelSpace) -> np.ndar
 
 def model_scores(config: EvaluateConfig, frame: pd.DataFrame) -> np.ndarray:
     """The Predictor's calibrated probabilities for ``frame``'s rows, via Ray Data actors."""
-    from posterfusion.models.bundle import read_config
     from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, predict_dataset
 
-    bundle = read_config(config.model)
+    bundle = load_bundle(config.model).config
     dataset = _rows(config.catalogue, PREDICT_COLUMNS, frame["movie_id"].tolist())
     objects = None
     if config.features is not None and bundle.detector_id:
@@ -151,8 +159,6 @@ def baseline_scorers(training: Path, vocabulary, frame: pd.DataFrame, stats: dic
 
     ``stats`` are :func:`poster_statistics` of the training catalogue's train/val rows and of ``frame``'s.
     """
-    from posterfusion.models.evaluation import label_prior_scores
-    from posterfusion.models.metrics import tune_thresholds
 
     fit = {s: load_split_frame(training, s) for s in ("train", "val")}
     labels = {s: vocabulary.encode_many(fit[s]["genres"]) for s in fit}
@@ -171,7 +177,6 @@ def _stack(stats: dict[str, pd.Series], frame: pd.DataFrame) -> np.ndarray:
 def _tuned_classic(x_train, y_train, x_val, y_val, grid=(0.01, 0.1, 1.0)):
     """The baseline gets its regularisation tuned on validation, as the model gets early stopping."""
     from posterfusion.features.classic import ClassicBaseline, ClassicConfig
-    from posterfusion.models.metrics import macro_auc
 
     fitted = [ClassicBaseline(ClassicConfig(C=c)).fit(x_train, y_train) for c in grid]
     return max(fitted, key=lambda b: macro_auc(y_val, b.predict_proba(x_val)))
@@ -199,39 +204,16 @@ def poster_statistics(training: Path, catalogue: Path, frame: pd.DataFrame) -> d
     return stats
 
 
-def headline_metrics(genres: list[str], thresholds: np.ndarray) -> dict:
-    """The headline metric functions of one scorer (tuned F1 uses its own thresholds)."""
-    from posterfusion.models.calibration import expected_calibration_error
-    from posterfusion.models.evaluation import (
-        fast_macro_auc,
-        fast_map,
-        fast_micro_auc,
-        hit_at_3,
-        main_genre_auc,
-        make_f1_metric,
-        top_n_ratio,
-    )
-
-    return {"roc_auc_macro": fast_macro_auc, "roc_auc_main6": main_genre_auc(genres), "roc_auc_micro": fast_micro_auc,
-            "map_macro": fast_map, "hit@3": hit_at_3, "top_n_ratio": top_n_ratio,
-            "f1_micro@tuned": make_f1_metric(thresholds), "f1_micro@0.5": make_f1_metric(0.5),
-            "ece": lambda y, s: expected_calibration_error(y, s)[0]}
-
-
 def run_evaluate(config: EvaluateConfig) -> dict:
     """Score the evaluated rows, compute metrics + intervals beside the baselines; write the report files."""
-    from posterfusion.features.vocab import GenreVocabulary
-    from posterfusion.models.bundle import read_config
-    from posterfusion.models.predictor import bundle_thresholds
-
     started = time.perf_counter()
-    bundle = read_config(config.model)
-    vocabulary = GenreVocabulary.load(config.model / "genres.json")
-    training = config.training_catalogue or Path(bundle.catalogue["path"])
+    bundle = load_bundle(config.model)
+    vocabulary = bundle.vocabulary
+    training = config.training_catalogue or Path(bundle.config.catalogue["path"])
     same_source = Path(config.catalogue).resolve() == Path(training).resolve()
     frame = load_split_frame(config.catalogue, config.split)
     space = label_space(vocabulary, frame, same_source)
-    scorers = {"model": Scorer(scores=model_scores(config, frame), thresholds=bundle_thresholds(config.model))}
+    scorers = {"model": Scorer(scores=model_scores(config, frame), thresholds=bundle.thresholds)}
     if config.baselines:
         scorers |= baseline_scorers(training, vocabulary, frame, poster_statistics(training, config.catalogue, frame))
     scorers = {name: restrict(s, space.columns) for name, s in scorers.items()}
@@ -257,8 +239,6 @@ def build_report(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[st
 
     Shared by ``evaluate`` (model − each baseline) and ``compare`` (each variant − cnn).
     """
-    from posterfusion.models.calibration import expected_calibration_error
-    from posterfusion.models.evaluation import bootstrap_ci, evaluate_all, paired_bootstrap
 
     metrics, intervals, calibration = {}, {}, {}
     for name, scorer in scorers.items():
@@ -285,8 +265,6 @@ def build_report(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[st
 def _by_metadata(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[str], has_metadata: np.ndarray,
                  n_boot: int, seed: int) -> dict:
     """Headline intervals for the posters with metadata and those without (when each has enough posters)."""
-    from posterfusion.models.evaluation import bootstrap_ci
-
     out = {}
     for subset, mask in (("with_metadata", has_metadata), ("without_metadata", ~has_metadata)):
         if mask.sum() < MIN_SUBSET:  # counted, but too few posters for metrics worth printing

@@ -4,16 +4,19 @@ Stages: take the output's lease → read the keys already scored for this model 
 catalogue's keys (pyarrow, no Ray) → Ray Data streams only the rows not yet scored through a
 pool of ``ScoreBatch`` actors (decode → detection for posters without cached features → CNN →
 fusion, in one actor so two model stages never wait on each other) → the driver commits the
-rows in files of ``rows_per_file`` (:func:`~posterfusion.features.store.commit_file`) → the run
-summary (:mod:`posterfusion.jobs.score_summary`) is committed beside them.
+rows in files of ``rows_per_file`` under the lease → the run summary
+(:mod:`posterfusion.jobs.score_summary`) is committed beside them. ``OUT`` is a local path or an
+object-store prefix (``s3://bucket/predictions``); only the lease differs
+(:func:`~posterfusion.features.store.output_lease`).
 
 Exactly once: rows are keyed by (``movie_id``, ``poster_sha256``, ``model_version``) — the
 poster's hash and the model's hash say whether a stored answer is still the answer, and the
 movie is in the key because the fused model reads each movie's metadata. A committed file is
 finished work: a stopped run keeps what it committed and the next run scores only the rest; a
 worker lost mid-run is retried by Ray Data and its rows reach the driver once. Two runs never
-write one output at once: the first holds an exclusive lease (:class:`~posterfusion.features.
-store.Lease`), and the second waits for it (``wait_s``) or stops with a clear error. A poster
+write one output at once: the first holds an exclusive lease (:func:`~posterfusion.features.
+store.output_lease`), and the second waits for it (``wait_s``) or stops with a clear error; a run
+whose lease was taken over (it looked dead) is fenced and commits nothing more. A poster
 that cannot be scored (undecodable, detector failure, bad metadata) is a row with its reason in
 ``error``, never a failed run.
 """
@@ -30,11 +33,13 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.features.store import Lease, commit_file, keep_keys, plan_missing
+from posterfusion.features.store import OutputLease, keep_keys, output_lease, plan_missing
+from posterfusion.locations import Location
 from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, PredictBatch, predict_dataset
 from posterfusion.models.predictions import KEY_COLUMNS, prediction_rows, predictions_schema, scored_keys
 
 log = logging.getLogger(__name__)
+PART_FILES = "run_date=*/part-*.parquet"  # what runs commit under OUT
 
 
 class ScoreConfig(BaseModel):
@@ -42,7 +47,7 @@ class ScoreConfig(BaseModel):
 
     model: Path
     catalogue: Path
-    out: Path
+    out: Location = Field(description="predictions: a local path or an object-store prefix (s3://bucket/prefix)")
     features: Path | None = Field(None, description="cached object features to reuse; the rest are detected")
     run_date: date = Field(default_factory=lambda: datetime.now(UTC).date(), description="output partition")
     batch_size: int = Field(32, ge=1, description="posters per actor call")
@@ -73,13 +78,14 @@ def plan(config: ScoreConfig, version: str) -> tuple[list[str], pa.Array, int]:
 def run_score(config: ScoreConfig) -> dict:
     """Score every catalogue row this model version has not scored yet; return the run summary."""
     from posterfusion.jobs.score_summary import describe_run, save_summary
-    from posterfusion.models.bundle import model_version, read_config
+    from posterfusion.models.bundle import load_bundle
 
     started = time.perf_counter()
-    bundle, version = read_config(config.model), model_version(config.model)  # read_config names what is missing
+    loaded = load_bundle(config.model)  # names what is missing, before any work
+    bundle, version = loaded.config, loaded.version
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    with Lease(config.out, run_id, wait_s=config.wait_s) as lease:
-        removed = lease.remove_dead_staging("run_date=*/.part-*")
+    with output_lease(config.out, run_id, wait_s=config.wait_s) as lease:
+        removed = lease.remove_dead(PART_FILES)  # what dead runs left: staging dot-files, or uncommitted uploads
         files, todo, rows = plan(config, version)
         log.info("score %s: %d catalogue rows, %d to score", version, rows, len(todo))
         summary = {"run_id": run_id, "run_date": config.run_date.isoformat(), "model_version": version,
@@ -94,7 +100,7 @@ def run_score(config: ScoreConfig) -> dict:
 
 
 def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[str],
-            todo: pa.Array, lease: Lease) -> tuple[list[Path], str]:
+            todo: pa.Array, lease: OutputLease) -> tuple[list[str], str]:
     """Ray Data: catalogue rows → ScoreBatch actors → files committed by this driver."""
     import ray
 
@@ -112,16 +118,16 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         committer.add(batch)
     committer.flush()
-    return committer.files, scored.stats()
+    return [str(f) for f in committer.files], scored.stats()
 
 
 class Committer:
-    """Buffers rows and commits them as whole files (:func:`commit_file`), numbered per run, under the lease."""
+    """Buffers rows and commits them as whole files, numbered per run, through the lease (fenced, recorded)."""
 
-    def __init__(self, folder: Path, run_id: str, rows_per_file: int, lease: Lease):
+    def __init__(self, folder: Location, run_id: str, rows_per_file: int, lease: OutputLease):
         self.folder, self.run_id, self.rows_per_file, self.lease = folder, run_id, rows_per_file, lease
         self.pending: list[pa.Table] = []
-        self.files: list[Path] = []
+        self.files: list[Location] = []
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -141,8 +147,8 @@ class Committer:
         self.files.append(final)
         log.info("score: committed %s (%d rows)", final.name, len(table))
 
-    def commit(self, path: Path, write) -> Path:
-        return commit_file(path, write)
+    def commit(self, path: Location, write) -> Location:
+        return self.lease.commit(path, write)
 
 
 def format_score_summary(summary: dict) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from posterfusion.locations import Location
+
 Z_ALERT = 3.0
 
 
@@ -97,13 +99,13 @@ def format_drift(drift_report: dict | None) -> str:
             f"beyond noise (|z| > {Z_ALERT:g}): {noisy}")
 
 
-def summaries(out: Path) -> list[dict]:
+def summaries(out: Path | Location) -> list[dict]:
     """Every committed run summary, oldest first (run ids start with their UTC time)."""
-    folder = Path(out) / "_runs"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return [json.loads(f.read_text()) for f in (Location.parse(out) / "_runs").list_files(".json", recursive=False)]
 
 
-def save_summary(out: Path, summary: dict) -> Path:
-    from posterfusion.features.store import commit_text
-
-    return commit_text(Path(out) / "_runs" / f"{summary['run_id']}.json", json.dumps(summary, indent=2))
+def save_summary(out: Path | Location, summary: dict) -> Location:
+    """``OUT/_runs/<run_id>.json``, written atomically (a local path or an object store alike)."""
+    location = Location.parse(out) / "_runs" / f"{summary['run_id']}.json"
+    location.write_text(json.dumps(summary, indent=2))
+    return location

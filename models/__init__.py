@@ -11,12 +11,14 @@ from posterfusion.models.backbones import (
     register_backbone,
     resolve_weights,
 )
-from posterfusion.models.fusion import FusionConfig, FusionNet, build_model
+from posterfusion.models.fusion import FusionConfig, FusionNet, ModelConfig
+from posterfusion.models.network import build_model
 
 __all__ = [
     "Backbone",
     "FusionConfig",
     "FusionNet",
+    "ModelConfig",
     "build_model",
     "create_backbone",
     "list_backbones",

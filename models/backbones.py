@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from posterfusion.errors import UserFileNotFound, UserValueError
+from posterfusion.errors import UserValueError
 from posterfusion.features.presets import IMAGENET_MEAN, IMAGENET_STD
+from posterfusion.weights import require_weights
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -120,25 +120,13 @@ def resolve_weights(name: str, weights: str = "none"):
     return weights_file(weights)
 
 
-def weights_dir() -> Path | None:
-    """Where named weights files are looked up: ``$POSTERFUSION_WEIGHTS`` (``make`` points it at ../shared)."""
-    folder = os.environ.get("POSTERFUSION_WEIGHTS")
-    return Path(folder) if folder else None
-
-
 def weights_file(weights: str | Path) -> Path:
-    """A weights file given by path, or by bare file name under :func:`weights_dir` (recipes name them so)."""
+    """A backbone weights file (see :mod:`posterfusion.weights` for where it is looked up)."""
     path = Path(weights)
     if path.suffix not in WEIGHT_SUFFIXES:
         kinds = "/".join(WEIGHT_SUFFIXES)
         raise UserValueError(f"weights must be 'none', 'imagenet' or a {kinds} file, got {weights!r}")
-    if path.is_file():
-        return path
-    folder = weights_dir()
-    if len(path.parts) == 1 and folder is not None and (folder / path).is_file():
-        return folder / path
-    where = f" or in $POSTERFUSION_WEIGHTS ({folder})" if folder else " (POSTERFUSION_WEIGHTS names a weights folder)"
-    raise UserFileNotFound(f"weights file not found: {path}{where}")
+    return require_weights(path, "backbone weights file")
 
 
 def weights_id(weights: str) -> str:

@@ -1,44 +1,109 @@
-"""The model bundle: one directory that scoring and serving load, with no pickle in it.
+"""The model bundle: one directory that scoring, evaluation and serving load, with no pickle in it.
 
-    config.json             BundleConfig: fusion network, image size, detector, version
+    config.json             BundleConfig: the network (image size included), detector, training settings
     model.safetensors       weights
     genres.json             the GenreVocabulary the logits are ordered by
     metadata_encoder.json   the MetadataEncoder fitted on the training split
     thresholds.json         per-genre decision thresholds tuned on validation (calibrated probabilities)
     calibration.json        the Calibration: logit adjustment + per-genre Platt scaling fitted on validation
     metrics.json            training history and best validation metrics
+
+This module owns the format: :func:`save_bundle` writes it and :func:`load_bundle` is the one
+reader (the Predictor, evaluate, compare, embed, score and the service all use it), so a file
+is named in one place. ``config.json`` carries a ``format_version``; a bundle written by an
+older version is upgraded as it is read, so every bundle ever written keeps loading.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
 
+from posterfusion import __version__
 from posterfusion.errors import UserFileNotFound
+from posterfusion.features.metadata import MetadataEncoder
 from posterfusion.features.objects import DetectorConfig
+from posterfusion.features.vocab import GenreVocabulary
+from posterfusion.models.calibration import Calibration
 from posterfusion.models.fusion import FusionConfig
 
 FILES = ("config.json", "model.safetensors", "genres.json", "metadata_encoder.json",
          "thresholds.json", "calibration.json", "metrics.json")
 VERSIONED = ("config.json", "model.safetensors", "thresholds.json", "calibration.json")
+# 1: the image size beside the network config (until 2026-12-03); 2: inside it, training settings nested
+FORMAT_VERSION = 2
 
 
 class BundleConfig(BaseModel):
     """Everything needed to rebuild the network and its inputs exactly."""
 
+    format_version: int = Field(FORMAT_VERSION, description="the bundle format it was written in")
     model: FusionConfig
-    image_size: int = Field(description="EvalPreset size the network was trained at")
     detector: DetectorConfig | None = Field(None, description="None: no object features")
     detector_id: str | None = None
     recipe: str | None = Field(None, description="the named recipe the run used, if any")
-    train: dict = Field(default_factory=dict, description="the resolved TrainConfig of the run")
+    train: dict = Field(default_factory=dict, description="the resolved training configuration of the run")
     catalogue: dict = Field(default_factory=dict, description="the training catalogue's path, fingerprint, rows")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     posterfusion_version: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data):
+        """Format 1 kept ``image_size`` beside ``model``: move it in (the version it was written in stays)."""
+        if isinstance(data, dict) and data.get("format_version", 1) == 1 and "image_size" in data:
+            data = {k: v for k, v in data.items() if k != "image_size"} | {
+                "format_version": 1, "model": {**data["model"], "image_size": data["image_size"]}}
+        return data
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle as read: its config and every small file, the weights read on demand."""
+
+    path: Path
+    config: BundleConfig
+    vocabulary: GenreVocabulary
+    encoder: MetadataEncoder
+    calibration: Calibration
+    thresholds: np.ndarray  # (G,) float32, in the vocabulary's order
+    version: str
+
+    @property
+    def genres(self) -> list[str]:
+        return self.vocabulary.genres
+
+    def state_dict(self) -> dict:
+        from safetensors.torch import load_file  # torch: only where the weights are needed
+
+        return load_file(str(self.path / "model.safetensors"))
+
+    def metrics(self) -> dict:
+        return json.loads((self.path / "metrics.json").read_text())
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle directory (not its weights); a path that is no bundle is one clear error."""
+    path = Path(path)
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise UserFileNotFound(f"{path} is not a model bundle: missing {', '.join(missing)}")
+    vocabulary = GenreVocabulary.model_validate_json((path / "genres.json").read_text())
+    thresholds = json.loads((path / "thresholds.json").read_text())
+    return Bundle(path=path, config=BundleConfig.model_validate_json((path / "config.json").read_text()),
+                  vocabulary=vocabulary,
+                  encoder=MetadataEncoder.model_validate_json((path / "metadata_encoder.json").read_text()),
+                  calibration=Calibration.model_validate_json((path / "calibration.json").read_text()),
+                  thresholds=np.array([thresholds[g] for g in vocabulary.genres], dtype=np.float32),
+                  version=model_version(path))
 
 
 def model_version(bundle: str | Path) -> str:
@@ -49,28 +114,34 @@ def model_version(bundle: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_bundle(out: str | Path, *, config: BundleConfig, state_dict: dict, vocabulary, encoder,
-                thresholds: dict[str, float], calibration, metrics: dict) -> Path:
-    """Write a bundle directory; weights are made contiguous for safetensors."""
+def save_bundle(out: str | Path, *, config: BundleConfig, state_dict: dict, vocabulary: GenreVocabulary,
+                encoder: MetadataEncoder, thresholds: dict[str, float], calibration: Calibration,
+                metrics: dict) -> Path:
+    """Write a bundle directory whole or not at all: filled beside ``out``, then renamed into place."""
     from safetensors.torch import save_file
 
-    from posterfusion import __version__
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = config.model_copy(update={"posterfusion_version": __version__})
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(out / "model.safetensors"))
-    vocabulary.save(out / "genres.json")
-    encoder.save(out / "metadata_encoder.json")
-    (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2))
-    (out / "calibration.json").write_text(calibration.model_dump_json(indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        config = config.model_copy(update={"format_version": FORMAT_VERSION, "posterfusion_version": __version__})
+        (staging / "config.json").write_text(config.model_dump_json(indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(staging / "model.safetensors"))
+        (staging / "genres.json").write_text(vocabulary.model_dump_json(indent=2))
+        (staging / "metadata_encoder.json").write_text(encoder.model_dump_json(indent=2))
+        (staging / "thresholds.json").write_text(json.dumps(thresholds, indent=2))
+        (staging / "calibration.json").write_text(calibration.model_dump_json(indent=2))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
-def read_config(bundle: str | Path) -> BundleConfig:
-    missing = [name for name in FILES if not (Path(bundle) / name).is_file()]
-    if missing:
-        raise UserFileNotFound(f"{bundle} is not a model bundle: missing {', '.join(missing)}")
-    return BundleConfig.model_validate_json((Path(bundle) / "config.json").read_text())
+def _replace(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an older bundle there is moved aside first and removed after."""
+    aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    if out.exists():
+        out.rename(aside)
+    staging.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -62,11 +62,11 @@ class BackboneFeaturizer:
         import torch
 
         from posterfusion.models.backbones import create_backbone
-        from posterfusion.models.fusion import FusionConfig, input_preset
+        from posterfusion.models.fusion import ModelConfig
+        from posterfusion.models.network import input_preset
 
         self.backbone = create_backbone(config.backbone, config.weights).eval().to(memory_format=torch.channels_last)
-        self.preset = input_preset(FusionConfig(backbone=config.backbone, variant="cnn", num_genres=1),
-                                   config.image_size)
+        self.preset = input_preset(ModelConfig(backbone=config.backbone, image_size=config.image_size))
         self.size = config.image_size
         torch.set_num_threads(threads)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from posterfusion.models.backbones import create_backbone
+from posterfusion.models.backbones import backbone_class, create_backbone
 
 
 @dataclass(frozen=True)
@@ -49,30 +49,33 @@ VARIANTS: dict[str, VariantSpec] = {
 Variant = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
 
 
-class FusionConfig(BaseModel):
-    backbone: str = "mobilenet_v2"
-    weights: str = Field("none", description="what training started from: 'none', 'imagenet' or a weights file")
-    variant: Variant = "fused"
-    fusion: Literal["concat", "gated"] = "concat"
-    num_genres: int = Field(ge=1)
-    object_dim: int = Field(0, ge=0)
-    metadata_dim: int = Field(0, ge=0)
-    metadata_flags: list[int] = Field(default_factory=list,
-                                      description="columns of the metadata vector that are presence flags")
-    object_proj: int = Field(64, ge=1)
-    metadata_proj: int = Field(32, ge=1)
-    hidden: int = Field(256, ge=1)
+class ModelConfig(BaseModel):
+    """The network a user chooses: backbone, starting weights, input size, side inputs, head.
+
+    Training's ``model`` section (``--set model.image_size=160``); the bundle records it inside
+    :class:`FusionConfig`, which adds what the data decides (genres, input widths). The defaults
+    are stated here and nowhere else.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field("mobilenet_v2", description="a registered backbone (`posterfusion recipes` lists them)")
+    weights: str = Field("none", description="what training starts from: 'none', 'imagenet' (torchvision's "
+                         "download) or a weights file (a bare name is looked up in $POSTERFUSION_WEIGHTS)")
+    image_size: int | None = Field(None, ge=32, description="square input size; None: the backbone's native size")
+    variant: Variant = Field("fused", description="which side inputs the network reads (VARIANTS)")
+    fusion: Literal["concat", "gated"] = Field("concat", description="gated: a learned gate per side branch")
+    hidden: int = Field(256, ge=1, description="width of the head's hidden layer (the embedding)")
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    freeze_backbone: bool = Field(False, description="the backbone is never trained (frozen-features mode)")
-    freeze_bn: bool = Field(False, description="backbone BatchNorms stay in eval mode (pretrained statistics)")
-    members: int = Field(1, ge=1, description="networks whose logits are averaged (an ensemble; 1: one network)")
-    shared_stages: int = Field(0, ge=0, description="leading backbone stages an ensemble's members share (they "
-                               "were frozen while the members fine-tuned): run once per batch")
+    object_proj: int = Field(64, ge=1, description="width the object vector is projected to")
+    metadata_proj: int = Field(32, ge=1, description="width the metadata vector is projected to")
+    freeze_bn: bool | None = Field(None, description="backbone BatchNorms stay in eval mode (pretrained "
+                                   "statistics); None: when the weights are pretrained")
 
     @property
-    def embedding_dim(self) -> int:
-        """Width of the representation similarity search reads: each member's hidden layer, side by side."""
-        return self.hidden * self.members
+    def size(self) -> int:
+        """The input size in pixels: as set, else the backbone's native one."""
+        return self.image_size or backbone_class(self.backbone).native_size
 
     @property
     def uses_objects(self) -> bool:
@@ -81,6 +84,26 @@ class FusionConfig(BaseModel):
     @property
     def uses_metadata(self) -> bool:
         return VARIANTS[self.variant].metadata != "none"
+
+
+class FusionConfig(ModelConfig):
+    """The network as built: the user's :class:`ModelConfig` plus what the training data decided."""
+
+    freeze_bn: bool = Field(False, description="backbone BatchNorms stay in eval mode (pretrained statistics)")
+    num_genres: int = Field(ge=1)
+    object_dim: int = Field(0, ge=0)
+    metadata_dim: int = Field(0, ge=0)
+    metadata_flags: list[int] = Field(default_factory=list,
+                                      description="columns of the metadata vector that are presence flags")
+    freeze_backbone: bool = Field(False, description="the backbone is never trained (frozen-features mode)")
+    members: int = Field(1, ge=1, description="networks whose logits are averaged (an ensemble; 1: one network)")
+    shared_stages: int = Field(0, ge=0, description="leading backbone stages an ensemble's members share (they "
+                               "were frozen while the members fine-tuned): run once per batch")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the representation similarity search reads: each member's hidden layer, side by side."""
+        return self.hidden * self.members
 
     @model_validator(mode="after")
     def _inputs_match_variant(self) -> FusionConfig:
@@ -227,27 +250,3 @@ class FusionNet(nn.Module):
         if side.dim() != 2 or side.shape[1] != dim or side.shape[0] != features.shape[0]:
             raise ValueError(f"{name} features must have shape ({features.shape[0]}, {dim}), got {tuple(side.shape)}")
         return side.to(features.dtype)
-
-
-def build_model(config: FusionConfig, load_weights: bool = True) -> nn.Module:
-    """The network of ``config`` (an :class:`EnsembleNet` when it has several members);
-    ``load_weights=False`` skips the backbone's starting weights.
-
-    Training starts from ``config.weights``; a bundle's Predictor loads all weights from the
-    bundle itself and must never fetch the starting ones (a download at every replica start,
-    or a path that exists only where training ran).
-    """
-    if config.members > 1:
-        from posterfusion.models.ensemble import EnsembleNet
-
-        return EnsembleNet(config, load_weights=load_weights)
-    return FusionNet(config, load_weights=load_weights)
-
-
-def input_preset(config: FusionConfig, size: int, stage: Literal["train", "eval"] = "eval"):
-    """The image preset of ``stage`` at ``size``, normalised the way ``config``'s backbone expects."""
-    from posterfusion.features.presets import preset_for
-    from posterfusion.models.backbones import backbone_class
-
-    backbone = backbone_class(config.backbone)
-    return preset_for(stage, size, backbone.input_mean, backbone.input_std)

@@ -1,9 +1,11 @@
 """The predictions table: what batch scoring stores per (movie, poster, model version), and how to read it.
 
-Layout on disk: ``OUT/run_date=YYYY-MM-DD/part-<run_id>-<seq>.parquet`` (Hive partitioning, so
-any Parquet reader sees ``run_date`` as a column), files committed whole
-(:func:`posterfusion.features.store.commit_file`). The schema depends on the bundle's genre
-vocabulary: one ``p_<genre>`` column per genre.
+Layout: ``OUT/run_date=YYYY-MM-DD/part-<run_id>-<seq>.parquet`` (Hive partitioning, so any
+Parquet reader sees ``run_date`` as a column), ``OUT`` a local path or an object-store prefix, files
+committed whole under the output's lease. Readers read only committed files
+(:func:`posterfusion.features.store.committed_files`: on an object store the files named in its
+commit records, never a bare listing). The schema depends on the bundle's genre vocabulary: one
+``p_<genre>`` column per genre.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import pandas as pd
 import pyarrow as pa
 
 from posterfusion.features.objects import DETECTION_TYPE
+from posterfusion.locations import Location
 
 KEY_COLUMNS = ["movie_id", "poster_sha256", "model_version"]
+FILES = "run_date=*/*.parquet"
 OBJECT_SUMMARY_TYPE = pa.struct([
     pa.field("name", pa.string()),
     pa.field("count", pa.int32()),
@@ -79,15 +83,14 @@ def prediction_rows(batch: pa.Table, scored, predictor, run_id: str, schema: pa.
     }, schema=schema)
 
 
-def prediction_files(out: Path | str) -> list[str]:
-    """Committed prediction files; dot-files (being written) and ``_`` folders are skipped."""
-    root = Path(out)
-    if not root.is_dir():
-        return []
-    return sorted(str(p) for p in root.glob("run_date=*/*.parquet") if not p.name.startswith((".", "_")))
+def prediction_files(out: Path | str | Location) -> list[str]:
+    """Committed prediction files (paths, or URIs on an object store)."""
+    from posterfusion.features.store import committed_files
+
+    return [str(f) for f in committed_files(out, FILES)]
 
 
-def read_predictions(out: Path | str, columns: list[str] | None = None) -> pd.DataFrame:
+def read_predictions(out: Path | str | Location, columns: list[str] | None = None) -> pd.DataFrame:
     """Every stored prediction row (all runs, all model versions), with ``run_date``.
 
     Files of bundles with different genre vocabularies have different ``p_*`` columns; the
@@ -96,23 +99,32 @@ def read_predictions(out: Path | str, columns: list[str] | None = None) -> pd.Da
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    files = prediction_files(out)
+    out, files = _committed(out)
     if not files:
         return pd.DataFrame(columns=columns or [*KEY_COLUMNS, "run_date"])
     partitioning = pads.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files] + [partitioning.schema])
+    schema = pa.unify_schemas([pq.read_schema(f, filesystem=out.filesystem) for f in files] + [partitioning.schema])
     dataset = pads.dataset(files, schema=schema, format="parquet", partitioning=partitioning,
-                           partition_base_dir=str(out))
+                           partition_base_dir=out.fs_path, filesystem=out.filesystem)
     return dataset.to_table(columns=columns).to_pandas()
 
 
-def scored_keys(out: Path | str) -> pa.Array:
+def scored_keys(out: Path | str | Location) -> pa.Array:
     """``movie_id``/``poster_sha256``/``model_version`` keys of every stored row."""
     import pyarrow.parquet as pq
 
     from posterfusion.features.store import join_keys
 
-    tables = [pq.read_table(f, columns=KEY_COLUMNS) for f in prediction_files(out)]
+    out, files = _committed(out)
+    tables = [pq.read_table(f, columns=KEY_COLUMNS, filesystem=out.filesystem) for f in files]
     if not tables:
         return pa.array([], pa.string())
     return join_keys(pa.concat_tables(tables), KEY_COLUMNS)
+
+
+def _committed(out: Path | str | Location) -> tuple[Location, list[str]]:
+    """``out`` and its committed prediction files as paths within ``out.filesystem`` (pyarrow's terms)."""
+    from posterfusion.features.store import committed_files
+
+    out = Location.parse(out)
+    return out, [f.fs_path for f in committed_files(out, FILES)]

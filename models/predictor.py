@@ -15,7 +15,6 @@ thresholds, same top-k.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from posterfusion.models.bundle import read_config
+from posterfusion.models.bundle import load_bundle
 from posterfusion.models.hardware import Amp
 
 TOP_K = 3
@@ -87,13 +86,6 @@ def object_summary(detections: Sequence[dict]) -> list[dict]:
     return [{"name": name, "count": n, "max_confidence": best[name]} for name, n in counts.most_common()]
 
 
-def bundle_thresholds(bundle: str | Path) -> np.ndarray:
-    """The bundle's per-genre thresholds, in its vocabulary's order."""
-    genres = json.loads((Path(bundle) / "genres.json").read_text())["genres"]
-    thresholds = json.loads((Path(bundle) / "thresholds.json").read_text())
-    return np.array([thresholds[g] for g in genres], dtype=np.float32)
-
-
 class Predictor:
     """Loads a bundle once; scores batches on CPU or GPU."""
 
@@ -105,30 +97,24 @@ class Predictor:
         Training validates its fine-tuned epochs under the same autocast.
         """
         import torch
-        from safetensors.torch import load_file
 
         from posterfusion.features.catalogue import DecodeLimits
-        from posterfusion.features.metadata import MetadataEncoder
-        from posterfusion.features.vocab import GenreVocabulary
-        from posterfusion.models.bundle import model_version
-        from posterfusion.models.calibration import Calibration
-        from posterfusion.models.fusion import build_model, input_preset
+        from posterfusion.models.network import build_model, input_preset
 
-        self.bundle = Path(bundle)
+        loaded = load_bundle(bundle)
+        self.bundle = loaded.path
         self.limits = limits or DecodeLimits()  # the service passes its stricter SERVING_LIMITS
-        self.config = read_config(bundle)
+        self.config = loaded.config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.vocabulary = GenreVocabulary.load(self.bundle / "genres.json")
-        self.encoder = MetadataEncoder.load(self.bundle / "metadata_encoder.json")
-        self.thresholds = bundle_thresholds(self.bundle)
-        self.calibration = Calibration.model_validate_json((self.bundle / "calibration.json").read_text())
-        self.preset = input_preset(self.config.model, self.config.image_size)
+        self.vocabulary, self.encoder, self.calibration = loaded.vocabulary, loaded.encoder, loaded.calibration
+        self.thresholds = loaded.thresholds
+        self.preset = input_preset(self.config.model)
         self.model = build_model(self.config.model, load_weights=False)  # every weight comes from the bundle
-        self.model.load_state_dict(load_file(str(self.bundle / "model.safetensors")))
+        self.model.load_state_dict(loaded.state_dict())
         # channels-last: oneDNN's (and cuDNN's) fast convolution layout, 1.6× here on its own
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.precision = precision
-        self.version = model_version(self.bundle)
+        self.version = loaded.version
         if self.model.uses_objects and self.config.detector is None:
             raise ValueError("bundle reads object features but names no detector")
         self.detects = self.config.detector is not None and (detect or self.model.uses_objects)
@@ -252,7 +238,7 @@ class Predictor:
         from posterfusion.features.presets import image_to_tensor
         from posterfusion.models.hardware import autocast
 
-        batch = torch.stack([image_to_tensor(image, self.config.image_size) for image in images])
+        batch = torch.stack([image_to_tensor(image, self.config.model.size) for image in images])
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.precision):
             hidden, logits = self.model.embed_and_logits(

@@ -25,197 +25,18 @@ Built by :func:`build_app` — from ``posterfusion serve`` and from ``serve run`
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from posterfusion.serving.config import ServeConfig
 
-from posterfusion.serving.schemas import MovieMetadata
-
-PAGE = Path(__file__).with_name("index.html")
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
-
-
-class ServeConfig(BaseModel):
-    """Everything an operator tunes; the serve config YAML's ``args`` validate against this."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: Path = Field(description="model bundle directory (on every node)")
-    max_batch_size: int = Field(8, ge=1, le=256, description="most posters one model call takes")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="how long a batch waits to fill while other "
-                                        "posters are in flight (a poster alone is scored at once)")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float | None = Field(None, gt=0, description="autoscaling target per model replica, "
-                                                  ">= max_batch_size; default: max_batch_size")
-    max_ongoing_requests: int | None = Field(None, ge=1, description="in flight per replica, >= max_batch_size; "
-                                             "default: twice max_batch_size, at least 16")
-    max_queued_requests: int = Field(64, ge=1, description="queued beyond that → 503")
-    replica_cpus: float = Field(0.5, gt=0)
-    replica_gpus: float = Field(0.0, ge=0)
-    model_in_ingress: bool = Field(True, description="score in the HTTP ingress replica (one hop); false: a "
-                                   "separate PosterModel deployment, so parsing scales apart from the model")
-    ingress_cpus: float = Field(0.1, gt=0, description="with model_in_ingress false: each ingress replica's CPUs")
-    ingress_replicas: int = Field(1, ge=1, description="with model_in_ingress false: ingress replicas")
-    max_upload_bytes: int = Field(8_000_000, ge=1, description="largest poster accepted (413 above)")
-    max_pixels: int = Field(16_000_000, ge=1, description="largest poster in pixels (413 above; checked before "
-                            "decoding)")
-    max_metadata_bytes: int = Field(16_384, ge=2, description="largest metadata JSON (413 above)")
-    max_batch_posters: int = Field(32, ge=1, description="most posters in one /v1/predict/batch")
-    access_log: bool = Field(False, description="Serve's own log line per request and replica call; the "
-                             "project's request metrics count every answer either way")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ServeConfig:
-        if self.target_ongoing_requests is None:
-            self.target_ongoing_requests = float(self.max_batch_size)
-        if self.max_ongoing_requests is None:
-            self.max_ongoing_requests = max(16, 2 * self.max_batch_size)
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}), or batches can never fill")
-        if self.target_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"target_ongoing_requests ({self.target_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}): autoscaling would add replicas before a batch can fill")
-        if self.max_replicas < max(self.min_replicas, 1):
-            raise ValueError("max_replicas must be >= min_replicas and >= 1")
-        return self
-
-
-class ApiError(Exception):
-    """A request the service refuses: HTTP status, a stable code, and what is wrong."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-# Decode failures the replica reports, mapped to statuses (413 for the pixel cap: too big, not malformed).
-DECODE_STATUS = {"image_too_large": 413, "unsupported_format": 415}
-
-
-async def read_json_field(value, field: str, limit: int):
-    """A form field (text, or a file part: ``curl -F metadata=@m.json``) parsed as JSON; None when absent.
-
-    Bounded before parsing (413), and every way ``json.loads`` can refuse — bad syntax, an integer
-    of thousands of digits, nesting deeper than the parser recurses — is the client's 422.
-    """
-    if value is None:
-        return None
-    raw = value if isinstance(value, str) else await value.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, "metadata_too_large", f"{field} is over {limit} bytes")
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(422, "invalid_metadata", f"{field} is not UTF-8 text") from None
-    if raw.strip() == "":
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ApiError(422, "invalid_metadata", f"{field} is not valid JSON: {exc.msg} at position {exc.pos}") from None
-    except (ValueError, RecursionError) as exc:
-        message = f"{field} cannot be parsed: {type(exc).__name__}: {exc}"[:300]
-        raise ApiError(422, "invalid_metadata", message) from None
-
-
-def parse_metadata(value) -> dict | None:
-    """A metadata object → the Predictor's record (only the fields given); 422 says which field is wrong."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise ApiError(422, "invalid_metadata", f"metadata must be a JSON object, got {type(value).__name__}")
-    try:
-        return MovieMetadata.model_validate(value).model_dump(exclude_none=True)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
-        raise ApiError(422, "invalid_metadata", problems) from None
-
-
-def batch_metadata(value, n: int) -> list[dict | None]:
-    if value is None:
-        return [None] * n
-    if not isinstance(value, list) or len(value) != n:
-        raise ApiError(422, "invalid_metadata", f"metadata must be a JSON list with one entry (object or null) "
-                       f"per poster: {n}")
-    return [parse_metadata(v) for v in value]
-
-
-def raise_first(results: list) -> None:
-    """All posters of a batch request are answered, or the first problem is (4xx, naming the poster)."""
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
-def check_poster_part(part, limit: int, name: str) -> None:
-    """An uploaded part must be a non-empty image of at most ``limit`` bytes (415 / 400 / 413)."""
-    if part is None or isinstance(part, str):
-        raise ApiError(400, "missing_poster", f"multipart field '{name}' with an image file is required")
-    content_type = (part.content_type or "").split(";")[0].strip().lower()
-    if content_type not in IMAGE_TYPES and content_type != "application/octet-stream":
-        raise ApiError(415, "unsupported_media_type",
-                       f"'{name}' is {content_type or 'untyped'}; send one of {', '.join(IMAGE_TYPES)}")
-    if part.size is not None and part.size > limit:
-        raise ApiError(413, "poster_too_large", f"'{name}' is {part.size} bytes; the limit is {limit}")
-
-
-def _form_options(config: ServeConfig, posters: int) -> dict:
-    """Starlette's own part-size check would answer an oversized metadata field 400: the body is
-    already capped by :func:`read_body`, and the metadata's own limit is :func:`read_json_field`'s 413."""
-    return {"max_files": config.max_batch_posters + 1, "max_fields": 8, "max_part_size": body_limit(config, posters)}
-
-
-def body_limit(config: ServeConfig, posters: int) -> int:
-    return config.max_upload_bytes * posters + config.max_metadata_bytes + 1_000_000
-
-
-async def read_body(request, limit: int) -> bytes:
-    """The whole body, counted while it streams: a chunked upload (no Content-Length) is cut off at ``limit``."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "body_too_large", f"request body is {length} bytes; the limit is {limit}")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_form(request, config: ServeConfig, posters: int = 1):
-    """The multipart body, refusing a wrong content type (415) or an oversized body (413) first.
-
-    The body is read under :func:`read_body`'s cap, then parsed from memory: Starlette alone
-    would spool file parts of any size to disk.
-    """
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"send multipart/form-data with an image in 'poster' (got {content_type or 'no content type'})")
-    body = await read_body(request, body_limit(config, posters))
-
-    async def replay() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        return await Request(request.scope, replay).form(**_form_options(config, posters))
-    except HTTPException as exc:
-        raise ApiError(400, "bad_multipart", str(exc.detail)) from None
-    except Exception as exc:  # a malformed multipart body (starlette raises several kinds)
-        raise ApiError(400, "bad_multipart", f"could not parse the multipart body: {exc}"[:300]) from None
+__all__ = ["ServeConfig", "build_app", "check_bundle", "direct_urls", "enable_direct_ingress", "running_settings",
+           "start_service", "switch_model"]
 
 
 def build_app(args: ServeConfig | dict):
     """Serve application builder: ``serve run posterfusion.serving.app:build_app model=DIR`` or a YAML's args."""
-    from posterfusion.serving.deployments import bind
+    from posterfusion.serving.deployments import bind  # ray.serve and FastAPI: only where the service starts
 
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
     return bind(config)
@@ -272,3 +93,103 @@ def start_service(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def check_bundle(model: Path) -> str:
+    """Load ``model`` as a replica will and return its version; a bundle that cannot load is the user's error.
+
+    A replica builds the network from the bundle's config, loads every weight strictly and loads
+    the detector in its constructor; a bundle that fails there would have Serve retry replicas
+    for minutes. Loaded here first (on the CPU), before any replica switches, it is refused while
+    the running version keeps answering.
+    """
+    from posterfusion.errors import UserFileNotFound, UserValueError
+    from posterfusion.models.predictor import Predictor
+
+    try:
+        predictor = Predictor(model, device="cpu")
+        _ = predictor.detector
+    except Exception as exc:  # whatever stops the bundle loading here would stop every new replica
+        error = UserFileNotFound if isinstance(exc, FileNotFoundError) else UserValueError
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        raise error(f"refused {model}, the running model keeps serving: {reason}") from exc
+    return predictor.version
+
+
+def _application(name: str):
+    """App ``name`` as Serve's controller describes it (``ServeInstanceDetails``, what ``serve.status()`` reads)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    from posterfusion.errors import UserValueError
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    apps = ServeInstanceDetails(**client.get_serve_details()).applications if client else {}
+    if name not in apps:
+        raise UserValueError(f"no Serve application {name!r} runs on this cluster (running: "
+                             f"{', '.join(sorted(apps)) or 'none'})")
+    return apps[name]
+
+
+def running_settings(name: str = "posterfusion") -> tuple[ServeConfig, str | None]:
+    """The ``ServeConfig`` app ``name`` runs with, and its route prefix, as Serve keeps them.
+
+    ``bind`` records the config as the ingress deployment's ``user_config``: Serve holds it with
+    the deployment (a restarted controller too) and shows it on its REST API, so a switch keeps
+    every setting without the operator repeating them, whoever started the app and however.
+    """
+    from posterfusion.errors import UserValueError
+
+    app = _application(name)
+    if app.source == "declarative":
+        raise UserValueError(f"Serve application {name!r} was deployed from a serve config (serve deploy, a "
+                             "RayService): change the model in that config")
+    ingress = app.deployments.get("Api")
+    settings = ingress.deployment_config.user_config if ingress is not None else None
+    if not isinstance(settings, dict):
+        raise UserValueError(f"Serve application {name!r} records no posterfusion settings: is it this service "
+                             "(started by posterfusion serve)?")
+    return ServeConfig.model_validate(settings), app.route_prefix
+
+
+def _replica_ids(app) -> set[str]:
+    return {replica.replica_id for deployment in app.deployments.values() for replica in deployment.replicas}
+
+
+def switch_model(model: Path, name: str = "posterfusion", timeout_s: float = 600.0) -> ServeConfig:
+    """Redeploy app ``name`` with bundle ``model`` and every other setting it runs with; return once switched.
+
+    Serve's in-place update: the new version's replicas start, load the bundle and pass their
+    health check before old ones stop taking requests and drain (``rollout_surge_percent``), so
+    no request fails. Switched means the app is RUNNING and none of the replicas it had before
+    is left: every replica answering was built with ``model``. Check the bundle first
+    (:func:`check_bundle`); Serve's own failure to start the new version is reported with its
+    message while the old replicas keep serving.
+    """
+    from ray.serve.api import _run  # serve.run waits for the app without a deadline
+
+    config, route_prefix = running_settings(name)
+    new = ServeConfig.model_validate(config.model_dump() | {"model": model})
+    before = _replica_ids(_application(name))
+    _run(build_app(new), name=name, route_prefix=route_prefix, _blocking=False)
+    _wait_switched(name, before, timeout_s)
+    return new
+
+
+def _wait_switched(name: str, before: set[str], timeout_s: float) -> None:
+    from posterfusion.errors import UserValueError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = _application(name)
+        message = " ".join((app.message or "").split())[:400]
+        if app.status == "DEPLOY_FAILED":
+            raise UserValueError(f"Serve could not start the new model of {name!r} (replicas of the old one that are "
+                                 f"still up keep serving): {message}")
+        current = _replica_ids(app)
+        if app.status == "RUNNING" and current and not current & before:
+            return
+        if time.monotonic() > deadline:
+            raise UserValueError(f"{name!r} had not switched after {timeout_s:g} s ({app.status}; {message}); Serve "
+                                 "keeps rolling it out")
+        time.sleep(0.25)

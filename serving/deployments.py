@@ -17,11 +17,12 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from posterfusion.serving.app import (
+from posterfusion.serving.config import ServeConfig
+from posterfusion.serving.metrics import ApiMetrics, ModelMetrics
+from posterfusion.serving.requests import (
     DECODE_STATUS,
     PAGE,
     ApiError,
-    ServeConfig,
     batch_metadata,
     check_poster_part,
     parse_metadata,
@@ -29,7 +30,6 @@ from posterfusion.serving.app import (
     read_form,
     read_json_field,
 )
-from posterfusion.serving.metrics import ApiMetrics, ModelMetrics
 from posterfusion.serving.schemas import BatchResponse, GenresResponse, PredictResponse
 
 api = FastAPI(title="posterfusion", version="1",
@@ -187,6 +187,11 @@ class Api:
             str(self.config.model), self.config.max_batch_size, self.config.batch_wait_timeout_s,
             self.config.max_pixels)
 
+    def reconfigure(self, settings: dict) -> None:
+        """Serve's hook for ``user_config``: the ``ServeConfig`` this replica was built with (``bind`` records it
+        there for ``posterfusion deploy`` to read back). The same settings are the init args, so a change of them
+        is a new version with new replicas: a running replica has nothing to re-apply."""
+
     async def _call(self, method: str, *args):
         """A model call, here or through the handle; Serve's back-pressure (the model's queue is full) is the
         client's 503, on every route. (In one deployment, the proxy itself answers 503 before the request
@@ -262,22 +267,39 @@ class Api:
         return PAGE.read_text()
 
 
+def autoscaling(config: ServeConfig) -> dict:
+    """Serve's autoscaling config for the model replicas.
+
+    The load reaches the controller every ``metrics_interval_s`` (Serve's default 10 s, pushed by
+    the proxy's router): a third of the look-back window, so a short window holds several pushes
+    rather than one stale one (Serve warns when the window is not longer than the interval).
+    """
+    return {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s,
+            "look_back_period_s": config.autoscaling_look_back_s,
+            "metrics_interval_s": min(10.0, config.autoscaling_look_back_s / 3)}
+
+
 def bind(config: ServeConfig):
-    """The application graph with the config's batching, autoscaling and back-pressure settings.
+    """The application graph with the config's batching, autoscaling, back-pressure and rollout settings.
 
     With the model in the ingress, that one deployment gets the model replica's settings; else
-    the model deployment does, and the ingress is sized to never be what queues.
+    the model deployment does, and the ingress is sized to never be what queues. Every
+    deployment rolls out with a surge (``max_surge_percent``): a new version's replicas start and
+    pass their health check before old ones stop, where Serve's default stops them first. The
+    ingress records the whole ``ServeConfig`` as its ``user_config``, kept by Serve, which is
+    where ``posterfusion deploy`` reads the running settings back (``app.running_settings``).
     """
-    replicas = {"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-                                       "target_ongoing_requests": config.target_ongoing_requests,
-                                       "upscale_delay_s": 3, "downscale_delay_s": 60},
+    surge = {"max_surge_percent": config.rollout_surge_percent}
+    replicas = {"autoscaling_config": autoscaling(config),
                 "max_ongoing_requests": config.max_ongoing_requests,
                 "max_queued_requests": config.max_queued_requests,
                 "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-                "logging_config": {"enable_access_log": config.access_log}}
+                "logging_config": {"enable_access_log": config.access_log}} | surge
     args = config.model_dump(mode="json")
     if config.model_in_ingress:
-        return Api.options(**replicas).bind(None, args)
+        return Api.options(**replicas, user_config=args).bind(None, args)
     model = PosterModel.options(**replicas).bind(str(config.model), config.max_batch_size,
                                                  config.batch_wait_timeout_s, config.max_pixels)
     return Api.options(
@@ -286,4 +308,5 @@ def bind(config: ServeConfig):
         max_queued_requests=4 * config.max_queued_requests,
         ray_actor_options={"num_cpus": config.ingress_cpus},
         logging_config={"enable_access_log": config.access_log},
+        user_config=args, **surge,
     ).bind(model, args)

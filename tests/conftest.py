@@ -54,14 +54,28 @@ def small_fused(ray_session, tmp_path_factory) -> Path:
     Trained once per session for every test that needs *a* working bundle rather than a good one
     (scoring, the service, the network audit): ``ROOT/catalogue``, ``ROOT/features``, ``ROOT/bundle``.
     """
-    from posterfusion.features.vocab import VocabConfig
     from posterfusion.jobs.train import TrainConfig, run_train
 
     from support import detector, sample_catalogue
 
     root = sample_catalogue(tmp_path_factory.mktemp("small-fused"), n=60, unlabelled=6, seed=3, features=True)
-    run_train(TrainConfig(catalogue=root / "catalogue", features=root / "features", detector=detector(),
-                          out=root / "bundle", storage_path=root / "ray_results", variant="fused",
-                          backbone="keras_cnn", image_size=48, epochs=1, batch_size=16,
-                          vocab=VocabConfig(min_count=3)))  # several genres, so top-3 means something
+    run_train(TrainConfig.model_validate({
+        "model": {"variant": "fused", "backbone": "keras_cnn", "image_size": 48},
+        "optim": {"epochs": 1, "batch_size": 16},
+        "data": {"catalogue": root / "catalogue", "features": root / "features", "detector": detector(),
+                 "vocab": {"min_count": 3}},  # several genres, so top-3 means something
+        "run": {"out": root / "bundle", "storage_path": root / "ray_results"}}))
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API (moto's server) on 127.0.0.1 for the whole session, and the AWS environment pointing at it.
+
+    Dummy credentials, ``AWS_ENDPOINT_URL`` (read by pyarrow and boto3 alike), no instance metadata and
+    no user config: nothing the tests do with ``s3://`` can leave loopback. Buckets: ``s3server.new_bucket``.
+    """
+    from s3server import s3_environment
+
+    with s3_environment() as endpoint:
+        yield endpoint

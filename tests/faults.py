@@ -31,7 +31,7 @@ def failing_train_loop(after_epoch: int, marker: Path):
     def loop(raw_config: dict) -> None:
         import ray.train
 
-        from posterfusion.jobs import train
+        from posterfusion.jobs.train import loop as train
 
         real = ray.train.report
 

@@ -69,7 +69,6 @@ def test_a_perfectly_calibrated_forecast_has_a_small_ece_and_a_shifted_one_does_
 def test_on_a_catalogue_dominated_by_one_genre_an_uninformative_poster_gets_that_genre_first(ray_session,
                                                                                               tmp_path):
     """Noise posters, Drama on 80 % of them, trained with heavy pos_weight: served probabilities are base rates."""
-    from posterfusion.features.vocab import VocabConfig
     from posterfusion.jobs.ingest import IngestConfig, run_ingest
     from posterfusion.jobs.train import TrainConfig, run_train
     from posterfusion.models.predictor import Predictor
@@ -87,9 +86,11 @@ def test_on_a_catalogue_dominated_by_one_genre_an_uninformative_poster_gets_that
         rows.append(f'{movie},"{labels}",' + ",".join(str(int(g in labels)) for g in genres))
     (source / "train.csv").write_text("Id,Genre," + ",".join(genres) + "\n" + "\n".join(rows) + "\n")
     run_ingest(IngestConfig(sources=[f"multilabel:{source}"], out=tmp_path / "catalogue"))
-    summary = run_train(TrainConfig(catalogue=tmp_path / "catalogue", out=tmp_path / "bundle", variant="cnn",
-                                    backbone="keras_cnn", image_size=32, epochs=3, lr=3e-3, pos_weight_cap=20,
-                                    vocab=VocabConfig(min_count=1), storage_path=tmp_path / "ray_results"))
+    summary = run_train(TrainConfig.model_validate({
+        "model": {"variant": "cnn", "backbone": "keras_cnn", "image_size": 32},
+        "optim": {"epochs": 3, "lr": 3e-3, "pos_weight_cap": 20},
+        "data": {"catalogue": tmp_path / "catalogue", "vocab": {"min_count": 1}},
+        "run": {"out": tmp_path / "bundle", "storage_path": tmp_path / "ray_results"}}))
     predictor = Predictor(tmp_path / "bundle")
     prevalence = dict(zip(summary["genres"], np.mean([[g in labels for g in summary["genres"]] for labels in
                                                       _train_genres(tmp_path / "catalogue")], axis=0), strict=True))

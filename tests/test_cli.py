@@ -45,8 +45,10 @@ def a_catalogue_folder(tmp_path_factory):
     (["features", "--catalogue", "{empty}", "--out", "/tmp/never"], "no catalogue Parquet files under"),
     (["train", "--catalogue", "{catalogue}", "--out", "/tmp/never", "--variant", "fused"],
      "variant 'fused' reads object features: pass --features"),
-    (["train", "--catalogue", "{catalogue}", "--out", "/tmp/never", "--variant", "cnn", "--epochs", "0"],
-     "epochs: Input should be greater than or equal to 1"),
+    (["train", "--catalogue", "{catalogue}", "--out", "/tmp/never", "--variant", "cnn", "--set", "optim.epochs=0"],
+     "optim.epochs: Input should be greater than or equal to 1"),
+    (["train", "--catalogue", "{catalogue}", "--out", "/tmp/never", "--set", "optim.epocs=3"],
+     "unknown setting 'optim.epocs'; did you mean optim.epochs"),
     (["train", "--catalogue", "{catalogue}", "--out", "/tmp/never", "--recipe", "best"], "unknown recipe 'best'"),
     (["serve", "--model", "{bundle}", "--max-batch-size", "0"], "max_batch_size"),
 ])
@@ -83,3 +85,19 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "app", broken)
     with pytest.raises(KeyError, match="a bug"):
         cli.main()
+
+
+def test_both_stop_signals_stop_the_service_as_ctrl_c_does():
+    """``posterfusion serve`` waits in a sleep; SIGINT and SIGTERM both end it through KeyboardInterrupt (its clean
+    shutdown path; the network audit test sends SIGINT to a real service and times the stop)."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cli.stop_on_signals()
+        for stop in saved:
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(stop)
+    finally:
+        for stop, handler in saved.items():
+            signal.signal(stop, handler)

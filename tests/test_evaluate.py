@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 
 from posterfusion.jobs.compare import CompareConfig, run_compare
-from posterfusion.jobs.evaluate import HEADLINE, EvaluateConfig, run_evaluate
-from posterfusion.jobs.recipes import train_config
+from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate
 from posterfusion.jobs.train import run_train
+from posterfusion.jobs.train.recipes import resolve
+from posterfusion.models.metrics import HEADLINE
 
 from support import detector, sample_catalogue
 
 pytestmark = pytest.mark.slow
 DETECTOR = detector()
-SMALL = {"backbone": "keras_cnn", "weights": "none", "image_size": 48, "epochs": 4, "batch_size": 16, "lr": 3e-3,
-         "backbone_lr": 3e-3}
+SMALL = {"model": {"backbone": "keras_cnn", "image_size": 48},
+         "optim": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3}}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,10 @@ def trained(ray_session, tmp_path_factory):
     """sample → catalogue → features → cnn and fused bundles, where ``compare`` looks for them."""
     root = sample_catalogue(tmp_path_factory.mktemp("evaluate"), n=200, seed=1, features=True)
     for variant in ("cnn", "fused"):
-        run_train(train_config("quick", root / "catalogue", root / "models" / "quick" / f"{variant}-s0",
-                               features=root / "features", variant=variant, storage_path=root / "ray_results",
-                               **SMALL))
+        run_train(resolve("quick", {**SMALL, "model": SMALL["model"] | {"variant": variant},
+                                    "data": {"catalogue": root / "catalogue", "features": root / "features"},
+                                    "run": {"out": root / "models" / "quick" / f"{variant}-s0",
+                                            "storage_path": root / "ray_results"}}, from_scratch=True))
     return root
 
 
@@ -43,7 +45,7 @@ def test_evaluate_reports_the_model_beside_both_baselines(trained):
                                          features=trained / "features", n_boot=200))
     assert set(report["metrics"]) == {"model", "label_prior", "classic"} and report["same_source"]
     for name, intervals in report["intervals"].items():
-        assert list(intervals) == HEADLINE
+        assert tuple(intervals) == HEADLINE
         for metric, (point, low, high) in intervals.items():
             # ECE is biased upward under resampling (binning noise only adds to each bin's |gap|), so its
             # percentile interval may sit above the point estimate; every other metric's must contain it
@@ -135,7 +137,7 @@ def test_compare_writes_the_report_and_says_whether_fused_beats_cnn(trained):
     out = trained / "compare"
     result = run_compare(CompareConfig(catalogue=trained / "catalogue", out=out, models=trained / "models",
                                        recipes=["quick"], variants=["cnn", "fused"], features=trained / "features",
-                                       n_boot=200, train=SMALL))
+                                       n_boot=200, train=SMALL, from_scratch=True))
     group = result["groups"][0]
     assert {"cnn", "fused", "label_prior", "classic"} == set(group["intervals"])
     paired = group["paired"]["fused - cnn"]["roc_auc_macro"]

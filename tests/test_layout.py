@@ -53,11 +53,27 @@ def _imports(tree) -> list[str]:
     return names
 
 
-def test_dependencies_point_one_way_no_stage_below_the_jobs_imports_a_job():
-    """cluster ← features ← models ← serving / jobs: only jobs (and the CLI among them) import jobs."""
-    offenders = [f"{path}: {name}" for path, tree in _modules("cluster", "features", "models", "serving")
-                 for name in _imports(tree) if name.startswith("posterfusion.jobs")]
+# docs/architecture.md draws this: jobs → serving → models → features; models and jobs → cluster; every stage
+# → the shared base (posterfusion.errors, .weights, .locations). Nothing else, in either direction.
+ALLOWED = {"cluster": set(), "features": set(), "models": {"cluster", "features"},
+           "serving": {"models", "features"}, "jobs": {"cluster", "features", "models", "serving"}}
+BASE = {"errors", "weights", "locations", "__version__"}
+
+
+def test_dependencies_point_one_way_as_the_architecture_draws_them():
+    offenders = []
+    for stage, allowed in ALLOWED.items():
+        for path, tree in _modules(stage):
+            for name in _imports(tree):
+                parts = name.split(".")
+                if parts[0] != "posterfusion" or len(parts) < 2 or parts[1] == stage:
+                    continue
+                if parts[1] not in allowed | BASE:
+                    offenders.append(f"{path}: {name}")
     assert not offenders, offenders
+    base = [f"{path}: {name}" for path, tree in _modules("posterfusion") if path.name != "__main__.py"
+            for name in _imports(tree) if name.split(".")[:2][-1] in ALLOWED]
+    assert not base, base  # the shared base imports no stage (the entry point aside)
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -80,3 +96,28 @@ def test_no_module_uses_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 offenders.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not offenders, offenders
+
+
+def _module_name(path) -> str:
+    parts = list(path.with_suffix("").parts)
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join(["posterfusion", *parts]) if parts[0] != "posterfusion" else ".".join(parts)
+
+
+def test_no_two_modules_import_each_other_even_lazily():
+    """An import circle (top-level or inside a function) means two modules that are really one, or a
+    piece in the wrong one: ``fusion``/``ensemble`` share ``network``, ``app``/``deployments`` share
+    ``config`` and ``requests``."""
+    import graphlib
+
+    graph = {}
+    for path, tree in _modules("cluster", "features", "models", "serving", "jobs", "posterfusion"):
+        graph[_module_name(path)] = set()
+        for name in _imports(tree):
+            graph[_module_name(path)].add(name)
+    modules = set(graph)
+    edges = {m: {n for n in imports if n in modules and n != m} for m, imports in graph.items()}
+    try:
+        graphlib.TopologicalSorter(edges).prepare()
+    except graphlib.CycleError as cycle:
+        pytest.fail(f"import circle: {' -> '.join(cycle.args[1])}")

@@ -297,7 +297,7 @@ def test_the_pretrained_mobilenet_classifies_the_check_images(image, index, labe
     from PIL import Image
 
     from posterfusion.models.backbones import imagenet_classifier
-    from posterfusion.models.fusion import input_preset
+    from posterfusion.models.network import input_preset
 
     from support import SHARED
 
@@ -307,7 +307,7 @@ def test_the_pretrained_mobilenet_classifies_the_check_images(image, index, labe
     pixels = Image.open(SHARED / "weights" / "check" / image).convert("RGB").resize((224, 224),
                                                                                      Image.Resampling.BILINEAR)
     batch = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None]
-    preset = input_preset(FusionConfig(backbone="mobilenet_v2", variant="cnn", num_genres=1), 224)
+    preset = input_preset(FusionConfig(backbone="mobilenet_v2", variant="cnn", num_genres=1, image_size=224))
     with torch.no_grad():
         probabilities = head(backbone(preset(batch))).softmax(1)[0]
     labels = (SHARED / "weights" / "check" / "imagenet_labels.txt").read_text().splitlines()

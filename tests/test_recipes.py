@@ -1,67 +1,139 @@
-"""Named recipes: what each resolves to, scratch fallbacks said out loud, and the seed systems side by side."""
+"""The training configuration and its recipes: one typed tree, recipes as partial trees of it, `--set` for any
+knob, no silent downgrade when pretrained weights are missing, and the seed systems side by side."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
-from posterfusion.jobs.recipes import RECIPES, resolve_recipe, train_config
+from posterfusion.errors import UserValueError
 from posterfusion.jobs.train import TrainConfig
+from posterfusion.jobs.train.config import parse_sets, setting_names, shortcut_overrides
+from posterfusion.jobs.train.recipes import RECIPES, Recipe, describe, resolve
+
+from support import REPO
 
 
-def test_every_recipe_is_a_valid_train_config(tmp_path):
-    for name in RECIPES:
-        config = train_config(name, tmp_path / "catalogue", tmp_path / "out")
-        assert isinstance(config, TrainConfig) and config.recipe == name
+def test_every_recipe_is_a_typed_partial_tree_that_resolves(tmp_path):
+    for name, recipe in RECIPES.items():
+        assert isinstance(recipe.settings, TrainConfig)
+        partial = recipe.partial()
+        assert set(partial) <= {"model", "optim", "data", "combine"}  # only what it sets; paths never
+        config = resolve(name, check_weights=False)
+        assert config.recipe == name and config.model_dump(mode="json", exclude_unset=True)["recipe"] == name
 
 
-def test_flags_override_the_recipe_and_unset_flags_fall_through(tmp_path):
-    config = train_config("quality", tmp_path, tmp_path / "out", epochs=2, variant="cnn", lr=None)
-    assert config.epochs == 2 and config.variant == "cnn"
-    assert config.lr == RECIPES["quality"].settings["lr"]  # None means "not given"
-    assert config.image_size == 224 and config.backbone == "mobilenet_v2"
-    with pytest.raises(ValueError, match="unknown recipe"):
-        resolve_recipe("best", {})
-    with pytest.raises(ValueError, match="extra"):
-        train_config("quality", tmp_path, tmp_path / "out", epocs=3)  # a misspelt setting is an error
+def test_a_misspelt_or_invalid_recipe_setting_fails_when_the_recipe_is_made():
+    with pytest.raises(ValidationError, match="epocs"):
+        Recipe(name="x", purpose="x", settings={"optim": {"epocs": 3}})
+    with pytest.raises(ValidationError, match="fine-tune from one warmed-up head"):
+        Recipe(name="x", purpose="x", settings={"combine": {"members": 2}})  # a rule of the tree, checked here too
 
 
-def test_a_recipe_whose_weights_cannot_be_had_trains_from_scratch_and_says_so(tmp_path, monkeypatch):
-    from posterfusion.models import backbones
+def test_set_reaches_any_setting_and_a_misspelt_name_gets_a_hint():
+    overrides = parse_sets(["optim.epochs=20", "model.variant=cnn", "data.vocab.keep=[Drama, Comedy]",
+                            "optim.lr=3e-4", "run.gpu=true"])
+    config = resolve("quality", overrides, check_weights=False)
+    assert (config.optim.epochs, config.model.variant, config.data.vocab.keep) == (20, "cnn", ["Drama", "Comedy"])
+    assert config.optim.lr == 3e-4 and config.run.gpu is True
+    assert config.optim.warmup_epochs == 12 and config.model.image_size == 224  # the rest: the recipe's
+    with pytest.raises(UserValueError, match=r"unknown setting 'optim.epocs'; did you mean optim.epochs"):
+        parse_sets(["optim.epocs=3"])
+    with pytest.raises(ValidationError, match="epochs"):
+        resolve("quality", parse_sets(["optim.epochs=none-such"]), check_weights=False)
+    assert "model.image_size" in setting_names() and "data.detector.conf" in setting_names()
 
-    monkeypatch.setattr(backbones, "imagenet_cached", lambda name: False)
-    resolved = resolve_recipe("seed-densenet", {})
-    assert resolved.settings["weights"] == "none" and resolved.settings["backbone"] == "densenet121"
-    assert "ImageNet weights for densenet121 cannot be had" in resolved.notes[0]
+
+def test_the_common_flags_are_their_settings_and_set_wins():
+    tree = shortcut_overrides(["run.seed=7"], catalogue="c", out="o", variant="cnn", seed=3, gpu=None)
+    assert tree == {"data": {"catalogue": "c"}, "run": {"out": "o", "seed": 7}, "model": {"variant": "cnn"}}
+
+
+def test_from_scratch_is_the_one_explicit_way_to_train_without_pretrained_weights():
+    quality = resolve("quality", from_scratch=True, check_weights=False)
+    assert quality.model.weights == "none" and quality.optim.head_epochs == 0 and quality.combine.members == 1
+    assert "from scratch" in quality.notes[0]
+    quick = resolve("quick", from_scratch=True, check_weights=False)  # the recipe's own scratch settings
+    assert (quick.model.backbone, quick.model.size, quick.optim.mode) == ("keras_cnn", 64, "finetune")
+    assert resolve("quality").notes == []  # nothing changed, nothing said
+
+
+def test_missing_weights_are_refused_saying_where_they_were_looked_for(tmp_path, monkeypatch):
+    from posterfusion.jobs.train import recipes
+
     monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(tmp_path))  # no MobileNetV2 file there
-    quick = resolve_recipe("quick", {})
-    assert quick.settings["backbone"] == "keras_cnn" and "mobilenet_v2_imagenet.safetensors" in quick.notes[0]
-    other = resolve_recipe("quality", {"backbone": "keras_cnn"})  # the recipe's weights file is MobileNetV2's
-    assert other.settings["weights"] == "none" and "keras_cnn trains from scratch" in other.notes[0]
-    assert other.settings["warmup_epochs"] == 0  # no fixed features to warm a head up on
-    train_config("quality", tmp_path, tmp_path / "out", backbone="keras_cnn")  # a valid config
-    explicit = resolve_recipe("seed-densenet", {"weights": "imagenet"})
-    assert explicit.settings["weights"] == "imagenet" and not explicit.notes  # an explicit flag always wins
+    with pytest.raises(UserValueError) as refused:
+        resolve("quality")
+    message = str(refused.value)
+    assert "mobilenet_v2_imagenet.safetensors" in message and str(tmp_path) in message
+    assert "--from-scratch" in message and "\n" not in message
+    monkeypatch.setattr(recipes, "imagenet_cached", lambda name: False)
+    with pytest.raises(UserValueError, match="ImageNet weights for densenet121"):
+        resolve("seed-densenet")
+    explicit = resolve("seed-densenet", {"model": {"weights": "imagenet"}})  # the user's own choice: may download
+    assert explicit.model.weights == "imagenet"
+    with pytest.raises(UserValueError, match="do not fit backbone"):  # another backbone, the recipe's weights file
+        monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(REPO.parent / "shared" / "weights"))
+        resolve("quality", {"model": {"backbone": "keras_cnn"}})
 
 
-def test_asking_for_no_weights_turns_a_frozen_recipe_into_full_training_and_says_so(tmp_path):
-    resolved = resolve_recipe("quick", {"weights": "none", "backbone": "keras_cnn"})
-    assert resolved.settings["mode"] == "finetune" and resolved.settings["warmup_epochs"] == 0
-    assert any("from scratch" in note for note in resolved.notes)
-    config = train_config("quick", tmp_path, tmp_path / "out", weights="none", backbone="keras_cnn")
-    assert config.mode == "finetune" and config.head_epochs == 0
-    with pytest.raises(ValueError, match="need pretrained weights"):  # an explicit contradiction stays an error
-        train_config("quick", tmp_path, tmp_path / "out", weights="none", mode="frozen")
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posterfusion", *args], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"RAY_ADDRESS": ""} | env)
+
+
+def test_train_and_compare_refuse_missing_weights_in_one_line_before_any_work(tmp_path):
+    for command in (["train", "--catalogue", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")],
+                    ["compare", "--catalogue", str(tmp_path / "nowhere"), "--models", str(tmp_path / "m"),
+                     "--out", str(tmp_path / "r")]):
+        run = _cli(*command, POSTERFUSION_WEIGHTS=str(tmp_path))
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert lines[0].startswith("posterfusion: error: recipe 'quality' starts from the weights file "
+                                   "mobilenet_v2_imagenet.safetensors, not found")
+        assert "--from-scratch" in lines[0] and not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
+
+
+def test_recipes_show_prints_the_resolved_configuration_without_training():
+    run = _cli("recipes", "--show", "quality", "--set", "optim.epochs=20", "--set", "model.variant=cnn")
+    assert run.returncode == 0, run.stderr
+    shown = yaml.safe_load(run.stdout)
+    assert shown["optim"]["epochs"] == 20 and shown["model"]["variant"] == "cnn" and shown["recipe"] == "quality"
+    assert TrainConfig.model_validate(shown).optim.warmup_epochs == 12
+
+
+def test_the_rules_tying_settings_together_are_the_trees_own():
+    with pytest.raises(ValidationError, match="need pretrained weights"):
+        TrainConfig.model_validate({"optim": {"mode": "frozen"}})
+    with pytest.raises(ValidationError, match=r"combine\.members 1"):
+        resolve("quality", {"optim": {"warmup_epochs": 0}}, check_weights=False)
+    assert resolve("quality", {"optim": {"warmup_epochs": 0}, "combine": {"members": 1}},
+                   check_weights=False).combine.members == 1
+    with pytest.raises(UserValueError, match="pass --features"):
+        resolve("quality", {"data": {"catalogue": "c"}, "run": {"out": "o"}}, check_weights=False).check_ready()
+
+
+def test_a_recipes_description_is_generated_from_its_settings():
+    assert describe(RECIPES["quality"].resolved()) == (
+        "mobilenet_v2 (mobilenet_v2_imagenet.safetensors) at 224 px, fused; 12 head epochs on frozen features, "
+        "then 3 runs of 4 epochs fine-tuning the last 2 stages, kept as an ensemble; metadata dropout 0.3")
+    assert "genres: Drama, Comedy, Romance, Thriller, Horror, Action" in RECIPES["seed-resnet50"].summary()
 
 
 def test_the_seed_recipes_reproduce_their_systems_settings():
-    assert RECIPES["seed-resnet50"].settings["vocab"]["keep"] == ["Drama", "Comedy", "Romance", "Thriller", "Horror",
-                                                                  "Action"]
-    assert RECIPES["seed-densenet"].settings["vocab"]["min_share"] > 0  # rare genres folded into Other
-    assert {RECIPES[n].settings["backbone"] for n in RECIPES if n.startswith("seed-")} == {
+    resolved = {name: r.resolved() for name, r in RECIPES.items()}
+    assert resolved["seed-resnet50"].data.vocab.keep == ["Drama", "Comedy", "Romance", "Thriller", "Horror", "Action"]
+    assert resolved["seed-densenet"].data.vocab.min_share > 0  # rare genres folded into Other
+    assert {resolved[n].model.backbone for n in RECIPES if n.startswith("seed-")} == {
         "densenet121", "resnet34", "vgg16", "keras_cnn", "resnet50"}
-    assert RECIPES["quality"].settings["image_size"] == 224  # MobileNetV2's own training size
+    assert {resolved[n].model.variant for n in RECIPES if n.startswith("seed-")} == {"cnn"}
+    assert resolved["quality"].model.size == 224  # MobileNetV2's own training size
 
 
 def test_compare_pairs_variants_within_a_recipe_and_the_first_recipe_against_each_other():
@@ -89,15 +161,19 @@ def sample(ray_session, tmp_path_factory):
     return sample_catalogue(tmp_path_factory.mktemp("recipes"), n=120, seed=4)
 
 
+# 48 training posters: a vocabulary of several genres needs a lower min_count than the real catalogue's 20
+SMALL = {"optim": {"epochs": 1, "batch_size": 16}, "model": {"image_size": 32},
+         "data": {"limit": 48, "vocab": {"min_count": 5}}}
+
+
 @pytest.mark.slow
-def test_the_seed_recipes_train_and_stand_in_one_comparison_table(sample, tmp_path):
+def test_the_seed_recipes_train_from_scratch_and_stand_in_one_comparison_table(sample, tmp_path):
     from posterfusion.jobs.compare import CompareConfig, run_compare
 
-    root = sample
     seeds = [n for n in RECIPES if n.startswith("seed-")]
     result = run_compare(CompareConfig(  # short settings: each system trains one epoch on 48 posters
-        catalogue=root / "catalogue", out=tmp_path / "compare", models=tmp_path / "models", recipes=seeds,
-        variants=["cnn"], n_boot=20, train={"epochs": 1, "image_size": 32, "batch_size": 16, "limit": 48}))
+        catalogue=sample / "catalogue", out=tmp_path / "compare", models=tmp_path / "models", recipes=seeds,
+        variants=["cnn"], n_boot=20, train=SMALL, from_scratch=True))
     rows = {row["entry"]: row for row in result["side_by_side"]}
     assert {f"{n}/cnn" for n in seeds} <= set(rows)
     assert sum(name == "label_prior" for name in (r["entry"] for r in result["side_by_side"])) == len(result["groups"])
@@ -105,34 +181,25 @@ def test_the_seed_recipes_train_and_stand_in_one_comparison_table(sample, tmp_pa
     assert set(six["genres"]) <= {"Drama", "Comedy", "Romance", "Thriller", "Horror", "Action"}
     for name in seeds:
         config = json.loads((tmp_path / "models" / name / "cnn-s0" / "config.json").read_text())
-        assert config["recipe"] == name and config["train"]["epochs"] == 1
+        assert config["recipe"] == name and config["train"]["optim"]["epochs"] == 1
+        assert any("from scratch" in note for note in config["train"]["notes"])
     text = (tmp_path / "compare" / "report.md").read_text()
     assert "seed-keras-cnn/cnn" in text and "label_prior" in text
 
 
-# 48 training posters: a vocabulary of several genres needs a lower min_count than the real catalogue's 20
-SMALL = {"epochs": 1, "image_size": 32, "limit": 48, "vocab": {"min_count": 5}}
-
-
 @pytest.mark.slow
-def test_compare_refuses_a_bundle_trained_with_other_settings(sample, tmp_path):
+def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(sample, tmp_path, capsys):
     from posterfusion.jobs.compare import CompareConfig, ensure_bundles
 
-    root = sample
-    config = CompareConfig(catalogue=root / "catalogue", out=tmp_path / "compare", models=tmp_path / "models",
+    config = CompareConfig(catalogue=sample / "catalogue", out=tmp_path / "compare", models=tmp_path / "models",
                            recipes=["seed-keras-cnn"], variants=["cnn"], train=SMALL)
+    bundle = tmp_path / "models" / "seed-keras-cnn" / "cnn-s0"
     ensure_bundles(config)
+    first = (bundle / "model.safetensors").stat().st_mtime_ns
     ensure_bundles(config)  # the same settings: the bundle is reused
-    with pytest.raises(ValueError, match=r"stale: trained with other settings \(epochs\)"):
-        ensure_bundles(config.model_copy(update={"train": SMALL | {"epochs": 2}}))
-    with pytest.raises(ValueError, match="unknown training settings"):
-        CompareConfig(catalogue=root, out=root, models=root, train={"epoch": 2})
-
-
-def test_a_recipe_of_several_members_trains_one_when_the_flags_leave_no_warm_up_to_share(tmp_path):
-    assert train_config("quality", tmp_path, tmp_path / "out").members == 3
-    short = resolve_recipe("quality", {"epochs": 2})  # all head epochs: nothing fine-tunes after the warm-up
-    assert short.settings["members"] == 1 and "one member, not an ensemble" in short.notes[0]
-    assert resolve_recipe("quality", {"warmup_epochs": 0}).settings["members"] == 1
-    with pytest.raises(ValueError, match="fine-tune from one warmed-up head"):  # asked for explicitly: refused
-        train_config("quality", tmp_path, tmp_path / "out", epochs=2, members=2)
+    assert (bundle / "model.safetensors").stat().st_mtime_ns == first and "stale" not in capsys.readouterr().out
+    ensure_bundles(config.model_copy(update={"train": SMALL | {"optim": {"epochs": 2, "batch_size": 16}}}))
+    assert "is stale: trained with other settings (optim.epochs); retraining it" in capsys.readouterr().out
+    assert json.loads((bundle / "config.json").read_text())["train"]["optim"]["epochs"] == 2
+    with pytest.raises(ValidationError, match="epoch"):
+        CompareConfig(catalogue=sample, out=sample, models=sample, train={"optim": {"epoch": 2}})

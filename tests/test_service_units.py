@@ -63,8 +63,8 @@ def test_back_pressure_from_a_separate_model_deployment_is_a_503_on_every_route(
     """With the model in the ingress, the proxy answers 503 itself (test_serving.py's overload test)."""
     from ray.serve.exceptions import BackPressureError
 
-    from posterfusion.serving.app import ApiError
     from posterfusion.serving.deployments import Api
+    from posterfusion.serving.requests import ApiError
 
     class Full:
         def __getattr__(self, method):

@@ -18,7 +18,6 @@ from PIL import Image
 
 from posterfusion.features.catalogue import catalogue_files
 from posterfusion.features.metadata import FIELDS as METADATA_COLUMNS
-from posterfusion.features.vocab import VocabConfig
 from posterfusion.jobs.contact_sheet import CELL_WIDTH, LABEL_WIDTH, ROW_HEIGHT, contact_sheet
 from posterfusion.jobs.embed import EmbedConfig, format_embed_summary, run_embeddings
 from posterfusion.jobs.train import TrainConfig, run_train
@@ -30,9 +29,11 @@ from support import sample_catalogue
 @pytest.fixture(scope="module")
 def built(ray_session, tmp_path_factory):
     root = sample_catalogue(tmp_path_factory.mktemp("similar"), n=80, unlabelled=4)
-    run_train(TrainConfig(catalogue=root / "catalogue", out=root / "bundle", storage_path=root / "ray_results",
-                          variant="cnn+metadata", backbone="keras_cnn", image_size=48, epochs=2, batch_size=16,
-                          lr=3e-3, backbone_lr=3e-3, vocab=VocabConfig(min_count=5)))  # several genres: top-3 matters
+    run_train(TrainConfig.model_validate({
+        "model": {"variant": "cnn+metadata", "backbone": "keras_cnn", "image_size": 48},
+        "optim": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3},
+        "data": {"catalogue": root / "catalogue", "vocab": {"min_count": 5}},  # several genres: top-3 matters
+        "run": {"out": root / "bundle", "storage_path": root / "ray_results"}}))
     summary = run_embeddings(EmbedConfig(model=root / "bundle", catalogue=root / "catalogue", out=root / "emb",
                                          batch_size=16))
     catalogue = pads.dataset(catalogue_files(root / "catalogue"), format="parquet").to_table().to_pandas()
@@ -48,10 +49,10 @@ def _unique_poster(built) -> dict:
 
 
 def test_embeddings_job_writes_one_unit_vector_per_poster(built):
-    from posterfusion.models.bundle import model_version, read_config
+    from posterfusion.models.bundle import load_bundle, model_version
 
     root, stored, catalogue = built["root"], built["stored"], built["catalogue"]
-    hidden = read_config(root / "bundle").model.hidden
+    hidden = load_bundle(root / "bundle").config.model.hidden
     assert built["summary"]["rows"] == len(catalogue) == len(stored)
     assert built["summary"]["dim"] == hidden
     assert sorted(stored["movie_id"]) == sorted(catalogue["movie_id"])

@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from posterfusion.features.vocab import VocabConfig
 from posterfusion.jobs.train import TrainConfig, run_train
+from posterfusion.jobs.train.config import DataFacts, WorkerArgs, WorkerPlan, merge
 from posterfusion.models.fusion import VARIANTS
 
 from support import detector, sample_catalogue
@@ -26,20 +26,33 @@ def prepared(ray_session, tmp_path_factory):
     return sample_catalogue(tmp_path_factory.mktemp("train"), n=160, unlabelled=8, features=True)
 
 
-def small(prepared, name: str, **overrides) -> TrainConfig:
-    settings = dict(catalogue=prepared / "catalogue", features=prepared / "features", detector=DETECTOR,
-                    out=prepared / name / "bundle", storage_path=prepared / name / "ray_results",
-                    backbone="keras_cnn", image_size=48, epochs=3, batch_size=16, lr=3e-3, backbone_lr=3e-3,
-                    patience=10)
-    return TrainConfig(**(settings | overrides))
+MOBILENET = {"backbone": "mobilenet_v2", "weights": "mobilenet_v2_imagenet.safetensors", "image_size": 64}
+
+
+def small(prepared, name: str, **sections) -> TrainConfig:
+    """A small network for a few epochs; ``sections`` (model=…, optim=…) override parts of the tree."""
+    base = {"model": {"backbone": "keras_cnn", "image_size": 48},
+            "optim": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3, "patience": 10},
+            "data": {"catalogue": prepared / "catalogue", "features": prepared / "features", "detector": DETECTOR},
+            "run": {"out": prepared / name / "bundle", "storage_path": prepared / name / "ray_results"}}
+    return TrainConfig.model_validate(merge(base, sections))
+
+
+def args(optim: dict | None = None, **facts) -> WorkerArgs:
+    """What a worker receives, for the loop's unit tests (facts the test does not need are empty)."""
+    blank = {"genres": ["a", "b"], "object_dim": 0, "metadata_dim": 0, "metadata_flags": [], "train_rows": 1,
+             "pos_weight": [1.0, 1.0], "label_prior": [0.5, 0.5], "missing_metadata": [], "object_mean": [0.0],
+             "object_std": [1.0]}
+    config = {"model": {"weights": "mobilenet_v2_imagenet.safetensors"}, "optim": optim or {}}
+    return WorkerArgs(config=TrainConfig.model_validate(config),
+                      facts=DataFacts.model_validate(blank | facts), plan=WorkerPlan(seed=0))
 
 
 def test_two_workers_warm_up_the_head_then_fine_tune_and_beat_the_label_prior(prepared):
     """The quality path in small: pretrained MobileNetV2, head epochs on stored features, then DDP fine-tuning."""
-    summary = run_train(small(prepared, "two", workers=2, epochs=5, warmup_epochs=2, variant="fused",
-                              backbone="mobilenet_v2", weights="mobilenet_v2_imagenet.safetensors", image_size=64,
-                              train_stages=2, lr=3e-3, backbone_lr=1e-3,
-                              vocab=VocabConfig(min_count=5)))  # all 8 sample genres: top-3 is a real choice
+    summary = run_train(small(prepared, "two", model=MOBILENET | {"variant": "fused"}, run={"workers": 2},
+                              optim={"epochs": 5, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3},
+                              data={"vocab": {"min_count": 5}}))  # all 8 sample genres: top-3 is a real choice
     history = summary["history"]
     assert [(h["epoch"], h["phase"]) for h in history] == [(1, "head"), (2, "head"), (3, "full"), (4, "full"),
                                                            (5, "full")]
@@ -53,14 +66,14 @@ def test_two_workers_warm_up_the_head_then_fine_tune_and_beat_the_label_prior(pr
 
 
 def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monkeypatch):
-    from posterfusion.jobs import train
+    from posterfusion.jobs.train import run
 
     import faults
 
     faults.by_value()
     marker = prepared / "resume" / "injected_failure"
-    monkeypatch.setattr(train, "train_loop", faults.failing_train_loop(after_epoch=2, marker=marker))
-    summary = run_train(small(prepared, "resume", workers=2, epochs=4, max_failures=1))
+    monkeypatch.setattr(run, "train_loop", faults.failing_train_loop(after_epoch=2, marker=marker))
+    summary = run_train(small(prepared, "resume", run={"workers": 2, "max_failures": 1}, optim={"epochs": 4}))
     epochs = [h["epoch"] for h in summary["history"]]
     assert epochs == [1, 2, 3, 4]  # continued, not restarted: each epoch exactly once
     assert marker.read_text().startswith("failed after epoch 2")
@@ -70,21 +83,21 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monk
 def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_soup(prepared, monkeypatch):
     """Two members share the head warm-up, then fine-tune apart; the bundle is their ensemble, the
     frozen stages shared. The same members, handed to the soup, give the greedy soup of them."""
-    from posterfusion.jobs import train
     from posterfusion.jobs.evaluate import load_split_frame
+    from posterfusion.jobs.train import combine, run
     from posterfusion.models.metrics import macro_auc
     from posterfusion.models.predictor import Predictor
 
-    soups, ensemble = [], train.ensemble
+    soups = []
 
     def ensemble_and_soup(*args):  # one training run checks both ways of combining its members
-        soups.append(train.soup(*args))
-        return ensemble(*args)
+        soups.append(combine.soup(*args))
+        return combine.ensemble(*args)
 
-    monkeypatch.setattr(train, "ensemble", ensemble_and_soup)
-    summary = run_train(small(prepared, "members", epochs=3, warmup_epochs=2, members=2, seed=3, variant="cnn",
-                              backbone="mobilenet_v2", weights="mobilenet_v2_imagenet.safetensors", image_size=64,
-                              train_stages=2, lr=3e-3, backbone_lr=1e-3))
+    monkeypatch.setattr(run, "ensemble", ensemble_and_soup)
+    summary = run_train(small(prepared, "members", model=MOBILENET | {"variant": "cnn"}, run={"seed": 3},
+                              optim={"epochs": 3, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3},
+                              combine={"members": 2}))
     runs = summary["members"]["runs"]
     assert summary["members"]["combine"] == "ensemble" and [m["seed"] for m in runs] == [3, 1003]
     histories = [m["history"] for m in runs]
@@ -113,7 +126,7 @@ def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_so
 def test_a_soup_averages_float_weights_and_keeps_integer_buffers():
     import torch
 
-    from posterfusion.jobs.train import average_states
+    from posterfusion.jobs.train.combine import average_states
 
     a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
     b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
@@ -123,7 +136,7 @@ def test_a_soup_averages_float_weights_and_keeps_integer_buffers():
 
 def test_members_need_one_warm_up_to_start_from(prepared):
     with pytest.raises(ValueError, match="fine-tune from one warmed-up head"):
-        small(prepared, "members-cold", members=2, weights="mobilenet_v2_imagenet.safetensors", backbone="mobilenet_v2")
+        small(prepared, "members-cold", model=MOBILENET, combine={"members": 2})
 
 
 @pytest.mark.parametrize("variant", ["cnn", "fused", "flags-only"])
@@ -134,11 +147,12 @@ def test_a_variant_trains_and_its_bundle_reads_exactly_its_inputs(prepared, vari
     from posterfusion.models.predictor import Predictor
 
     name = f"v-{variant.replace('+', '_')}"
-    run_train(small(prepared, name, variant=variant, epochs=2, mode="frozen", backbone="mobilenet_v2",
-                    weights="mobilenet_v2_imagenet.safetensors"))
+    run_train(small(prepared, name, model=MOBILENET | {"variant": variant},
+                    optim={"epochs": 2, "mode": "frozen"}))
     bundle = prepared / name / "bundle"
     config = json.loads((bundle / "config.json").read_text())
-    assert config["model"]["variant"] == variant and config["train"]["variant"] == variant
+    assert config["model"]["variant"] == variant and config["train"]["model"]["variant"] == variant
+    assert config["model"]["image_size"] == 64 and "image_size" not in config  # in the network's config, once
     assert (config["detector_id"] is not None) == VARIANTS[variant].objects
     predictor = Predictor(bundle, detect=False)
     posters = [p.read_bytes() for p in sorted((prepared / "sample" / "Images").glob("*.jpg"))[:4]]
@@ -164,7 +178,8 @@ def test_the_bundle_reproduces_the_validation_metrics_training_measured(prepared
     from posterfusion.models.metrics import macro_auc
     from posterfusion.models.predictor import Predictor
 
-    summary = run_train(small(prepared, "bundle", epochs=2, fusion="gated", variant="cnn+metadata"))
+    summary = run_train(small(prepared, "bundle", model={"fusion": "gated", "variant": "cnn+metadata"},
+                              optim={"epochs": 2}))
     bundle = prepared / "bundle" / "bundle"
     predictor = Predictor(bundle)
     frame = load_split_frame(prepared / "catalogue", "val")
@@ -190,13 +205,14 @@ def _posters(catalogue, ids) -> list[bytes]:
 def test_metadata_dropout_blanks_whole_metadata_blocks_with_the_no_metadata_encoding():
     import torch
 
-    from posterfusion.jobs.train import LoopConfig, batch_side_inputs
-    from posterfusion.models.fusion import FusionConfig, build_model
+    from posterfusion.jobs.train.loop import batch_side_inputs
+    from posterfusion.models.fusion import FusionConfig
+    from posterfusion.models.network import build_model
 
     missing = [0.0, 0.0, 1.0, 0.0]
     model = build_model(FusionConfig(backbone="keras_cnn", variant="cnn+metadata", num_genres=2, metadata_dim=4))
     batch = {"metadata": torch.rand(64, 4) + 2, "objects": torch.zeros(64, 1)}
-    config = LoopConfig.model_construct(metadata_dropout=0.5, missing_metadata=missing)
+    config = args({"metadata_dropout": 0.5}, missing_metadata=missing)
     torch.manual_seed(0)
     _, dropped = batch_side_inputs(model, batch, config, train=True)
     blank = (dropped == torch.tensor(missing)).all(dim=1)
@@ -208,33 +224,33 @@ def test_metadata_dropout_blanks_whole_metadata_blocks_with_the_no_metadata_enco
 
 def test_training_a_variant_with_objects_requires_features(prepared):
     with pytest.raises(ValueError, match="pass --features"):
-        run_train(small(prepared, "nofeat", features=None, detector=None, variant="fused"))
+        run_train(small(prepared, "nofeat", data={"features": None, "detector": None}, model={"variant": "fused"}))
 
 
 def test_the_detector_defaults_to_the_one_the_features_directory_recorded(prepared):
-    from posterfusion.jobs.train import resolve_detector
+    from posterfusion.jobs.train.data import resolve_detector
 
-    config = small(prepared, "recorded", detector=None, variant="fused")
+    config = small(prepared, "recorded", data={"detector": None}, model={"variant": "fused"})
     assert resolve_detector(config).weights == str((DETECTOR_PATH).resolve())
 
 
 def test_stored_backbone_features_are_refused_without_pretrained_weights(prepared):
     """A random backbone extracting the features and another random one in the bundle would not match."""
     with pytest.raises(ValueError, match="need pretrained weights"):
-        small(prepared, "scratch-frozen", mode="frozen", weights="none")
+        small(prepared, "scratch-frozen", optim={"mode": "frozen"}, model={"weights": "none"})
     with pytest.raises(ValueError, match="need pretrained weights"):
-        small(prepared, "scratch-warm", warmup_epochs=1, weights="none")
+        small(prepared, "scratch-warm", optim={"warmup_epochs": 1}, model={"weights": "none"})
 
 
 def test_the_head_continues_fine_tuning_at_its_own_peak_rate_and_the_backbone_waits_for_it():
     """Warm-up trains the head alone; fine-tuning wakes the backbone and runs the head at finetune_head_lr."""
-    from posterfusion.jobs.train import LoopConfig, lr_schedules
+    from posterfusion.jobs.train.loop import lr_schedules
 
-    config = LoopConfig.model_construct(head_epochs=2, epochs=4, lr=1e-3, finetune_head_lr=2e-4)
+    config = args({"warmup_epochs": 2, "epochs": 4, "lr": 1e-3, "finetune_head_lr": 2e-4})
     backbone, head = lr_schedules(config, steps_per_epoch=100)
     assert [backbone(s) for s in (0, 50, 199)] == [0.0, 0.0, 0.0]
     assert max(head(s) for s in range(200)) == pytest.approx(1.0)  # the warm-up reaches lr
     assert max(head(s) for s in range(200, 400)) == pytest.approx(0.2)  # fine-tuning peaks at 2e-4
     assert max(backbone(s) for s in range(200, 400)) == pytest.approx(1.0)  # backbone_lr at its peak
-    same = LoopConfig.model_construct(head_epochs=2, epochs=4, lr=1e-3, finetune_head_lr=1e-3)
+    same = args({"warmup_epochs": 2, "epochs": 4, "lr": 1e-3, "finetune_head_lr": 1e-3})
     assert max(lr_schedules(same, 100)[1](s) for s in range(200, 400)) == pytest.approx(1.0)

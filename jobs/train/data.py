@@ -1,0 +1,184 @@
+"""The driver's side of the data: labelled rows, vocabulary and encoders, the facts workers need, Ray Datasets.
+
+The genre vocabulary, the metadata encoder and the object-vector statistics are fitted on the
+training split only. Head epochs read backbone features extracted once
+(:mod:`posterfusion.models.frozen`, cached per catalogue); fine-tuning epochs read posters
+decoded once into fixed-size uint8 tensors held in Ray's object store, never the JPEGs again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray.data.expressions import col, lit
+from ray.data.extensions import ArrowTensorArray
+
+from posterfusion.errors import UserValueError
+from posterfusion.features.catalogue import catalogue_files
+from posterfusion.features.metadata import FIELDS as META_COLUMNS
+from posterfusion.features.metadata import MetadataEncoder
+from posterfusion.features.objects import (
+    DetectorConfig,
+    detector_id,
+    load_object_features,
+    recorded_detector,
+    resolved_detector,
+)
+from posterfusion.features.presets import decode_poster
+from posterfusion.features.vocab import GenreVocabulary
+from posterfusion.jobs.train.config import DataFacts, TrainConfig
+from posterfusion.models.frozen import BackboneFeaturesConfig, ensure_backbone_features, load_backbone_features
+
+
+class Prepared(BaseModel):
+    """The driver's view of the labelled data: frame, vocabulary, encoder, per-row side inputs."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    frame: pd.DataFrame
+    vocabulary: GenreVocabulary
+    encoder: MetadataEncoder
+    sides: dict[str, np.ndarray] = Field(description="per row: labels, metadata, objects (zeros when unused)")
+    object_dim: int
+    detector: DetectorConfig | None
+    detector_id: str | None
+    skipped: dict[str, int]
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Labelled rows, minus those the detector failed on or whose genres the vocabulary drops."""
+    frame = load_labelled(config)
+    detector, det_id, objects, skipped = resolve_detector(config), None, None, 0
+    if detector is not None:
+        frame, objects, det_id, skipped = object_matrix(config, frame, detector)
+    vocabulary = GenreVocabulary.build(frame[frame["split"] == "train"]["genres"], config.data.vocab)
+    if len(vocabulary.genres) < 2:
+        raise UserValueError(f"the training split yields {len(vocabulary.genres)} genre(s) "
+                             f"({', '.join(vocabulary.genres) or 'none'}) under min_count "
+                             f"{config.data.vocab.min_count}: a multi-label model needs at least 2 (more posters, "
+                             "or a lower data.vocab.min_count)")
+    unlabelled = np.array([not vocabulary.map_genres(g) for g in frame["genres"]])
+    if unlabelled.any():  # e.g. only N/A, or a genre the vocabulary keeps no trace of
+        frame = frame[~unlabelled].reset_index(drop=True)
+        objects = objects[~unlabelled] if objects is not None else None
+    encoder = MetadataEncoder.fit(frame[frame["split"] == "train"])
+    sides = {"labels": vocabulary.encode_many(frame["genres"]), "metadata": encoder.transform(frame),
+             "objects": objects if objects is not None else np.zeros((len(frame), 1), np.float32)}
+    return Prepared(frame=frame, vocabulary=vocabulary, encoder=encoder, sides=sides,
+                    object_dim=0 if objects is None else objects.shape[1], detector=detector, detector_id=det_id,
+                    skipped={"detect_failed": skipped, "no_vocabulary_genre": int(unlabelled.sum())})
+
+
+def load_labelled(config: TrainConfig) -> pd.DataFrame:
+    """Labelled rows without the poster bytes (those are read later by Ray Data)."""
+    columns = ["movie_id", "poster_sha256", "genres", "labelled", "split", *META_COLUMNS]
+    table = pads.dataset(catalogue_files(config.data.catalogue), format="parquet").to_table(columns=columns)
+    frame = table.to_pandas()
+    frame = frame[frame["labelled"]].reset_index(drop=True)
+    limit = config.data.limit
+    if limit is not None:
+        train = frame[frame["split"] == "train"].head(limit)
+        frame = pd.concat([train, frame[frame["split"] != "train"].head(max(8, limit // 4))])
+    return frame.reset_index(drop=True)
+
+
+def resolve_detector(config: TrainConfig) -> DetectorConfig | None:
+    """The detector whose features a variant reads: as given, else the one the features dir recorded."""
+    if not config.model.uses_objects:
+        return None
+    config.check_ready()  # the variant reads objects: the features dir must be given
+    given = config.data.detector
+    return resolved_detector(given) if given is not None else recorded_detector(config.data.features)
+
+
+def object_matrix(config: TrainConfig, frame: pd.DataFrame, detector: DetectorConfig):
+    """(frame without posters the detector failed on, their object vectors, detector id, skipped count).
+
+    A poster without any stored row means the features job has not run on it: an error. One
+    whose detection failed (an error row) is left out of training and counted in the summary.
+    """
+    det_id = detector_id(detector)
+    table = load_object_features(config.data.features, det_id, include_errors=True)
+    keys = list(zip(frame["movie_id"], frame["poster_sha256"], strict=True))
+    missing = [k for k in keys if k not in table.index]
+    if missing:
+        raise UserValueError(f"{len(missing)} posters have no object features for {det_id} "
+                             f"(e.g. {missing[0][0]}): run `posterfusion features` first")
+    vectors = table.loc[keys, "objects"].to_list()
+    keep = np.array([v is not None for v in vectors])
+    matrix = np.stack([np.asarray(v, np.float32) for v, k in zip(vectors, keep, strict=True) if k])
+    return frame[keep].reset_index(drop=True), matrix, det_id, int((~keep).sum())
+
+
+def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
+    """Label statistics, input widths and the 'no metadata' encoding, from the training split."""
+    train = (data.frame["split"] == "train").to_numpy()
+    labels, objects = data.sides["labels"][train], data.sides["objects"][train]
+    flags = [i for i, name in enumerate(data.encoder.feature_names())
+             if name.endswith("_missing") or name == "has_metadata"]
+    return DataFacts(genres=data.vocabulary.genres, object_dim=data.object_dim, metadata_dim=data.encoder.dim,
+                     metadata_flags=flags, train_rows=int(train.sum()),
+                     pos_weight=pos_weights(labels, config.optim.pos_weight_cap),
+                     label_prior=labels.mean(axis=0).tolist(),
+                     missing_metadata=data.encoder.transform_records([None])[0].tolist(),
+                     object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist())
+
+
+def pos_weights(labels: np.ndarray, cap: float) -> list[float]:
+    """negatives/positives per genre, capped (1 = no weighting): rare genres get more weight, but not unbounded."""
+    positives = labels.sum(axis=0)
+    return np.clip((len(labels) - positives) / np.maximum(positives, 1), 1.0, cap).tolist()
+
+
+def feature_datasets(config: TrainConfig, data: Prepared) -> dict:
+    """Ray Datasets of stored backbone features (plain + flipped) and side inputs, per split."""
+    features = BackboneFeaturesConfig(backbone=config.model.backbone, weights=config.model.weights,
+                                      image_size=config.model.size)
+    cache = config.data.cache_dir
+    done = ensure_backbone_features(config.data.catalogue, cache, features)
+    print(f"[train] backbone features {done['key']}: {done['computed']} extracted, "
+          f"{done['catalogue_rows'] - done['computed']} cached ({done['seconds']:.0f} s)", flush=True)
+    plain, flipped = load_backbone_features(cache, features, data.frame["poster_sha256"].tolist())
+    out = {}
+    for split in ("train", "val"):
+        rows = np.flatnonzero((data.frame["split"] == split).to_numpy())
+        columns = {"features": plain[rows], "flipped": flipped[rows], **{k: v[rows] for k, v in data.sides.items()}}
+        out[f"{split}_features"] = _tensor_dataset(columns)
+    return out
+
+
+def _tensor_dataset(columns: dict[str, np.ndarray]):
+    """A one-block Ray Dataset of numpy columns (a few MB of vectors: no need to spread them)."""
+    return ray.data.from_arrow(pa.table({k: ArrowTensorArray.from_numpy(v) for k, v in columns.items()}))
+
+
+def image_datasets(config: TrainConfig, data: Prepared) -> dict:
+    """Ray Datasets of posters decoded once into uint8 ``size × size`` tensors + side inputs, per split.
+
+    Materialised: every epoch iterates the decoded tensors in Ray's object store, never the JPEGs.
+    """
+    started = time.perf_counter()
+    index = pd.Series(np.arange(len(data.frame)), index=data.frame["movie_id"].to_numpy())
+    base = ray.data.read_parquet(catalogue_files(config.data.catalogue), columns=["movie_id", "poster"],
+                                 num_cpus=0.1)
+    prepared = base.filter(expr=col("movie_id").is_in(data.frame["movie_id"].tolist())).map_batches(
+        _decode_batch, batch_format="pandas", batch_size=64, num_cpus=0.5,
+        fn_kwargs={"size": config.model.size, "index": index, "sides": data.sides,
+                   "splits": data.frame["split"].to_numpy()}).materialize()
+    out = {split: prepared.filter(expr=col("split") == lit(split)).drop_columns(["split"]).materialize()
+           for split in ("train", "val")}
+    print(f"[train] {prepared.count()} posters decoded once at {config.model.size} px for the fine-tuning epochs "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return out
+
+
+def _decode_batch(batch: pd.DataFrame, size: int, index: pd.Series, sides: dict, splits: np.ndarray) -> dict:
+    rows = index.loc[batch["movie_id"].to_numpy()].to_numpy()
+    return {"image": np.stack([decode_poster(b, size).numpy() for b in batch["poster"]]),
+            **{k: v[rows] for k, v in sides.items()}, "split": splits[rows]}

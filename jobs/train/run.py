@@ -1,0 +1,114 @@
+"""``posterfusion train``: Ray Train runs of the worker loop, then the bundle.
+
+Fine-tuning as the field does it, in two phases: ``optim.warmup_epochs`` train the head on the
+frozen backbone's features (a fresh head's large gradients would otherwise wreck the pretrained
+filters), then the network trains with the backbone at a lower rate (``optim.backbone_lr``) and
+the warmed-up head at ``optim.finetune_head_lr``, on augmented posters. ``optim.mode frozen``
+stops after the first phase. With ``combine.members N`` the head warms up once and N runs
+fine-tune from that checkpoint (:mod:`.combine` makes them one bundle).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from posterfusion.cluster import cpu_budget, node_cpus
+from posterfusion.cluster.console import train_logging_level
+from posterfusion.jobs.train.combine import ensemble, soup
+from posterfusion.jobs.train.config import DataFacts, TrainConfig, WorkerArgs, WorkerPlan
+from posterfusion.jobs.train.data import data_facts, feature_datasets, image_datasets, prepare
+from posterfusion.jobs.train.finish import write_bundle
+from posterfusion.jobs.train.loop import train_loop
+
+
+def run_train(config: TrainConfig) -> dict:
+    """Train, pick the best checkpoint (or combine the members'), calibrate, write the bundle; return the summary."""
+    config.check_ready()
+    started = time.perf_counter()
+    data = prepare(config)
+    facts = data_facts(config, data)
+    optim = config.optim
+    datasets = feature_datasets(config, data) if optim.head_epochs else {}
+    if optim.head_epochs < optim.epochs:
+        datasets |= image_datasets(config, data)
+    if config.combine.members == 1:
+        result = fit(config, facts, plan(config), datasets)
+        trained = best_of(result) | {"run_path": result.path}
+    else:
+        combine = soup if config.combine.method == "soup" else ensemble
+        trained = combine(WorkerArgs(config=config, facts=facts, plan=plan(config)), datasets,
+                          *train_members(config, facts, datasets))
+    return write_bundle(config, facts, data, trained, time.perf_counter() - started)
+
+
+def plan(config: TrainConfig, **changes) -> WorkerPlan:
+    """The plain plan of a run: the configured seed, every epoch, threads from the worker's CPU share."""
+    return WorkerPlan(**({"seed": config.run.seed, "threads": worker_resources(config)[1],
+                          "log_level": train_logging_level()} | changes))
+
+
+def worker_resources(config: TrainConfig) -> tuple[float, int]:
+    """(CPUs each worker asks for, torch threads it runs): a share that leaves room for Ray Data's reads."""
+    total, run = cpu_budget(), config.run
+    largest = max(node_cpus(), default=total)  # a worker lives on one node: asking more never schedules
+    per_worker = run.cpus_per_worker or max(0.1, min(total * 0.8 / run.workers, largest * 0.8, 8.0))
+    return per_worker, max(1, round(min(total / run.workers, largest)))
+
+
+def fit(config: TrainConfig, facts: DataFacts, worker_plan: WorkerPlan, datasets: dict):
+    """One Ray Train run of ``train_loop`` (a fresh run name: Ray Train resumes a name it has seen)."""
+    run = config.run
+    storage = (run.storage_path or run.out.parent / "ray_results").resolve()
+    args = WorkerArgs(config=config, facts=facts, plan=worker_plan)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=args.model_dump(mode="json"), datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpu,
+                                     resources_per_worker={"CPU": worker_resources(config)[0]}),
+        run_config=RunConfig(
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_auc",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            logging_config=LoggingConfig(log_level=train_logging_level())),
+    )
+    return trainer.fit()
+
+
+def best_of(result) -> dict:
+    """The run's best epoch: its weights, validation logits and labels, and the whole history."""
+    best = result.get_best_checkpoint(metric="val_macro_auc", mode="max")
+    if best is None:
+        raise RuntimeError(f"training reported no checkpoint (error: {result.error})")
+    with best.as_directory() as directory:
+        saved = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")
+        with np.load(Path(directory) / "validation.npz") as val:
+            logits, labels = val["logits"], val["labels"]
+    with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
+        history = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")["history"]
+    # the chosen checkpoint's own epoch: a member's history also holds the warm-up epochs it started from
+    return {"state": saved["model"], "logits": logits, "labels": labels, "history": history,
+            "best": saved["history"][-1]}
+
+
+def train_members(config: TrainConfig, facts: DataFacts, datasets: dict) -> tuple[str, list[dict]]:
+    """The head warms up once on frozen features; each of ``combine.members`` runs fine-tunes from that
+    one checkpoint with its own seed (data order, augmentation, dropout, metadata dropout).
+
+    Returns the warm-up's run path and the members (best checkpoint of each, in seed order).
+    """
+    warm = fit(config, facts, plan(config, stop_after=config.optim.head_epochs), datasets)
+    if warm.checkpoint is None:
+        raise RuntimeError(f"the members' head warm-up reported no checkpoint (error: {warm.error})")
+    members = []
+    for i in range(config.combine.members):
+        seed = config.run.seed + 1000 * i
+        result = fit(config, facts, plan(config, seed=seed, start_from=warm.checkpoint.path), datasets)
+        members.append(best_of(result) | {"seed": seed, "run_path": result.path})
+    return warm.path, members
