@@ -18,12 +18,11 @@ from pathlib import Path
 
 def read_posters(catalogue: Path, count: int):
     """The first ``count`` catalogue rows: poster bytes and the metadata frame."""
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
     from posterfusion.models.inference import PREDICT_COLUMNS
 
-    frame = pads.dataset(catalogue_files(catalogue), format="parquet").head(count, columns=PREDICT_COLUMNS).to_pandas()
+    frame = catalogue_files(catalogue).dataset().head(count, columns=PREDICT_COLUMNS).to_pandas()
     return frame["poster"].tolist(), frame
 
 

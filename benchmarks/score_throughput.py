@@ -23,12 +23,11 @@ from pathlib import Path
 
 def subset_catalogue(catalogue: Path, posters: int | None, out: Path) -> Path:
     """The first ``posters`` catalogue rows (all: None) as a catalogue, so both sides read the same rows."""
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from posterfusion.features.catalogue import catalogue_files
 
-    dataset = pads.dataset(catalogue_files(catalogue), format="parquet")
+    dataset = catalogue_files(catalogue).dataset()
     table = dataset.head(posters) if posters else dataset.to_table()
     (out / "data").mkdir(parents=True)
     for i in range(0, table.num_rows, 2000):  # files of ingest's size, so Ray reads them in parallel
@@ -42,7 +41,6 @@ def plain_loop(model: Path, catalogue: Path, features: Path | None, out: Path, b
     import os
 
     import pyarrow as pa
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from posterfusion.features.catalogue import catalogue_files
@@ -55,8 +53,7 @@ def plain_loop(model: Path, catalogue: Path, features: Path | None, out: Path, b
     objects = CachedObjects.load(features, detector_id, strict=False) if features and detector_id else None
     actor = ScoreBatch(str(model), detect=True, run_id="plain", threads=os.cpu_count(), objects=objects,
                        device=device)
-    batches = pads.dataset(catalogue_files(catalogue), format="parquet").to_batches(columns=PREDICT_COLUMNS,
-                                                                                    batch_size=batch_size)
+    batches = catalogue_files(catalogue).dataset().to_batches(columns=PREDICT_COLUMNS, batch_size=batch_size)
     tables = [actor(pa.Table.from_batches([batch])) for batch in batches]
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.concat_tables(tables), out / "plain.parquet")

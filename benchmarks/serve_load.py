@@ -25,7 +25,7 @@ overhead that Serve's proxy and hop add stands beside the part HTTP and parsing 
 settings, or ``--upscale-delay-s``/``--downscale-delay-s``/``--look-back-s``), clients added
 step by step (``--ramp 1 4 16 32``, ``--step-s`` each), then none, until Serve is back at
 ``min_replicas`` (at most ``--cooldown-s``); every ``--interval-s`` a row: time, clients, the
-running replicas as Serve counts them (``serve.status()``), requests/s, p50 and p99 of the
+replicas Serve counts running and starting (``serve.status()``), requests/s, p50 and p99 of the
 requests answered in that interval, and the failed ones.
 
     python benchmarks/serve_load.py --model M --timeline --max-replicas 2
@@ -290,11 +290,12 @@ def report(results: list[dict], split: dict, plain: dict, args, cluster) -> None
           f"GET /healthz p50 {plain['healthz_p50']:.1f} ms")
 
 
-def running_replicas(name: str = "posterfusion") -> int:
-    """The ingress (model) replicas Serve counts as RUNNING."""
+def replica_counts(name: str = "posterfusion") -> tuple[int, int]:
+    """The ingress (model) replicas Serve counts as RUNNING, and those on their way (starting, updating)."""
     from ray import serve
 
-    return serve.status().applications[name].deployments["Api"].replica_states.get("RUNNING", 0)
+    states = serve.status().applications[name].deployments["Api"].replica_states
+    return states.get("RUNNING", 0), sum(states.get(s, 0) for s in ("STARTING", "UPDATING", "RECOVERING"))
 
 
 def timeline_service(model: Path, posters: list[bytes], args):
@@ -340,7 +341,7 @@ async def ramp(url: str, posters: list[bytes], args, min_replicas: int) -> list[
                 await asyncio.sleep(args.interval_s)
                 now = time.perf_counter()
                 window = [a for a in answered if a[0] > now - args.interval_s]
-                rows.append(interval_row(now - started, len(clients), await asyncio.to_thread(running_replicas),
+                rows.append(interval_row(now - started, len(clients), await asyncio.to_thread(replica_counts),
                                          window, args.interval_s))
 
         sampler = asyncio.create_task(sample())
@@ -353,16 +354,17 @@ async def ramp(url: str, posters: list[bytes], args, min_replicas: int) -> list[
         clients.clear()
         stopped = time.perf_counter()
         while time.perf_counter() - stopped < args.cooldown_s and not (
-                rows and rows[-1]["clients"] == 0 and rows[-1]["replicas"] <= min_replicas):
+                rows and rows[-1]["clients"] == 0 and rows[-1]["replicas"] + rows[-1]["starting"] <= min_replicas):
             await asyncio.sleep(args.interval_s)
         sampler.cancel()
     return rows
 
 
-def interval_row(t: float, clients: int, replicas: int, window: list[tuple[float, float, bool]],
+def interval_row(t: float, clients: int, replicas: tuple[int, int], window: list[tuple[float, float, bool]],
                  interval_s: float) -> dict:
     latencies = [latency for _, latency, ok in window if ok]
-    return {"t": t, "clients": clients, "replicas": replicas, "rps": len(latencies) / interval_s,
+    return {"t": t, "clients": clients, "replicas": replicas[0], "starting": replicas[1],
+            "rps": len(latencies) / interval_s,
             "p50": percentile(latencies, 50) * 1000 if latencies else float("nan"),
             "p99": percentile(latencies, 99) * 1000 if latencies else float("nan"),
             "failed": sum(1 for _, _, ok in window if not ok)}
@@ -374,13 +376,13 @@ def report_timeline(rows: list[dict], config, args, cluster) -> None:
           f"{config.max_batch_size}; upscale_delay_s {config.upscale_delay_s:g}, downscale_delay_s "
           f"{config.downscale_delay_s:g}, autoscaling_look_back_s {config.autoscaling_look_back_s:g}; clients "
           f"{args.ramp} for {args.step_s:g} s each, then none; Ray: {cluster.cpus:g} CPU, {cluster.gpus:g} GPU")
-    print(f"{'t s':>7}{'clients':>9}{'replicas':>10}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    print(f"{'t s':>7}{'clients':>9}{'running':>9}{'starting':>10}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
     for r in rows:
-        print(f"{r['t']:>7.1f}{r['clients']:>9}{r['replicas']:>10}{r['rps']:>8.1f}{r['p50']:>9.0f}{r['p99']:>9.0f}"
-              f"{r['failed']:>8}")
+        print(f"{r['t']:>7.1f}{r['clients']:>9}{r['replicas']:>9}{r['starting']:>10}{r['rps']:>8.1f}{r['p50']:>9.0f}"
+              f"{r['p99']:>9.0f}{r['failed']:>8}")
     changes = [r for i, r in enumerate(rows) if i and r["replicas"] != rows[i - 1]["replicas"]]
-    print("replica changes: " + (", ".join(f"{r['replicas']} at {r['t']:.0f} s ({r['clients']} clients)"
-                                           for r in changes) or "none"))
+    print("running replicas: " + (", ".join(f"{r['replicas']} at {r['t']:.0f} s ({r['clients']} clients)"
+                                            for r in changes) or "no change"))
 
 
 def timeline(posters: list[bytes], args) -> None:
@@ -411,7 +413,7 @@ def main() -> None:
     parser.add_argument("--timeline", action="store_true", help="the autoscaling timeline under a ramp instead")
     parser.add_argument("--max-replicas", type=int, default=2, help="--timeline: the autoscaling ceiling")
     parser.add_argument("--ramp", type=int, nargs="+", default=[1, 4, 16, 32], help="--timeline: clients per step")
-    parser.add_argument("--step-s", type=float, default=20.0, help="--timeline: seconds per step")
+    parser.add_argument("--step-s", type=float, default=30.0, help="--timeline: seconds per step")
     parser.add_argument("--cooldown-s", type=float, default=180.0,
                         help="--timeline: most seconds to watch after the load stops")
     parser.add_argument("--interval-s", type=float, default=2.0, help="--timeline: seconds per row")

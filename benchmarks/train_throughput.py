@@ -94,13 +94,11 @@ def plain_loop(config, device: str, epochs: int) -> float:
 
 def _decoded(config, frame):
     import numpy as np
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
     from posterfusion.features.presets import decode_poster
 
-    table = pads.dataset(catalogue_files(config.data.catalogue), format="parquet").to_table(
-        columns=["movie_id", "poster"]).to_pandas().set_index("movie_id")
+    table = catalogue_files(config.data.catalogue).read(["movie_id", "poster"]).to_pandas().set_index("movie_id")
     return np.stack([decode_poster(table.loc[m, "poster"], config.model.size).numpy() for m in frame["movie_id"]])
 
 

@@ -39,7 +39,7 @@ def state_dir() -> Path:
 
 
 def prepare_environment() -> dict[str, str]:
-    """Set the process environment that keeps Ray and Ultralytics off the network.
+    """Set the process environment that keeps Ray, Ultralytics and MLflow off the network.
 
     Must run before ``ray`` is imported: Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` at
     import time. Every process Ray starts inherits these variables. Returns what was set.
@@ -53,6 +53,8 @@ def prepare_environment() -> dict[str, str]:
         "YOLO_AUTOINSTALL": "0",
         "YOLO_VERBOSE": os.environ.get("YOLO_VERBOSE", "False"),
         "YOLO_CONFIG_DIR": str(root / "ultralytics"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow (run tracking) sends usage telemetry unless told not to
+        "DO_NOT_TRACK": "true",
         # Ray's processes get a different HOME (below); keep caches where the user has them.
         "TORCH_HOME": os.environ.get("TORCH_HOME", os.path.join(real_home, ".cache", "torch")),
         "POSTERFUSION_REAL_HOME": real_home,

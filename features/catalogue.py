@@ -18,6 +18,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from posterfusion.errors import UserFileNotFound
+from posterfusion.locations import PUBLISHED, Location, ParquetFiles
 
 SPLITS = ("train", "val", "test")
 SMALL_WIDTH = 150  # the README's thumbnails are under 150 px wide
@@ -72,18 +73,20 @@ class PosterCheck:
 
 
 def check_poster(path: str) -> PosterCheck:
-    """Read a poster file and decode it fully; say why it is unusable if it is.
+    """Read a poster file (a path or a URI) and decode it fully; say why it is unusable if it is.
 
     Reasons: ``missing_file``, ``empty_file``, ``not_an_image``, ``truncated_image``,
     ``image_too_large``, ``unreadable_file``. A full ``load()`` (not just ``verify()``) is what
     catches JPEGs cut short.
     """
-    if not path or not Path(path).is_file():
+    if not path:
         return PosterCheck(None, None, reject_reason="missing_file")
     try:
-        data = Path(path).read_bytes()
+        data = Location(path).read_bytes()
+    except FileNotFoundError:
+        return PosterCheck(None, None, reject_reason="missing_file")
     except OSError as exc:
-        return PosterCheck(None, None, reject_reason=f"unreadable_file: {exc.strerror}")
+        return PosterCheck(None, None, reject_reason=f"unreadable_file: {exc.strerror or exc}"[:200])
     if not data:
         return PosterCheck(None, None, reject_reason="empty_file")
     return inspect_image_bytes(data)
@@ -204,28 +207,39 @@ def assign_splits(ids_by_sha: dict[str, list[str]], val_fraction: float = 0.1,
     return splits
 
 
-def catalogue_files(catalogue: str | Path) -> list[str]:
-    """The Parquet files of a catalogue directory written by ``posterfusion ingest``."""
-    root = Path(catalogue)
-    data = root / "data" if (root / "data").is_dir() else root
-    files = sorted(str(p) for p in data.glob("*.parquet"))
+def catalogue_files(catalogue: str | Path | Location) -> ParquetFiles:
+    """The Parquet files of a catalogue ``posterfusion ingest`` wrote (its folder, or the folder's ``data``).
+
+    Locally every ``data/*.parquet`` file; on an object store the files its ``_PUBLISHED`` manifest
+    lists, written last by ingest: a prefix without one holds no catalogue (yet: an ingest in progress
+    or failed), never a partial one. The result is what pyarrow and Ray Data take: a file system and paths.
+    """
+    root = Location.parse(catalogue)
+    if root.is_local:
+        data = root / "data" if (root / "data").is_dir() else root
+        files = data.list_files(".parquet", recursive=False)
+        if not files:
+            raise UserFileNotFound(f"no catalogue Parquet files under {data}")
+        return ParquetFiles(files)
+    if root.name == "data" and not (root / PUBLISHED).exists():
+        root = root.parent
+    try:
+        files = [f for f in root.published_files() if f.relative_to(root).startswith("data/")
+                 and f.name.endswith(".parquet")]
+    except UserFileNotFound as error:
+        raise UserFileNotFound(f"no catalogue under {root}: {str(error).split(': ', 1)[-1]}") from None
     if not files:
-        raise UserFileNotFound(f"no catalogue Parquet files under {data}")
-    return files
+        raise UserFileNotFound(f"no catalogue Parquet files under {root / 'data'}")
+    return ParquetFiles(files)
 
 
-def catalogue_identity(catalogue: str | Path) -> dict:
+def catalogue_identity(catalogue: str | Path | Location) -> dict:
     """Where a catalogue is and what it holds: a fingerprint of every row's id, poster hash, split and labels.
 
     A bundle records it, so a later stage can tell that a bundle was trained on another (or an
     older) catalogue instead of silently reusing it. Reads only the small columns.
     """
-    import hashlib
-
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
-        columns=["movie_id", "poster_sha256", "split", "labelled", "genres"])
+    table = catalogue_files(catalogue).read(columns=["movie_id", "poster_sha256", "split", "labelled", "genres"])
     rows = sorted(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
     digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
-    return {"path": str(Path(catalogue).resolve()), "fingerprint": digest, "rows": len(rows)}
+    return {"path": str(Location.parse(catalogue).absolute()), "fingerprint": digest, "rows": len(rows)}

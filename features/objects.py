@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.catalogue import decode_rgb
-from posterfusion.weights import find_weights, require_weights
+from posterfusion.locations import Location
+from posterfusion.weights import find_weights, is_uri, require_weights
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,8 +69,9 @@ class DetectorConfig(BaseModel):
 
     weights: str | None = Field(None, description="detector weights: .safetensors (a state dict of "
                                 "`architecture`, no pickle), .tflite (LiteRT, CPU), or .pt (only through its "
-                                ".safetensors twin: a .pt file is a pickle); a bare name is looked up in "
-                                "$POSTERFUSION_WEIGHTS. None: the device's default (DEFAULT_WEIGHTS)")
+                                ".safetensors twin: a .pt file is a pickle); a path, a URI (fetched once into "
+                                "the local cache) or a bare name looked up in $POSTERFUSION_WEIGHTS. None: the "
+                                "device's default (DEFAULT_WEIGHTS)")
     architecture: str = Field("yolov8n.yaml", description="Ultralytics model config a .safetensors state dict fits")
     imgsz: int = Field(640, ge=32, multiple_of=32, description="inference size (a .tflite export is fixed at 640)")
     conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
@@ -91,7 +93,10 @@ def detector_weights(config: DetectorConfig) -> Path:
     A file found nowhere stays as given: :func:`detector_id` then has no hash to record, and loading
     it fails with the file's name.
     """
-    path = find_weights(config.weights) or Path(config.weights)
+    weights = config.weights
+    if is_uri(weights) and weights.endswith(".pt"):
+        weights = weights[:-3] + ".safetensors"  # its twin beside it: a pickle is never even fetched
+    path = find_weights(weights) or Path(weights)
     if path.suffix == ".pt":
         twin = path.with_suffix(".safetensors")
         if not twin.is_file():
@@ -129,19 +134,19 @@ KEY_COLUMNS = ["movie_id", "poster_sha256"]
 DETECTOR_FILE = "detector.json"  # beside a detector's runs: which weights and thresholds made them
 
 
-def object_store(out: str | Path, detector: str):
+def object_store(out: str | Path | Location, detector: str):
     """The incremental store of one detector's features under ``out`` (``posterfusion features --out``)."""
     from posterfusion.features.store import FeatureStore
 
     return FeatureStore(out, detector, OBJECT_FEATURES_SCHEMA, KEY_COLUMNS, error_column="detect_error")
 
 
-def read_object_features(out: str | Path, detector: str, columns: list[str] | None = None) -> pd.DataFrame:
+def read_object_features(out: str | Path | Location, detector: str, columns: list[str] | None = None) -> pd.DataFrame:
     """Every stored row of one detector, oldest run first (error rows and stale shas too)."""
     return object_store(out, detector).read(columns).to_pandas()
 
 
-def load_object_features(out: str | Path, detector: str, include_errors: bool = False) -> pd.DataFrame:
+def load_object_features(out: str | Path | Location, detector: str, include_errors: bool = False) -> pd.DataFrame:
     """Features to join on: indexed by (``movie_id``, ``poster_sha256``), one row per key.
 
     ``objects`` holds the float32 vector (:func:`object_vector`), ``detections`` the raw boxes.
@@ -151,13 +156,14 @@ def load_object_features(out: str | Path, detector: str, include_errors: bool = 
     return object_store(out, detector).latest(include_errors=include_errors)
 
 
-def recorded_detector(out: str | Path, detector: str | None = None) -> DetectorConfig:
+def recorded_detector(out: str | Path | Location, detector: str | None = None) -> DetectorConfig:
     """The detector a features directory was made with (``posterfusion features`` records it).
 
     ``detector`` picks one id where the directory holds several; with one, it is the one.
     """
-    root = Path(out)
-    found = {p.parent.name: p for p in sorted(root.glob(f"*/{DETECTOR_FILE}"))}
+    root = Location.parse(out)
+    found = {p.parent.name: p for p in root.list_files(DETECTOR_FILE)
+             if p.relative_to(root) == f"{p.parent.name}/{DETECTOR_FILE}"}
     if detector is not None:
         found = {k: v for k, v in found.items() if k == detector}
     if len(found) != 1:
@@ -167,17 +173,19 @@ def recorded_detector(out: str | Path, detector: str | None = None) -> DetectorC
     return DetectorConfig.model_validate_json(next(iter(found.values())).read_text())
 
 
-def record_detector(out: str | Path, config: DetectorConfig) -> str:
+def record_detector(out: str | Path | Location, config: DetectorConfig) -> str:
     """Write ``OUT/<detector_id>/detector.json`` (weights resolved to an absolute path); return the id."""
-    from posterfusion.features.store import commit_text
+    from posterfusion.features.lease import commit_text
 
     key = detector_id(config)
-    commit_text(Path(out) / key / DETECTOR_FILE, resolved_detector(config).model_dump_json(indent=2))
+    commit_text(Location.parse(out) / key / DETECTOR_FILE, resolved_detector(config).model_dump_json(indent=2))
     return key
 
 
 def resolved_detector(config: DetectorConfig) -> DetectorConfig:
-    """``config`` naming the file it really loads, by absolute path (what a bundle records)."""
+    """``config`` naming the file it really loads, by absolute path or URI (what a bundle records)."""
+    if is_uri(config.weights):
+        return config  # the cached copy's path is this machine's; the URI is everyone's
     weights = detector_weights(config)
     return config.model_copy(update={"weights": str(weights.resolve())}) if weights.is_file() else config
 

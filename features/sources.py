@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from posterfusion.errors import UserFileNotFound, UserValueError
+from posterfusion.locations import Location
 
 IMDB_ID = re.compile(r"tt\d{5,10}")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -40,19 +42,25 @@ class SourceRow:
         return (self.movie_id, self.poster_path, self.genres, self.labelled, self.title)
 
 
-def parse_spec(spec: str) -> tuple[str, Path]:
-    """Split a ``--source KIND:DIR`` argument."""
+def parse_spec(spec: str) -> tuple[str, Location]:
+    """Split a ``--source KIND:DIR`` argument; DIR is a path or a URI (``multilabel:s3://bucket/posters``)."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in READERS:
         raise UserValueError(f"--source must be KIND:DIR with KIND one of {sorted(READERS)}: {spec!r}")
-    return kind, Path(path)
+    return kind, Location(path)
 
 
 def read_source(spec: str) -> list[SourceRow]:
     kind, path = parse_spec(spec)
+    path.check_store()
     if not path.is_dir():
         raise UserFileNotFound(f"source directory not found: {path}")
     return list(READERS[kind](path))
+
+
+def _csv_rows(location: Location, errors: str = "strict") -> csv.DictReader:
+    """A source's CSV (small: read whole, from any store) as dict rows."""
+    return csv.DictReader(io.StringIO(location.read_bytes().decode("utf-8", errors=errors), newline=""))
 
 
 def _parse_genre_list(text: str) -> tuple[str, ...]:
@@ -63,48 +71,48 @@ def _parse_genre_list(text: str) -> tuple[str, ...]:
     return tuple(g.strip() for g in value if g.strip())
 
 
-def read_multilabel(root: Path) -> Iterator[SourceRow]:
+def read_multilabel(root: str | Path | Location) -> Iterator[SourceRow]:
     """Kaggle multi-label layout: ``train.csv`` (Id, Genre list, one-hot columns) + ``Images/``.
 
     Posters in ``Images/`` without a label row are yielded as unlabelled rows: they are the
     part of the catalogue that still has to be scored.
     """
+    root = Location.parse(root)
     images = root / "Images"
     labelled_ids: set[str] = set()
-    with open(root / "train.csv", newline="", encoding="utf-8") as handle:
-        for record in csv.DictReader(handle):
-            movie_id = (record.get("Id") or "").strip()
-            labelled_ids.add(movie_id)
-            row = dict(movie_id=movie_id, poster_path=str(images / f"{movie_id}.jpg"),
-                       labelled=True, source="multilabel")
-            try:
-                yield SourceRow(genres=_parse_genre_list(record.get("Genre") or ""), **row)
-            except (ValueError, SyntaxError) as exc:
-                yield SourceRow(genres=(), error=f"bad_label: {exc}", **row)
-    if images.is_dir():
-        for path in sorted(images.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.stem not in labelled_ids:
-                yield SourceRow(movie_id=path.stem, poster_path=str(path), genres=(),
-                                labelled=False, source="multilabel")
+    for record in _csv_rows(root / "train.csv"):
+        movie_id = (record.get("Id") or "").strip()
+        labelled_ids.add(movie_id)
+        row = dict(movie_id=movie_id, poster_path=str(images / f"{movie_id}.jpg"),
+                   labelled=True, source="multilabel")
+        try:
+            yield SourceRow(genres=_parse_genre_list(record.get("Genre") or ""), **row)
+        except (ValueError, SyntaxError) as exc:
+            yield SourceRow(genres=(), error=f"bad_label: {exc}", **row)
+    for image in images.list_files(recursive=False):  # one listing, also of a bucket prefix
+        name = Path(image.name)
+        if name.suffix.lower() in IMAGE_SUFFIXES and name.stem not in labelled_ids:
+            yield SourceRow(movie_id=name.stem, poster_path=str(image), genres=(),
+                            labelled=False, source="multilabel")
 
 
-def read_moviegenre(root: Path) -> Iterator[SourceRow]:
+def read_moviegenre(root: str | Path | Location) -> Iterator[SourceRow]:
     """MovieGenre.csv layout: ``imdbId`` (digits), ``Genre`` ("A|B"), ``Poster`` file name."""
+    root = Location.parse(root)
     posters = root / "MoviePosters"
-    with open(root / "MovieGenre.csv", newline="", encoding="utf-8", errors="replace") as handle:
-        for record in csv.DictReader(handle):
-            digits = (record.get("imdbId") or "").strip()
-            movie_id = f"tt{int(digits):07d}" if digits.isdigit() else digits
-            genres = tuple(g.strip() for g in (record.get("Genre") or "").split("|") if g.strip())
-            poster = (record.get("Poster") or "").strip()
-            yield SourceRow(
-                movie_id=movie_id,
-                poster_path=str(posters / poster) if poster else "",
-                genres=genres,
-                labelled=bool(genres),
-                source="moviegenre",
-                title=(record.get("Title") or "").strip() or None,
-            )
+    for record in _csv_rows(root / "MovieGenre.csv", errors="replace"):
+        digits = (record.get("imdbId") or "").strip()
+        movie_id = f"tt{int(digits):07d}" if digits.isdigit() else digits
+        genres = tuple(g.strip() for g in (record.get("Genre") or "").split("|") if g.strip())
+        poster = (record.get("Poster") or "").strip()
+        yield SourceRow(
+            movie_id=movie_id,
+            poster_path=str(posters / poster) if poster else "",
+            genres=genres,
+            labelled=bool(genres),
+            source="moviegenre",
+            title=(record.get("Title") or "").strip() or None,
+        )
 
 
 READERS = {"multilabel": read_multilabel, "moviegenre": read_moviegenre}
@@ -162,13 +170,13 @@ def _imdb_id(value: object) -> str | None:
     return match.group(0) if match else None
 
 
-def read_metadata(path: str | Path) -> pd.DataFrame:
+def read_metadata(path: str | Path | Location) -> pd.DataFrame:
     """One metadata file → a frame indexed by ``movie_id`` with the catalogue's columns.
 
     Unparseable numbers become null; zero budgets/revenues (TMDb's "unknown") become null;
     absent columns are null; the first row of a repeated id wins.
     """
-    frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+    frame = pd.read_csv(io.BytesIO(Location.parse(path).read_bytes()), dtype=str, keep_default_na=True)
     layout = detect_metadata_layout(list(frame.columns))
     if layout == "imdb5000":
         ids, mapping = frame["movie_imdb_link"].map(_imdb_id), IMDB5000_COLUMNS
@@ -203,12 +211,12 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def merge_metadata(paths: list[str | Path]) -> pd.DataFrame:
+def merge_metadata(paths: list[str | Path | Location]) -> pd.DataFrame:
     """Coalesce several metadata files per field; earlier files take precedence.
 
     Adds ``metadata_sources``: which files knew the id (file stem), for provenance.
     """
-    frames = [(Path(p).stem, read_metadata(p)) for p in paths]
+    frames = [(Path(Location.parse(p).name).stem, read_metadata(p)) for p in paths]
     if not frames:
         empty = _typed(pd.DataFrame(index=pd.Index([], name="movie_id")))
         empty["metadata_sources"] = pd.Series([], dtype=object)

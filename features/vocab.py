@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from posterfusion.locations import Location
+
 OTHER = "Other"
 
 
@@ -77,13 +79,12 @@ class GenreVocabulary(BaseModel):
         rows = [self.encode(genres) for genres in genre_lists]
         return np.stack(rows) if rows else np.zeros((0, len(self.genres)), np.float32)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.model_dump_json(indent=2))
+    def save(self, path: str | Path | Location) -> None:
+        Location.parse(path).write_text(self.model_dump_json(indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> GenreVocabulary:
-        return cls.model_validate(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path | Location) -> GenreVocabulary:
+        return cls.model_validate(json.loads(Location.parse(path).read_text()))
 
 
 def _count(genre_lists: list[set[str]], mapping: dict[str, str | None]) -> Counter[str]:
@@ -91,14 +92,11 @@ def _count(genre_lists: list[set[str]], mapping: dict[str, str | None]) -> Count
     return Counter(t for genres in genre_lists for t in {mapping[g] for g in genres} if t)
 
 
-def training_genres(catalogue: str | Path) -> list[list[str]]:
+def training_genres(catalogue: str | Path | Location) -> list[list[str]]:
     """Genre lists of the labelled training split of a catalogue."""
-    import pyarrow.dataset as pads
-
     from posterfusion.features.catalogue import catalogue_files
 
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
-        columns=["genres", "labelled", "split"])
+    table = catalogue_files(catalogue).read(columns=["genres", "labelled", "split"])
     frame = table.to_pandas()
     frame = frame[frame["labelled"] & (frame["split"] == "train")]
     return [list(g) for g in frame["genres"]]

@@ -5,6 +5,9 @@ loopback-only Ray started for the command; see :mod:`posterfusion.cluster`).
 
 Each command imports its job inside its body: the jobs import torch and Ray at their tops
 (seconds), and ``--help`` or a mistyped option should answer at once.
+
+Every location option is text, a path or a URI (``s3://bucket/prefix``) the job's config parses as a
+:class:`~posterfusion.locations.Location`; credentials come from each store's own environment.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from typing import Annotated
 
 import typer
 
+from posterfusion.jobs.cli_options import Address, DetectorWeights, FromScratch, NumCpus, Sets, Verbose
+from posterfusion.jobs.cli_options import check as _check
+from posterfusion.jobs.cli_options import cluster as _cluster
+from posterfusion.jobs.cli_options import given as _given
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Movie genres from posters, objects and metadata, on Ray.")
 
-Address = Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS, else a local Ray).")]
-NumCpus = Annotated[float | None, typer.Option(help="CPUs for a local Ray (default: all).")]
-
-
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs too.")]
 
 
 @app.callback()
@@ -39,42 +42,21 @@ def _options(ctx: typer.Context, verbose: Verbose = False) -> None:
     ctx.with_resource(quiet_console(verbose))
 
 
-def _given(**options) -> dict:
-    """The options a user set: an unset one (None) falls through to its config's own default."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _check(model: Path | None = None, catalogue: Path | None = None) -> None:
-    """Refuse a path that is not a bundle or a catalogue before any Ray starts (seconds, not a minute)."""
-    if model is not None:
-        from posterfusion.models.bundle import load_bundle
-
-        load_bundle(model)
-    if catalogue is not None:
-        from posterfusion.features.catalogue import catalogue_files
-
-        catalogue_files(catalogue)
-
-
-def _cluster(address: str | None, num_cpus: float | None = None):
-    from posterfusion.cluster import ClusterConfig, ray_cluster
-
-    return ray_cluster(ClusterConfig(address=address, num_cpus=num_cpus))
-
-
 @app.command()
 def ingest(
-    source: Annotated[list[str], typer.Option(help="KIND:DIR, KIND = multilabel | moviegenre.")],
-    out: Annotated[Path, typer.Option(help="Catalogue directory to write.")],
-    metadata: Annotated[list[Path] | None, typer.Option(help="IMDB-5000 or TMDb CSV to join.")] = None,
+    source: Annotated[list[str], typer.Option(help="KIND:DIR, KIND = multilabel | moviegenre; DIR a path or URI.")],
+    out: Annotated[str, typer.Option(help="Catalogue to write: a directory or a URI (s3://bucket/catalogue).")],
+    metadata: Annotated[list[str] | None, typer.Option(help="IMDB-5000 or TMDb CSV to join (a path or URI).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing catalogue.")] = False,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Build the Parquet poster catalogue from poster folders and metadata CSVs."""
+    from posterfusion.features.sources import parse_spec
     from posterfusion.jobs.ingest import IngestConfig, format_report, run_ingest
 
     config = IngestConfig(sources=source, metadata=metadata or [], out=out, overwrite=overwrite)
+    _check(stores=[out, *(str(parse_spec(spec)[1]) for spec in source)])
     with _cluster(address, num_cpus):
         report = run_ingest(config)
     typer.echo(format_report(report))
@@ -98,8 +80,8 @@ def sample(
 
 @app.command()
 def vocab(
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    out: Annotated[Path, typer.Option(help="Where to write the vocabulary JSON.")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    out: Annotated[str, typer.Option(help="Where to write the vocabulary JSON (a path or a URI).")],
     min_count: Annotated[int | None, typer.Option(help="Fold rarer genres into Other.")] = None,
     top_n: Annotated[int | None, typer.Option(help="Keep only the N most frequent.")] = None,
 ) -> None:
@@ -112,14 +94,10 @@ def vocab(
     typer.echo(f"{len(vocabulary.genres)} genres: {', '.join(vocabulary.genres)} → {out}")
 
 
-DetectorWeights = Annotated[str | None, typer.Option(help="Detector weights: .safetensors, .tflite, or a .pt "
-                                                            "beside its .safetensors twin.")]
-
-
 @app.command()
 def features(
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    out: Annotated[Path, typer.Option(help="Object features directory (incremental).")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    out: Annotated[str, typer.Option(help="Object features directory or URI (incremental).")],
     detector: DetectorWeights = None,
     imgsz: Annotated[int | None, typer.Option(help="Detector input size (a .tflite export is fixed at 640).")] = None,
     conf: Annotated[float | None, typer.Option(help="Detection confidence threshold.")] = None,
@@ -135,24 +113,18 @@ def features(
     config = FeaturesConfig(catalogue=catalogue, out=out,
                             detector=DetectorConfig(**_given(weights=detector, imgsz=imgsz, conf=conf)),
                             **_given(batch_size=batch_size, actors=actors))
-    _check(catalogue=catalogue)
+    _check(catalogue=catalogue, stores=[out])
     with _cluster(address, num_cpus):
         summary = run_features(config)
     typer.echo(format_features_summary(summary))
 
 
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Any training setting: SECTION.NAME=VALUE, repeatable "
-                                                        "(`posterfusion recipes --show quality` lists them).")]
-FromScratch = Annotated[bool, typer.Option(help="Train without the recipe's pretrained weights (its scratch settings "
-                                                "apply); without it, missing weights are an error.")]
-
-
 @app.command()
 def train(
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    out: Annotated[str, typer.Option(help="Model bundle to write: a directory or a URI (s3://bucket/models/v3).")],
     recipe: Annotated[str, typer.Option(help="Named recipe (`posterfusion recipes` lists them).")] = "quality",
-    features: Annotated[Path | None, typer.Option(help="Object features directory (`features --out`).")] = None,
+    features: Annotated[str | None, typer.Option(help="Object features (`features --out`).")] = None,
     variant: Annotated[str | None, typer.Option(help="Which inputs: see `posterfusion recipes`.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
@@ -171,7 +143,7 @@ def train(
                                    seed=seed, workers=workers, gpu=gpu)
     config = resolve(recipe, overrides, from_scratch=from_scratch)
     config.check_ready()
-    _check(catalogue=catalogue)
+    _check(catalogue=catalogue, stores=[out, config.run.storage_path and str(config.run.storage_path)])
     with _cluster(address, num_cpus):
         summary = run_train(config)
     typer.echo(format_train_summary(summary))
@@ -205,14 +177,14 @@ def recipes(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
-    catalogue: Annotated[Path, typer.Option(help="Labelled catalogue to evaluate on (any source).")],
-    out: Annotated[Path, typer.Option(help="Report directory (metrics.json, report.md, predictions).")],
+    model: Annotated[str, typer.Option(help="Model bundle (a directory or a URI).")],
+    catalogue: Annotated[str, typer.Option(help="Labelled catalogue to evaluate on (any source).")],
+    out: Annotated[str, typer.Option(help="Report directory or URI (metrics.json, report.md, predictions).")],
     split: Annotated[str | None, typer.Option(help="val | test (default) | all (another source's every labelled "
                                                    "row).")] = None,
-    features: Annotated[Path | None, typer.Option(help="Reuse cached object features.")] = None,
-    training_catalogue: Annotated[Path | None, typer.Option(help="Where baselines are fitted (default: the "
-                                                                  "bundle's training catalogue).")] = None,
+    features: Annotated[str | None, typer.Option(help="Reuse cached object features.")] = None,
+    training_catalogue: Annotated[str | None, typer.Option(help="Where baselines are fitted (default: the "
+                                                                 "bundle's training catalogue).")] = None,
     baselines: Annotated[bool | None, typer.Option(help="Label-prior and classic baselines beside the model.")] = None,
     n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples for the intervals.")] = None,
     address: Address = None,
@@ -223,7 +195,7 @@ def evaluate(
 
     config = EvaluateConfig(model=model, catalogue=catalogue, out=out, **_given(
         split=split, features=features, training_catalogue=training_catalogue, baselines=baselines, n_boot=n_boot))
-    _check(model=model, catalogue=catalogue)
+    _check(model=model, catalogue=catalogue, stores=[out])
     with _cluster(address, num_cpus):
         report = run_evaluate(config)
     typer.echo(report_markdown(report))
@@ -232,14 +204,14 @@ def evaluate(
 
 @app.command()
 def compare(
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    out: Annotated[Path, typer.Option(help="Report directory.")],
-    models: Annotated[Path, typer.Option(help="Bundles in MODELS/<recipe>/<variant>-s<seed>; missing or stale ones "
-                                              "are trained.")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    out: Annotated[str, typer.Option(help="Report directory or URI.")],
+    models: Annotated[str, typer.Option(help="Bundles in MODELS/<recipe>/<variant>-s<seed> (a directory or a URI); "
+                                             "missing or stale ones are trained.")],
     recipe: Annotated[list[str] | None, typer.Option(help="Recipes to compare (default: quality).")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="Variants (default: each recipe's own).")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="Training seeds (default: 0).")] = None,
-    features: Annotated[Path | None, typer.Option(help="Object features directory.")] = None,
+    features: Annotated[str | None, typer.Option(help="Object features directory or URI.")] = None,
     from_scratch: FromScratch = False,
     set_: Sets = None,
     n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples.")] = None,
@@ -255,7 +227,7 @@ def compare(
                                                                   seeds=seed or None, features=features,
                                                                   n_boot=n_boot))
     check_entries(config)  # every entry's configuration and weights, before any Ray starts
-    _check(catalogue=catalogue)
+    _check(catalogue=catalogue, stores=[out, models])
     with _cluster(address, num_cpus):
         result = run_compare(config)
     typer.echo(markdown(result, []))
@@ -264,10 +236,10 @@ def compare(
 
 @app.command()
 def score(
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    out: Annotated[Path, typer.Option(help="Predictions directory (partitioned by run date, incremental).")],
-    features: Annotated[Path | None, typer.Option(help="Cached object features to reuse.")] = None,
+    model: Annotated[str, typer.Option(help="Model bundle (a directory or a URI).")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    out: Annotated[str, typer.Option(help="Predictions directory or URI (partitioned by run date, incremental).")],
+    features: Annotated[str | None, typer.Option(help="Cached object features to reuse.")] = None,
     run_date: Annotated[str | None, typer.Option(help="Partition date YYYY-MM-DD (default: today, UTC).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Posters per actor call.")] = None,
     actors: Annotated[int | None, typer.Option(help="Predictor actors (default: from the cluster).")] = None,
@@ -280,7 +252,7 @@ def score(
 
     config = ScoreConfig(model=model, catalogue=catalogue, out=out, **_given(
         features=features, batch_size=batch_size, actors=actors, rows_per_file=rows_per_file, run_date=run_date))
-    _check(model=model, catalogue=catalogue)
+    _check(model=model, catalogue=catalogue, stores=[out])
     with _cluster(address, num_cpus):
         summary = run_score(config)
     typer.echo(format_score_summary(summary))
@@ -290,9 +262,9 @@ def score(
 
 @app.command()
 def embed(
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    out: Annotated[Path, typer.Option(help="Embeddings directory (for `similar`).")],
+    model: Annotated[str, typer.Option(help="Model bundle (a directory or a URI).")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    out: Annotated[str, typer.Option(help="Embeddings directory or URI (for `similar`).")],
     split: Annotated[str | None, typer.Option(help="Only this split (default: every poster).")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
@@ -300,7 +272,7 @@ def embed(
     """Penultimate-layer embeddings of every catalogue poster, with Ray Data."""
     from posterfusion.jobs.embed import EmbedConfig, format_embed_summary, run_embeddings
 
-    _check(model=model, catalogue=catalogue)
+    _check(model=model, catalogue=catalogue, stores=[out])
     with _cluster(address, num_cpus):
         summary = run_embeddings(EmbedConfig(model=model, catalogue=catalogue, out=out, split=split))
     typer.echo(format_embed_summary(summary))
@@ -308,10 +280,10 @@ def embed(
 
 @app.command()
 def similar(
-    poster: Annotated[Path, typer.Argument(help="Query poster image file.")],
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
-    catalogue: Annotated[Path, typer.Option(help="Catalogue directory from `ingest`.")],
-    embeddings: Annotated[Path, typer.Option(help="Output of `posterfusion embed` for this model.")],
+    poster: Annotated[str, typer.Argument(help="Query poster image file (a path or a URI).")],
+    model: Annotated[str, typer.Option(help="Model bundle (a directory or a URI).")],
+    catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
+    embeddings: Annotated[str, typer.Option(help="Output of `posterfusion embed` for this model.")],
     k: Annotated[int, typer.Option(help="How many neighbours.")] = 8,
 ) -> None:
     """The catalogue posters nearest to a poster in the model's embedding space."""
@@ -322,8 +294,8 @@ def similar(
 
 @app.command()
 def predict(
-    posters: Annotated[list[Path], typer.Argument(help="Poster image files.")],
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    posters: Annotated[list[str], typer.Argument(help="Poster image files (paths or URIs).")],
+    model: Annotated[str, typer.Option(help="Model bundle (a directory or a URI).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Top-3 genres and detected objects for each poster (no Ray needed)."""
@@ -356,7 +328,7 @@ def stop_on_signals() -> None:
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")],
+    model: Annotated[str, typer.Option(help="Model bundle: a directory or a URI each replica loads it from.")],
     host: Annotated[str, typer.Option(help="HTTP bind address (loopback unless you mean otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     max_batch_size: Annotated[int | None, typer.Option(help="Most posters per model call.")] = None,
@@ -376,9 +348,10 @@ def serve(
     import time
 
     from posterfusion.errors import UserValueError
+    from posterfusion.locations import Location
     from posterfusion.serving.app import ServeConfig, direct_urls, enable_direct_ingress, start_service
 
-    config = ServeConfig(model=model.resolve(), **_given(
+    config = ServeConfig(model=Location(model).absolute(), **_given(
         max_batch_size=max_batch_size, batch_wait_timeout_s=None if batch_wait_ms is None else batch_wait_ms / 1000,
         min_replicas=min_replicas, max_replicas=max_replicas, max_queued_requests=max_queued_requests,
         replica_cpus=replica_cpus, replica_gpus=replica_gpus))
@@ -406,9 +379,29 @@ def serve(
             ray_serve.shutdown()
 
 
+def _present_local_token(address: str | None) -> None:
+    """Attach to a loopback Ray with the token posterfusion keeps under its Ray HOME (``cluster/local.py``).
+
+    ``posterfusion serve``'s local Ray asks every driver for that token; a second process on this
+    machine (``deploy``) presents it unless its environment names one. Set before Ray is imported:
+    Ray reads these once.
+    """
+    import os
+
+    from posterfusion.cluster.local import state_dir
+
+    token = state_dir() / "ray-home" / ".ray" / "auth_token"
+    host = (address or os.environ.get("RAY_ADDRESS", "")).split("://")[-1].rsplit(":", 1)[0]
+    named = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if (host.startswith("127.") or host == "localhost") and token.is_file() and not named:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+
+
 @app.command()
 def deploy(
-    model: Annotated[Path, typer.Option(help="The bundle to serve: a new version, or the previous one to roll back.")],
+    model: Annotated[str, typer.Option(help="The bundle to serve (a directory or a URI): a new version, or the "
+                                            "previous one to roll back.")],
     address: Annotated[str | None, typer.Option(help="The running service's Ray (posterfusion serve prints it; "
                                                      "default: RAY_ADDRESS).")] = None,
     name: Annotated[str, typer.Option(help="The Serve application to switch.")] = "posterfusion",
@@ -426,9 +419,13 @@ def deploy(
     if not (address or os.environ.get("RAY_ADDRESS")):
         raise UserValueError("deploy switches a running service: pass --address (posterfusion serve prints it) "
                              "or set RAY_ADDRESS")
-    version = check_bundle(model.resolve())
+    from posterfusion.locations import Location
+
+    bundle = Location(model).absolute()
+    version = check_bundle(bundle)
+    _present_local_token(address)
     with _cluster(address):
-        config = switch_model(model.resolve(), name=name, timeout_s=timeout)
+        config = switch_model(bundle, name=name, timeout_s=timeout)
     typer.echo(f"{name}: every replica serves {config.model} (model_version {version}); other settings kept")
 
 

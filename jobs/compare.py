@@ -23,7 +23,6 @@ from __future__ import annotations
 import html
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,22 +33,25 @@ from posterfusion.jobs.evaluate import (
     Scorer,
     baseline_scorers,
     build_report,
-    by_metadata_tables,
     json_default,
     load_split_frame,
     model_scores,
     poster_statistics,
     summary_table,
 )
+from posterfusion.jobs.slices import detected_objects, slice_masks, slice_tables
+from posterfusion.jobs.tracking import tracked
 from posterfusion.jobs.train import TrainConfig, format_train_summary, run_train
 from posterfusion.jobs.train.config import flat, merge
 from posterfusion.jobs.train.recipes import get_recipe, resolve
-from posterfusion.models.bundle import FORMAT_VERSION, Bundle, load_bundle
+from posterfusion.locations import Location
+from posterfusion.models.bundle import FORMAT_VERSION, Bundle, bundle_exists, load_bundle
 from posterfusion.models.fusion import VARIANTS, Variant
 from posterfusion.models.metrics import HEADLINE
 
 PAIRS = [("fused", "cnn"), ("cnn+objects", "cnn"), ("cnn+metadata", "cnn"), ("fused", "cnn+metadata"),
          ("cnn+metadata", "flags-only"), ("flags-only", "cnn")]
+OBJECT_VARIANTS = [name for name, spec in VARIANTS.items() if spec.objects]
 # the side-by-side table leaves out the two headline metrics a reader needs least to rank the entries
 SIDE_BY_SIDE = [m for m in HEADLINE if m not in ("roc_auc_micro", "f1_micro@0.5")]
 
@@ -57,13 +59,14 @@ SIDE_BY_SIDE = [m for m in HEADLINE if m not in ("roc_auc_micro", "f1_micro@0.5"
 class CompareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    catalogue: Path
-    out: Path
-    models: Path = Field(description="bundles live (or are trained) in MODELS/<recipe>/<variant>-s<seed>")
+    catalogue: Location
+    out: Location = Field(description="report folder: a local path or a URI")
+    models: Location = Field(description="bundles live (or are trained) in MODELS/<recipe>/<variant>-s<seed> "
+                             "(a path or a URI)")
     recipes: list[str] = Field(default_factory=lambda: ["quality"])
     variants: list[Variant] | None = Field(None, description="default: each recipe's own variant")
     seeds: list[int] = Field(default_factory=lambda: [0])
-    features: Path | None = None
+    features: Location | None = None
     train: dict = Field(default_factory=dict, description="a partial training configuration (--set) for every "
                         "entry trained here")
     from_scratch: bool = Field(False, description="train without the recipes' pretrained weights")
@@ -83,7 +86,7 @@ class Entry(BaseModel):
     variant: str
     seed: int
     name: str
-    bundle: Path
+    bundle: Location
 
 
 def entries(config: CompareConfig) -> list[Entry]:
@@ -139,7 +142,7 @@ def ensure_bundles(config: CompareConfig) -> list[Entry]:
     """Train the entries without a bundle, and retrain stale ones (saying why)."""
     todo = entries(config)
     for entry, train in zip(todo, check_entries(config), strict=True):
-        if (entry.bundle / "model.safetensors").is_file():
+        if bundle_exists(entry.bundle):
             reason = stale_reason(load_bundle(entry.bundle), train)
             if reason is None:
                 continue
@@ -150,9 +153,29 @@ def ensure_bundles(config: CompareConfig) -> list[Entry]:
 
 
 def run_compare(config: CompareConfig) -> dict:
+    """Train what is missing, score every entry and the baselines on one split, write the report.
+
+    One MLflow parent run (:mod:`posterfusion.jobs.tracking`) holds it all: the trainings nest under
+    it, and each vocabulary group's point values, paired differences, slices and the report files are
+    its own.
+    """
+    with tracked("compare", f"compare {'+'.join(config.recipes)}", config.model_dump(mode="json"),
+                 {"posterfusion.report": str(config.out)}) as run:
+        result = _compare(config)
+        for i, group in enumerate(result["groups"]):
+            run.report(group, config.out, [] if i else COMPARE_FILES, prefix=f"group{i}." if i else "")
+    return result
+
+
+COMPARE_FILES = ["report.md", "report.html", "metrics.json", "per_genre_auc.png", "pr_curves.png",
+                 "reliability.png", "contact_sheet.png"]
+
+
+def _compare(config: CompareConfig) -> dict:
     started = time.perf_counter()
     todo = ensure_bundles(config)
     frame = load_split_frame(config.catalogue, config.split)
+    masks = slice_masks(frame, detected_objects(config.features, frame))
     stats = poster_statistics(config.catalogue, config.catalogue, frame)
     bundles = {entry.name: load_bundle(entry.bundle) for entry in todo}
     groups: dict[tuple, list[Entry]] = {}
@@ -167,7 +190,7 @@ def run_compare(config: CompareConfig) -> dict:
         scorers |= baseline_scorers(config.catalogue, vocabulary, frame, stats)
         labels = vocabulary.encode_many(frame["genres"])
         report = build_report(scorers, labels, list(genres), paired_differences(members), config.n_boot, config.seed,
-                              frame["has_metadata"].to_numpy())
+                              masks)
         report |= {"entries": [e.model_dump(mode="json") for e in members], "seed_spread": seed_spread(report, members)}
         reports.append((report, scorers, labels))
     result = {"split": config.split, "posters": len(frame), "groups": [r for r, _, _ in reports],
@@ -231,6 +254,23 @@ def verdicts(report: dict) -> list[str]:
     return lines
 
 
+def per_genre_table(report: dict, pair: str) -> list[str]:
+    """Markdown: one pair's ROC-AUC difference per genre with its paired interval — where a side input helps
+    (the interval above 0), where it hurts (below), and where the test cannot tell."""
+    block = report.get("paired_per_genre", {}).get(pair)
+    if block is None:
+        return []
+    lines = ["", f"Per genre, {pair} (ROC-AUC, paired 95 % interval):", "", "| genre | difference | verdict |",
+             "|---|---|---|"]
+    for genre, diff, low, high in zip(report["genres"], block["diff"], block["low"], block["high"], strict=True):
+        if diff is None or not np.isfinite(diff):
+            lines.append(f"| {genre} | n/a | no positives |")
+            continue
+        verdict = "helps" if low > 0 else "hurts" if high < 0 else "not significant"
+        lines.append(f"| {genre} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |")
+    return lines
+
+
 def side_by_side_table(rows: list[dict]) -> str:
     header = "| entry | genres | " + " | ".join(SIDE_BY_SIDE) + " |"
     lines = [header, "|---" * (len(SIDE_BY_SIDE) + 2) + "|"]
@@ -247,12 +287,15 @@ def markdown(result: dict, plots: list[str]) -> str:
     for i, group in enumerate(result["groups"], 1):
         parts += ["", f"## Group {i}: {len(group['genres'])} genres", "", summary_table(group | {
             "split": result["split"], "posters": result["posters"]})]
-        parts += by_metadata_tables(group)
+        parts += slice_tables(group | {"split": result["split"]}, summary_table)
         if group["seed_spread"]:
             parts += ["", "Spread across seeds (max − min of the point value):", ""]
             parts += [f"- {k}: " + ", ".join(f"{m} {v['range']:.3f}" for m, v in by.items())
                       for k, by in group["seed_spread"].items()]
         parts += ["", "Paired differences:", ""] + ([f"- {line}" for line in verdicts(group)] or ["- none"])
+        for pair in group.get("paired_per_genre", {}):  # where objects help or hurt: the pairs that add them
+            if any(variant in pair.split(" - ")[0] for variant in OBJECT_VARIANTS):
+                parts += per_genre_table(group, pair)
     parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(parts) + "\n"
 
@@ -275,13 +318,14 @@ def write_compare(config: CompareConfig, result: dict, reports: list, frame) -> 
     from posterfusion.jobs.plots import per_genre_auc_plot, pr_curves_plot, reliability_plot
 
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
     report, scorers, labels = reports[0]  # plots of the first (largest-vocabulary) group
     tests = {name: s.scores for name, s in scorers.items()}
-    plots = [per_genre_auc_plot(out / "per_genre_auc.png", report["metrics"], report["genres"]),
-             pr_curves_plot(out / "pr_curves.png", labels, tests),
-             reliability_plot(out / "reliability.png", labels, tests)]
-    names = [p.name for p in plots]
+    plots = {"per_genre_auc.png": lambda path: per_genre_auc_plot(path, report["metrics"], report["genres"]),
+             "pr_curves.png": lambda path: pr_curves_plot(path, labels, tests),
+             "reliability.png": lambda path: reliability_plot(path, labels, tests)}
+    for name, draw in plots.items():  # rendered locally, then written whole (a path or a URI)
+        (out / name).write_via(draw)
+    names = list(plots)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=json_default))
     (out / "report.md").write_text(markdown(result, names))
     (out / "report.html").write_text(html_page(result, names))
@@ -297,4 +341,5 @@ def _contact_sheet(config: CompareConfig, report: dict, scorers: dict[str, Score
     name = report["entries"][0]["name"]
     scores = pd.DataFrame(scorers[name].scores, columns=report["genres"])
     scores.insert(0, "movie_id", frame["movie_id"].to_numpy())
-    contact_sheet(scores, config.catalogue, report["genres"], config.out / "contact_sheet.png")
+    (config.out / "contact_sheet.png").write_via(
+        lambda path: contact_sheet(scores, config.catalogue, report["genres"], path))

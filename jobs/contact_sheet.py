@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from posterfusion.locations import Location
+
 # Contact sheet layout, in pixels: a label column, then one cell (thumbnail + caption) per poster.
 THUMB_WIDTH, THUMB_HEIGHT = 96, 144
 CAPTION_HEIGHT = 28
@@ -20,8 +22,8 @@ def contact_sheet_size(genres: int, per_genre: int) -> tuple[int, int]:
     return LABEL_WIDTH + per_genre * CELL_WIDTH, genres * ROW_HEIGHT
 
 
-def contact_sheet(scores: pd.DataFrame | str | Path, catalogue: str | Path, genres: list[str] | None,
-                  out_png: str | Path, per_genre: int = 6) -> Path:
+def contact_sheet(scores: pd.DataFrame | str | Path | Location, catalogue: str | Path | Location,
+                  genres: list[str] | None, out_png: str | Path, per_genre: int = 6) -> Path:
     """PNG with one row per genre: the ``per_genre`` posters scored highest for it, with probabilities.
 
     ``scores`` is a frame of ``movie_id`` + one probability column per genre (batch scoring's
@@ -30,7 +32,7 @@ def contact_sheet(scores: pd.DataFrame | str | Path, catalogue: str | Path, genr
     """
     from posterfusion.models.similarity import read_scores
 
-    frame = read_scores(scores) if isinstance(scores, str | Path) else scores
+    frame = read_scores(scores) if isinstance(scores, str | Path | Location) else scores
     genres = list(genres) if genres is not None else [c for c in frame.columns if c != "movie_id"]
     missing = [g for g in genres if g not in frame.columns]
     if missing or "movie_id" not in frame.columns:
@@ -45,14 +47,12 @@ def contact_sheet(scores: pd.DataFrame | str | Path, catalogue: str | Path, genr
     return out
 
 
-def _catalogue_posters(catalogue: str | Path, ids: list[str]) -> dict[str, bytes]:
+def _catalogue_posters(catalogue: str | Path | Location, ids: list[str]) -> dict[str, bytes]:
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
-        columns=["movie_id", "poster"], filter=pc.field("movie_id").isin(ids))
+    table = catalogue_files(catalogue).read(columns=["movie_id", "poster"], filter=pc.field("movie_id").isin(ids))
     return dict(zip(table["movie_id"].to_pylist(), table["poster"].to_pylist(), strict=True))
 
 

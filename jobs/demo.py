@@ -130,13 +130,10 @@ def _score(bundle: Path, catalogue: Path, features: Path | None, out: Path) -> P
 
 def _predict(bundle: Path, catalogue: Path, count: int = 4) -> None:
     """Predict a few test-split posters, written out as files like a user's would be."""
-    import pyarrow.dataset as pads
-
     from posterfusion.features.catalogue import catalogue_files
     from posterfusion.jobs.predict import format_prediction, predict_files
 
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
-        columns=["movie_id", "poster", "genres", "split"]).to_pandas()
+    table = catalogue_files(catalogue).read(columns=["movie_id", "poster", "genres", "split"]).to_pandas()
     rows = table[table["split"] == "test"].head(count)
     posters = catalogue.parent / "posters"
     posters.mkdir(parents=True, exist_ok=True)

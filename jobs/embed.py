@@ -1,8 +1,10 @@
 """``posterfusion embed``: every catalogue poster's penultimate-layer embedding, with Ray Data.
 
 An actor pool, each holding one ``Predictor``, embeds every catalogue poster (or one split) once
-and writes ``OUT/embeddings/*.parquet`` plus ``_manifest.json`` (model version, genres, rows),
-swapped into place whole; :mod:`posterfusion.models.similarity` reads and searches them.
+and writes ``OUT/embeddings/*.parquet`` plus ``_manifest.json`` (model version, genres, rows, the
+files), published whole; :mod:`posterfusion.models.similarity` reads and searches them. ``OUT`` is a
+local path (a hidden folder renamed into place) or a URI (the files under a fresh ``run-…`` prefix,
+then the manifest naming them, then the previous run's files deleted).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import shutil
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.metadata import FIELDS
+from posterfusion.locations import Location, ParquetFiles
 from posterfusion.models.similarity import EMBEDDINGS_SCHEMA, MANIFEST, read_embeddings_table
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,9 @@ TOP_GENRES = 3
 class EmbedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: Path = Field(description="model bundle directory")
-    catalogue: Path
-    out: Path = Field(description="embeddings are written to OUT/embeddings")
+    model: Location = Field(description="model bundle (a path or a URI)")
+    catalogue: Location
+    out: Location = Field(description="embeddings are written to OUT/embeddings (a path or a URI)")
     split: str | None = Field(None, description="embed only this split; None = every catalogue row")
     batch_size: int = Field(32, ge=1, description="posters per actor call")
     actors: int | None = Field(None, ge=1, description="Predictor actors; None = one per cluster CPU")
@@ -104,15 +106,13 @@ def _keep_split(batch: pa.Table, split: str) -> pa.Table:
     return batch.filter(pc.equal(batch["split"], split)).drop_columns(["split"])
 
 
-def _count_rows(files: list[str], split: str | None) -> int:
+def _count_rows(files: ParquetFiles, split: str | None) -> int:
     """Rows to embed, from Parquet footers (or the small ``split`` column): sizes the pool, checks the output."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if split is None:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return sum(int(pc.sum(pc.equal(pq.read_table(f, columns=["split"])["split"], split)).as_py() or 0)
-               for f in files)
+        return files.dataset().count_rows()
+    return int(pc.sum(pc.equal(files.read(["split"])["split"], split)).as_py() or 0)
 
 
 def run_embeddings(config: EmbedConfig) -> dict:
@@ -126,6 +126,7 @@ def run_embeddings(config: EmbedConfig) -> dict:
 
     started = time.perf_counter()
     bundle = load_bundle(config.model)  # fails early, on the driver, for a path that is no bundle
+    config.out.check_store()
     files = catalogue_files(config.catalogue)
     rows = _count_rows(files, config.split)
     if not rows:
@@ -133,50 +134,63 @@ def run_embeddings(config: EmbedConfig) -> dict:
                          + (f" in split {config.split!r}" if config.split else ""))
     pool = actor_pool(config.actors, math.ceil(rows / config.batch_size), gpu_capable=True)
     version = bundle.version
-    staging = config.out / f"_embeddings-{uuid.uuid4().hex[:8]}"
+    folder, token = config.out / "embeddings", uuid.uuid4().hex[:8]
+    staging = config.out / f"_embeddings-{token}" if folder.is_local else folder / f"run-{token}"
     try:
         _write_embeddings(config, files, pool, staging)
-        written = read_embeddings_table(staging, ["movie_id"]).num_rows
-        if written != rows:
-            raise RuntimeError(f"embedded {written} posters but the catalogue selection has {rows}")
-        manifest = {"model_version": version, "model": str(config.model), "catalogue": str(config.catalogue),
-                    "split": config.split, "rows": rows, "dim": bundle.config.model.embedding_dim,
-                    "genres": bundle.genres,
-                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        final = _replace(staging, config.out / "embeddings")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        written = staging.list_files(".parquet")
+        if (count := read_embeddings_table(ParquetFiles(written), ["movie_id"]).num_rows) != rows:
+            raise RuntimeError(f"embedded {count} posters but the catalogue selection has {rows}")
+    except BaseException:
+        staging.delete()
+        raise
+    manifest = {"model_version": version, "model": str(config.model), "catalogue": str(config.catalogue),
+                "split": config.split, "rows": rows, "dim": bundle.config.model.embedding_dim,
+                "genres": bundle.genres, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "files": [f.relative_to(staging if folder.is_local else folder) for f in written]}
+    _publish(staging, folder, manifest)
     seconds = time.perf_counter() - started
     return {"rows": rows, "dim": bundle.config.model.embedding_dim, "model_version": version, "split": config.split,
             "actors": pool.size, "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
-            "seconds": round(seconds, 2), "posters_per_s": round(rows / seconds, 2), "out": str(final)}
+            "seconds": round(seconds, 2), "posters_per_s": round(rows / seconds, 2), "out": str(folder)}
 
 
-def _write_embeddings(config: EmbedConfig, files: list[str], pool, staging: Path) -> None:
+def _write_embeddings(config: EmbedConfig, files: ParquetFiles, pool, staging: Location) -> None:
     import ray
 
     columns = READ_COLUMNS + (["split"] if config.split else [])
-    ds = ray.data.read_parquet(files, columns=columns, num_cpus=config.io_cpus)
+    ds = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=columns, num_cpus=config.io_cpus)
     if config.split:
         ds = ds.map_batches(_keep_split, batch_format="pyarrow", fn_kwargs={"split": config.split},
                             num_cpus=config.io_cpus)
     # A catalogue file is one large block and a block goes to one actor: split it so all of them work.
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
-    ds = ds.map_batches(PosterEmbedder, fn_constructor_kwargs={"bundle": str(config.model), "threads": pool.threads},
+    ds = ds.map_batches(PosterEmbedder, fn_constructor_kwargs={"bundle": str(config.model.absolute()),
+                                                               "threads": pool.threads},
                         compute=pool.strategy(), num_cpus=pool.cpus,
                         num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
-    ds.write_parquet(str(staging), ray_remote_args={"num_cpus": config.io_cpus})
+    ds.write_parquet(staging.fs_path, filesystem=staging.filesystem, ray_remote_args={"num_cpus": config.io_cpus})
 
 
-def _replace(staging: Path, final: Path) -> Path:
-    """Swap the finished run into place; readers never see a half-written folder under ``final``."""
+def _publish(staging: Location, folder: Location, manifest: dict) -> None:
+    """Readers see the previous embeddings or these, never a mix.
+
+    Locally the finished folder is swapped into place by renames. On an object store the manifest,
+    which names this run's files, replaces the previous one in one PUT; then the previous runs' files go.
+    """
+    if not folder.is_local:
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for old in folder.list_files():
+            if not old.relative_to(folder).startswith(f"{staging.name}/"):
+                old.delete()
+        return
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    final, staged = folder.local_path, staging.local_path
     old = final.with_name(f"_old-{final.name}-{uuid.uuid4().hex[:8]}")
     if final.exists():
         final.rename(old)
-    staging.rename(final)
+    staged.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def format_embed_summary(summary: dict) -> str:

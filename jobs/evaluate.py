@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -25,6 +24,9 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.features.metadata import FIELDS as META_COLUMNS
+from posterfusion.jobs.slices import detected_objects, slice_masks, slice_report, slice_tables
+from posterfusion.jobs.tracking import tracked
+from posterfusion.locations import Location
 from posterfusion.models.bundle import load_bundle
 from posterfusion.models.calibration import expected_calibration_error
 from posterfusion.models.metrics import (
@@ -33,23 +35,22 @@ from posterfusion.models.metrics import (
     headline_metrics,
     label_prior_scores,
     macro_auc,
+    paired_auc_per_genre,
     paired_bootstrap,
     tune_thresholds,
 )
-
-MIN_SUBSET = 20  # posters a with/without-metadata subset needs before its metrics are reported
 
 
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: Path
-    catalogue: Path
-    out: Path
+    model: Location = Field(description="model bundle: a local path or a URI")
+    catalogue: Location
+    out: Location = Field(description="report folder: a local path or a URI")
     split: Literal["val", "test", "all"] = Field("test", description="all: every labelled row (another source)")
-    features: Path | None = Field(None, description="reuse cached object features instead of detecting again")
-    training_catalogue: Path | None = Field(None, description="where baselines are fitted; default: the "
-                                            "catalogue the bundle records")
+    features: Location | None = Field(None, description="reuse cached object features instead of detecting again")
+    training_catalogue: Location | None = Field(None, description="where baselines are fitted; default: the "
+                                                "catalogue the bundle records")
     baselines: bool = True
     n_boot: int = Field(1000, ge=0)
     batch_size: int = 32
@@ -73,16 +74,15 @@ class LabelSpace(BaseModel):
                                         "lacks → posters carrying them")
 
 
-def load_split_frame(catalogue: Path, split: str) -> pd.DataFrame:
+def load_split_frame(catalogue: Location, split: str) -> pd.DataFrame:
     """Labelled rows of one split (``all``: every labelled row): ids, genres, metadata columns."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
     wanted = pc.field("labelled") if split == "all" else (pc.field("split") == split) & pc.field("labelled")
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
-        columns=["movie_id", "poster_sha256", "genres", *META_COLUMNS], filter=wanted)
+    table = catalogue_files(catalogue).dataset().to_table(
+        columns=["movie_id", "poster_sha256", "genres", "source", *META_COLUMNS], filter=wanted)
     frame = table.to_pandas().sort_values("movie_id").reset_index(drop=True)
     frame["has_metadata"] = frame[list(META_COLUMNS)].notna().any(axis=1)
     return frame
@@ -143,18 +143,19 @@ def model_scores(config: EvaluateConfig, frame: pd.DataFrame) -> np.ndarray:
     return np.stack(scored["probabilities"].to_list()).astype(np.float32)
 
 
-def _rows(catalogue: Path, columns: list[str], ids: list[str]):
+def _rows(catalogue: Location, columns: list[str], ids: list[str]):
     """A Ray Dataset of the catalogue rows with these ids."""
     import ray
     from ray.data.expressions import col
 
     from posterfusion.features.catalogue import catalogue_files
 
-    dataset = ray.data.read_parquet(catalogue_files(catalogue), columns=columns, num_cpus=0.1)
+    files = catalogue_files(catalogue)
+    dataset = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=columns, num_cpus=0.1)
     return dataset.filter(expr=col("movie_id").is_in(ids))
 
 
-def baseline_scorers(training: Path, vocabulary, frame: pd.DataFrame, stats: dict[str, pd.Series]) -> dict:
+def baseline_scorers(training: Location, vocabulary, frame: pd.DataFrame, stats: dict[str, pd.Series]) -> dict:
     """Label prior and classic baseline, fitted on ``training``'s training split, tuned on its validation split.
 
     ``stats`` are :func:`poster_statistics` of the training catalogue's train/val rows and of ``frame``'s.
@@ -182,7 +183,7 @@ def _tuned_classic(x_train, y_train, x_val, y_val, grid=(0.01, 0.1, 1.0)):
     return max(fitted, key=lambda b: macro_auc(y_val, b.predict_proba(x_val)))
 
 
-def poster_statistics(training: Path, catalogue: Path, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+def poster_statistics(training: Location, catalogue: Location, frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """Colour/texture statistics (Ray Data) of the training catalogue's train/val posters and of ``frame``'s,
     keyed by poster sha256 (the image alone decides them)."""
     from posterfusion.features.classic import featurize_posters
@@ -193,8 +194,8 @@ def poster_statistics(training: Path, catalogue: Path, frame: pd.DataFrame) -> d
             raise ValueError(f"undecodable poster in the catalogue: {next(e for e in errors if e)}")
         return pd.DataFrame({"poster_sha256": batch["poster_sha256"], "stats": list(features)})
 
-    wanted = {Path(training).resolve(): pd.concat([load_split_frame(training, s) for s in ("train", "val")])}
-    key = Path(catalogue).resolve()
+    wanted = {training.absolute(): pd.concat([load_split_frame(training, s) for s in ("train", "val")])}
+    key = catalogue.absolute()
     wanted[key] = pd.concat([wanted.get(key, frame.iloc[:0]), frame])
     stats = {}
     for path, rows in wanted.items():
@@ -204,13 +205,28 @@ def poster_statistics(training: Path, catalogue: Path, frame: pd.DataFrame) -> d
     return stats
 
 
+REPORT_FILES = ["report.md", "metrics.json", "reliability.png"]
+
+
 def run_evaluate(config: EvaluateConfig) -> dict:
-    """Score the evaluated rows, compute metrics + intervals beside the baselines; write the report files."""
+    """Score the evaluated rows, compute metrics + intervals beside the baselines; write the report files.
+
+    Recorded in MLflow (:mod:`posterfusion.jobs.tracking`): the settings, every point value, per slice
+    too, and the report's files.
+    """
+    with tracked("evaluate", f"evaluate {config.split}", config.model_dump(mode="json"),
+                 {"posterfusion.report": str(config.out), "posterfusion.bundle": str(config.model)}) as run:
+        report = _evaluate(config)
+        run.report(report, config.out, REPORT_FILES)
+    return report
+
+
+def _evaluate(config: EvaluateConfig) -> dict:
     started = time.perf_counter()
     bundle = load_bundle(config.model)
     vocabulary = bundle.vocabulary
-    training = config.training_catalogue or Path(bundle.config.catalogue["path"])
-    same_source = Path(config.catalogue).resolve() == Path(training).resolve()
+    training = config.training_catalogue or Location(bundle.config.catalogue["path"])
+    same_source = config.catalogue.absolute() == training.absolute()
     frame = load_split_frame(config.catalogue, config.split)
     space = label_space(vocabulary, frame, same_source)
     scorers = {"model": Scorer(scores=model_scores(config, frame), thresholds=bundle.thresholds)}
@@ -219,8 +235,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     scorers = {name: restrict(s, space.columns) for name, s in scorers.items()}
     labels = encode_labels(vocabulary, frame, space)
     pairs = [("model", name) for name in scorers if name != "model"]
-    report = build_report(scorers, labels, space.genres, pairs, config.n_boot, config.seed,
-                          frame["has_metadata"].to_numpy())
+    masks = slice_masks(frame, detected_objects(config.features, frame))
+    report = build_report(scorers, labels, space.genres, pairs, config.n_boot, config.seed, masks)
     report |= {"split": config.split, "posters": len(frame), "model": str(config.model),
                "catalogue": str(config.catalogue), "training_catalogue": str(training), "same_source": same_source,
                "label_space": space.model_dump(), "seconds": round(time.perf_counter() - started, 1)}
@@ -233,9 +249,9 @@ def restrict(scorer: Scorer, columns: list[int]) -> Scorer:
 
 
 def build_report(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[str], pairs: list[tuple[str, str]],
-                 n_boot: int, seed: int, has_metadata: np.ndarray | None = None) -> dict:
+                 n_boot: int, seed: int, masks: dict[str, np.ndarray] | None = None) -> dict:
     """Metrics at each scorer's thresholds, bootstrap intervals, calibration, paired differences a − b,
-    and the intervals again on posters with and without metadata.
+    and all of it again per slice (:mod:`posterfusion.jobs.slices`: metadata, objects, source).
 
     Shared by ``evaluate`` (model − each baseline) and ``compare`` (each variant − cnn).
     """
@@ -254,40 +270,29 @@ def build_report(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[st
         fns.pop("f1_micro@tuned")  # two scorers' own thresholds: not one metric applied to both
         paired[f"{a} - {b}"] = {m: paired_bootstrap(labels, scorers[a].scores, scorers[b].scores, fn, n_boot=n_boot,
                                                     seed=seed) for m, fn in fns.items()}
+    per_genre = {f"{a} - {b}": {k: v.tolist() for k, v in paired_auc_per_genre(
+        labels, scorers[a].scores, scorers[b].scores, n_boot=n_boot, seed=seed).items()} for a, b in pairs}
     report = {"genres": genres, "metrics": metrics, "intervals": intervals, "calibration": calibration,
-              "paired": paired, "thresholds": {k: dict(zip(genres, map(float, s.thresholds), strict=True))
-                                               for k, s in scorers.items()}}
-    if has_metadata is not None:
-        report["by_metadata"] = _by_metadata(scorers, labels, genres, has_metadata, min(n_boot, 200), seed)
+              "paired": paired, "paired_per_genre": per_genre,
+              "thresholds": {k: dict(zip(genres, map(float, s.thresholds), strict=True)) for k, s in scorers.items()}}
+    if masks is not None:
+        report["slices"] = slice_report(scorers, labels, genres, pairs, masks, seed)
     return report
 
 
-def _by_metadata(scorers: dict[str, Scorer], labels: np.ndarray, genres: list[str], has_metadata: np.ndarray,
-                 n_boot: int, seed: int) -> dict:
-    """Headline intervals for the posters with metadata and those without (when each has enough posters)."""
-    out = {}
-    for subset, mask in (("with_metadata", has_metadata), ("without_metadata", ~has_metadata)):
-        if mask.sum() < MIN_SUBSET:  # counted, but too few posters for metrics worth printing
-            out[subset] = {"posters": int(mask.sum()), "intervals": None}
-            continue
-        out[subset] = {"posters": int(mask.sum()), "intervals": {
-            name: {m: list(bootstrap_ci(labels[mask], s.scores[mask], fn, n_boot=n_boot, seed=seed))
-                   for m, fn in headline_metrics(genres, s.thresholds).items()}
-            for name, s in scorers.items()}}
-    return out
-
-
-def write_report(out: Path, report: dict, frame: pd.DataFrame, scorers: dict[str, Scorer], labels: np.ndarray) -> None:
+def write_report(out: Location, report: dict, frame: pd.DataFrame, scorers: dict[str, Scorer],
+                 labels: np.ndarray) -> None:
+    """The report files, each written whole (a local path or a URI; a plot is rendered locally, then sent)."""
     from posterfusion.jobs.plots import reliability_plot
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=json_default))
     predictions = frame[["movie_id"]].copy()
     for name, scorer in scorers.items():
         for g, genre in enumerate(report["genres"]):
             predictions[f"{name}:{genre}"] = scorer.scores[:, g]
-    predictions.to_parquet(out / "predictions.parquet", index=False)
-    reliability_plot(out / "reliability.png", labels, {k: s.scores for k, s in scorers.items()})
+    (out / "predictions.parquet").write_via(lambda path: predictions.to_parquet(path, index=False))
+    (out / "reliability.png").write_via(
+        lambda path: reliability_plot(path, labels, {k: s.scores for k, s in scorers.items()}))
     (out / "report.md").write_text(report_markdown(report) + "\n")
 
 
@@ -320,25 +325,13 @@ def report_markdown(report: dict) -> str:
         parts += ["", f"Genres evaluated: {len(space['genres'])}. Left out — never labelled by this source: "
                   f"{', '.join(space['vocabulary_only']) or 'none'}; source labels the model does not know "
                   f"(posters): {space['source_only'] or 'none'}."]
-    parts += by_metadata_tables(report)
+    parts += slice_tables(report, summary_table)
     ece = {name: c["ece"] for name, c in report.get("calibration", {}).items()}
     if ece:
         parts += ["", "Expected calibration error (15 equal-width bins, all poster × genre pairs): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in ece.items()) + "; per genre in metrics.json; "
                   "reliability diagram in reliability.png."]
     return "\n".join(parts)
-
-
-def by_metadata_tables(report: dict) -> list[str]:
-    """Markdown lines: the headline table again for posters with and without metadata."""
-    parts = []
-    for subset, block in report.get("by_metadata", {}).items():
-        title = f"{subset.replace('_', ' ')}: {block['posters']} posters"
-        if block["intervals"] is None:
-            parts += ["", f"{title} (under {MIN_SUBSET}: no metrics)"]
-        else:
-            parts += ["", summary_table(report, block["intervals"], title)]
-    return parts
 
 
 def _cell(interval: list[float]) -> str:

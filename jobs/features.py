@@ -7,7 +7,8 @@ load each) → ``write_parquet`` into a fresh run folder, renamed into place onl
 complete.
 
 Layout: ``OUT/<detector_id>/run-<UTC time>-<random>/*.parquet`` (a
-:class:`~posterfusion.features.store.FeatureStore`) and ``OUT/<detector_id>/detector.json``, the
+:class:`~posterfusion.features.store.FeatureStore`; ``OUT`` a local path or a URI, each run published
+whole) and ``OUT/<detector_id>/detector.json``, the
 detector's weights and thresholds, so later stages can take the detector from the features
 directory. Runs only ever add folders, so a rerun computes nothing and a changed poster (new
 sha) is computed beside its old row; readers join on both keys, so stale rows never match. A
@@ -21,7 +22,6 @@ import logging
 import math
 import time
 from collections import Counter
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -38,6 +38,7 @@ from posterfusion.features.objects import (
     uses_gpu,
 )
 from posterfusion.features.store import keep_keys, plan_missing
+from posterfusion.locations import Location, ParquetFiles
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 class FeaturesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    catalogue: Path
-    out: Path
+    catalogue: Location
+    out: Location = Field(description="object features: a local path or a URI (s3://bucket/features)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     batch_size: int = Field(16, ge=1, description="posters per actor call")
     actors: int | None = Field(None, ge=1, description="detector actors; None = one per cluster CPU")
@@ -74,9 +75,9 @@ def detector_pool(config: FeaturesConfig, rows: int) -> tuple[int, float, float]
 
 def run_features(config: FeaturesConfig) -> dict:
     """Compute features for catalogue posters that have none (or only a failed row) for this detector."""
-    import pyarrow.dataset as pads
 
     started = time.perf_counter()
+    config.out.check_store()
     detector = record_detector(config.out, config.detector)
     store = object_store(config.out, detector)
     files, todo, rows = plan_missing(catalogue_files(config.catalogue), store.present_keys(), KEY_COLUMNS)
@@ -89,8 +90,7 @@ def run_features(config: FeaturesConfig) -> dict:
         summary |= {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
         run_dir = store.write_run(lambda staging: _detect_into(config, detector, todo, files, staging,
                                                                actors, cpus, gpus))
-        computed = pads.dataset(str(run_dir), format="parquet").to_table(
-            columns=["detections", "detect_error"]).to_pandas()
+        computed = ParquetFiles(run_dir.list_files(".parquet")).read(["detections", "detect_error"]).to_pandas()
     seconds = time.perf_counter() - started
     return summary | _describe(computed, seconds) | {
         "reconciles": len(computed) == len(todo),
@@ -99,12 +99,13 @@ def run_features(config: FeaturesConfig) -> dict:
     }
 
 
-def _detect_into(config: FeaturesConfig, detector: str, todo: pa.Array, files: list[str], staging: Path,
+def _detect_into(config: FeaturesConfig, detector: str, todo: pa.Array, files: ParquetFiles, staging: Location,
                  actors: int, cpus: float, gpus: float) -> None:
     """Ray Data: the ``todo`` posters through the detector actor pool, written into ``staging``."""
     import ray
 
-    ds = ray.data.read_parquet(files, columns=[*KEY_COLUMNS, "poster"], num_cpus=config.io_cpus)
+    ds = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=[*KEY_COLUMNS, "poster"],
+                               num_cpus=config.io_cpus)
     ds = ds.map_batches(keep_keys, batch_format="pyarrow", fn_kwargs={"keys": todo, "columns": KEY_COLUMNS},
                         num_cpus=config.io_cpus)
     # A catalogue file is one ~40 MB block, and a block goes to one actor: split it so all work.
@@ -118,7 +119,7 @@ def _detect_into(config: FeaturesConfig, detector: str, todo: pa.Array, files: l
         batch_size=config.batch_size,
         batch_format="pandas",
     )
-    ds.write_parquet(str(staging), min_rows_per_file=config.rows_per_file,
+    ds.write_parquet(staging.fs_path, filesystem=staging.filesystem, min_rows_per_file=config.rows_per_file,
                      ray_remote_args={"num_cpus": config.io_cpus})  # write_parquet has no named num_cpus
 
 

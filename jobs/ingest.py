@@ -4,6 +4,12 @@ Stages: read the source CSVs in the driver (small) → collapse or reject duplic
 Ray Data reads and decodes every poster in parallel → splits and duplicate-poster flags are
 assigned from the (id, sha256) table → metadata is joined → ``write_parquet``.
 
+Sources, metadata files and ``OUT`` are local paths or URIs (``s3://bucket/catalogue``). The
+catalogue is published whole: locally Ray Data writes into a hidden folder renamed to ``OUT/data``;
+on an object store it writes ``OUT/data/*.parquet`` in place and the ``OUT/_PUBLISHED`` manifest comes
+last, which readers require (:func:`~posterfusion.features.catalogue.catalogue_files`), so a
+half-written catalogue is never read.
+
 Nothing is dropped silently: every source row is written, collapsed into an identical row,
 or listed in ``rejected.jsonl`` with a reason, and ``ingest_report.json`` reconciles them.
 """
@@ -12,16 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from posterfusion.errors import UserFileExists
 from posterfusion.features.catalogue import (
     CATALOGUE_SCHEMA,
     SMALL_WIDTH,
@@ -29,14 +35,15 @@ from posterfusion.features.catalogue import (
     check_poster,
 )
 from posterfusion.features.sources import SourceRow, merge_metadata, read_source
+from posterfusion.locations import PUBLISHED, Location, ParquetFiles
 
 log = logging.getLogger(__name__)
 
 
 class IngestConfig(BaseModel):
     sources: list[str] = Field(min_length=1, description="KIND:DIR, KIND in multilabel|moviegenre")
-    metadata: list[Path] = Field(default_factory=list)
-    out: Path
+    metadata: list[Location] = Field(default_factory=list, description="metadata CSVs: paths or URIs")
+    out: Location = Field(description="catalogue folder: a local path or a URI (s3://bucket/catalogue)")
     val_fraction: float = Field(0.1, ge=0, lt=0.5)
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
     rows_per_file: int = Field(2000, gt=0, description="~20 KB a poster: about 40 MB files")
@@ -136,13 +143,15 @@ def finalize_batch(batch: pd.DataFrame, splits: dict[str, str], duplicate_shas: 
                                 schema=CATALOGUE_SCHEMA, preserve_index=False)
 
 
-def _prepare_out(config: IngestConfig) -> Path:
-    data = config.out / "data"
-    if data.exists() and any(data.iterdir()):
+def _prepare_out(config: IngestConfig) -> Location:
+    """``OUT/data``, emptied when ``--overwrite`` allows it; refused when it holds a catalogue already."""
+    out, data = config.out, config.out / "data"
+    out.check_store()
+    if data.list_files() or (out / PUBLISHED).exists():
         if not config.overwrite:
-            raise FileExistsError(f"{data} already holds a catalogue; pass --overwrite to replace it")
-        shutil.rmtree(data)
-    config.out.mkdir(parents=True, exist_ok=True)
+            raise UserFileExists(f"{data} already holds a catalogue; pass --overwrite to replace it")
+        (out / PUBLISHED).delete()  # first: from here on no reader takes the prefix for a catalogue
+        data.delete()
     return data
 
 
@@ -175,33 +184,43 @@ def run_ingest(config: IngestConfig) -> dict:
     duplicate_shas = {sha for sha, ids in ids_by_sha.items() if len(ids) > 1}
     wanted = metadata.reindex(metadata.index.intersection(good["movie_id"]))
 
-    decoded.map_batches(
+    finished = decoded.map_batches(
         finalize_batch, batch_format="pandas", batch_size=256, num_cpus=config.decode_cpus,
-        fn_kwargs={"splits": splits, "duplicate_shas": duplicate_shas, "metadata": wanted},
-    ).write_parquet(str(data_dir), min_rows_per_file=config.rows_per_file,
-                    row_group_size=config.row_group_rows)
-
+        fn_kwargs={"splits": splits, "duplicate_shas": duplicate_shas, "metadata": wanted})
+    _publish(config, finished, data_dir)
     report = build_report(config, data_dir, len(source_rows), rejected, collapsed,
                           time.perf_counter() - started)
     _write_rejections(config.out / "rejected.jsonl", rejected)
     (config.out / "ingest_report.json").write_text(json.dumps(report, indent=2))
+    if not config.out.is_local:  # last: the manifest is what makes the prefix a catalogue for readers
+        config.out.mark_published(data_dir.list_files(".parquet"))
     return report
 
 
-def _write_rejections(path: Path, rejected: list[Rejection]) -> None:
-    with open(path, "w") as handle:
-        for rejection in rejected:
-            handle.write(rejection.model_dump_json() + "\n")
+def _publish(config: IngestConfig, dataset, data: Location) -> None:
+    """Ray Data writes the catalogue files: locally into a hidden folder renamed to ``data`` once complete,
+    on an object store straight under ``data`` (published by the manifest :func:`run_ingest` writes last)."""
+    where = data if not data.is_local else data.parent / f"_data-{uuid.uuid4().hex[:8]}"
+    try:
+        dataset.write_parquet(where.fs_path, filesystem=where.filesystem, min_rows_per_file=config.rows_per_file,
+                              row_group_size=config.row_group_rows)
+        if data.is_local:
+            where.local_path.rename(data.local_path)
+    except BaseException:
+        where.delete()
+        raise
 
 
-def build_report(config: IngestConfig, data_dir: Path, rows_read: int,
+def _write_rejections(path: Location, rejected: list[Rejection]) -> None:
+    path.write_text("".join(rejection.model_dump_json() + "\n" for rejection in rejected))
+
+
+def build_report(config: IngestConfig, data_dir: Location, rows_read: int,
                  rejected: list[Rejection], collapsed: Counter, seconds: float) -> dict:
     """Counts read back from the written Parquet, so the report describes what is on disk."""
-    import pyarrow.dataset as pads
-
     columns = ["labelled", "genres", "split", "grayscale", "small", "landscape",
                "duplicate_poster", "metadata_sources", "source"]
-    table = pads.dataset(str(data_dir), format="parquet").to_table(columns=columns).to_pandas()
+    table = ParquetFiles(data_dir.list_files(".parquet")).read(columns).to_pandas()
     reasons = Counter(r.code for r in rejected)
     genres = Counter(g for gs in table["genres"] for g in gs)
     written = len(table)

@@ -5,9 +5,9 @@ catalogue's keys (pyarrow, no Ray) → Ray Data streams only the rows not yet sc
 pool of ``ScoreBatch`` actors (decode → detection for posters without cached features → CNN →
 fusion, in one actor so two model stages never wait on each other) → the driver commits the
 rows in files of ``rows_per_file`` under the lease → the run summary
-(:mod:`posterfusion.jobs.score_summary`) is committed beside them. ``OUT`` is a local path or an
-object-store prefix (``s3://bucket/predictions``); only the lease differs
-(:func:`~posterfusion.features.store.output_lease`).
+(:mod:`posterfusion.jobs.score_summary`) is committed beside them. Every location — the bundle,
+the catalogue, the features, ``OUT`` — is a local path or a URI (``s3://bucket/predictions``); for
+``OUT`` only the lease differs (:func:`~posterfusion.features.lease.output_lease`).
 
 Exactly once: rows are keyed by (``movie_id``, ``poster_sha256``, ``model_version``) — the
 poster's hash and the model's hash say whether a stored answer is still the answer, and the
@@ -15,7 +15,7 @@ movie is in the key because the fused model reads each movie's metadata. A commi
 finished work: a stopped run keeps what it committed and the next run scores only the rest; a
 worker lost mid-run is retried by Ray Data and its rows reach the driver once. Two runs never
 write one output at once: the first holds an exclusive lease (:func:`~posterfusion.features.
-store.output_lease`), and the second waits for it (``wait_s``) or stops with a clear error; a run
+lease.output_lease`), and the second waits for it (``wait_s``) or stops with a clear error; a run
 whose lease was taken over (it looked dead) is fenced and commits nothing more. A poster
 that cannot be scored (undecodable, detector failure, bad metadata) is a row with its reason in
 ``error``, never a failed run.
@@ -27,14 +27,14 @@ import logging
 import time
 import uuid
 from datetime import UTC, date, datetime
-from pathlib import Path
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.features.store import OutputLease, keep_keys, output_lease, plan_missing
-from posterfusion.locations import Location
+from posterfusion.features.lease import OutputLease, output_lease
+from posterfusion.features.store import keep_keys, plan_missing
+from posterfusion.locations import Location, ParquetFiles
 from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, PredictBatch, predict_dataset
 from posterfusion.models.predictions import KEY_COLUMNS, prediction_rows, predictions_schema, scored_keys
 
@@ -45,10 +45,10 @@ PART_FILES = "run_date=*/part-*.parquet"  # what runs commit under OUT
 class ScoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: Path
-    catalogue: Path
+    model: Location = Field(description="model bundle: a local path or a URI")
+    catalogue: Location
     out: Location = Field(description="predictions: a local path or an object-store prefix (s3://bucket/prefix)")
-    features: Path | None = Field(None, description="cached object features to reuse; the rest are detected")
+    features: Location | None = Field(None, description="cached object features to reuse; the rest are detected")
     run_date: date = Field(default_factory=lambda: datetime.now(UTC).date(), description="output partition")
     batch_size: int = Field(32, ge=1, description="posters per actor call")
     actors: int | None = Field(None, ge=1, description="Predictor actors; None = sized from the cluster")
@@ -70,7 +70,7 @@ class ScoreBatch(PredictBatch):
         return prediction_rows(batch, scored, self.predictor, self.run_id, self.schema)
 
 
-def plan(config: ScoreConfig, version: str) -> tuple[list[str], pa.Array, int]:
+def plan(config: ScoreConfig, version: str) -> tuple[ParquetFiles, pa.Array, int]:
     """(catalogue files holding work, keys to score, catalogue rows), from the keys alone."""
     return plan_missing(catalogue_files(config.catalogue), scored_keys(config.out), KEY_COLUMNS[:2], suffix=version)
 
@@ -99,12 +99,12 @@ def run_score(config: ScoreConfig) -> dict:
     return summary
 
 
-def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[str],
-            todo: pa.Array, lease: OutputLease) -> tuple[list[str], str]:
+def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: ParquetFiles,
+            todo: pa.Array, lease: OutputLease) -> tuple[list[Location], str]:
     """Ray Data: catalogue rows → ScoreBatch actors → files committed by this driver."""
     import ray
 
-    dataset = ray.data.read_parquet(files, columns=PREDICT_COLUMNS, num_cpus=0.1)
+    dataset = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=PREDICT_COLUMNS, num_cpus=0.1)
     dataset = dataset.map_batches(keep_keys, batch_format="pyarrow", num_cpus=0.1,
                                   fn_kwargs={"keys": todo, "columns": KEY_COLUMNS[:2], "suffix": version})
     dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)  # a block goes to one actor
@@ -118,7 +118,7 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: list[
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         committer.add(batch)
     committer.flush()
-    return [str(f) for f in committer.files], scored.stats()
+    return committer.files, scored.stats()
 
 
 class Committer:

@@ -26,7 +26,7 @@ from posterfusion.locations import Location
 Z_ALERT = 3.0
 
 
-def describe_run(out: Path, written: list[Path], seconds: float, run_id: str, version: str) -> dict:
+def describe_run(out: Path | Location, written: list[Location], seconds: float, run_id: str, version: str) -> dict:
     """Counts read back from this run's files, the genre distribution, and drift against the last run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -36,8 +36,11 @@ def describe_run(out: Path, written: list[Path], seconds: float, run_id: str, ve
     def needed(name: str) -> bool:  # never the detections: the heaviest column, and not summarised
         return name.startswith("p_") or name in ("error", "objects_source", "genres")
 
-    table = pa.concat_tables([pq.read_table(f, columns=[c for c in pq.read_schema(f).names if needed(c)])
-                              for f in written]) if written else None
+    def read(file: Location) -> pa.Table:
+        names = pq.read_schema(file.fs_path, filesystem=file.filesystem).names
+        return pq.read_table(file.fs_path, columns=[c for c in names if needed(c)], filesystem=file.filesystem)
+
+    table = pa.concat_tables([read(Location.parse(f)) for f in written]) if written else None
     frame = table.to_pandas() if table is not None else pd.DataFrame()
     genres = [c[2:] for c in frame.columns if c.startswith("p_")]
     ok = frame[frame["error"].isna()] if len(frame) else frame
@@ -62,7 +65,7 @@ def describe_run(out: Path, written: list[Path], seconds: float, run_id: str, ve
     }
 
 
-def drift(out: Path, distribution: dict, n: int, run_id: str, version: str) -> dict | None:
+def drift(out: Path | Location, distribution: dict, n: int, run_id: str, version: str) -> dict | None:
     """Each genre's mean probability now minus in the last run of this model version, with its noise.
 
     None when this model version has no earlier run that scored anything, or nothing was scored now.

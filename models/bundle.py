@@ -12,14 +12,19 @@ This module owns the format: :func:`save_bundle` writes it and :func:`load_bundl
 reader (the Predictor, evaluate, compare, embed, score and the service all use it), so a file
 is named in one place. ``config.json`` carries a ``format_version``; a bundle written by an
 older version is upgraded as it is read, so every bundle ever written keeps loading.
+
+A bundle lives at a local path or a URI (``s3://bucket/models/<version>``). It is written whole or
+not at all (staged locally, then published: renamed into place, or every file PUT and the
+``_PUBLISHED`` manifest last), and a URI bundle is read from a local copy downloaded once per
+machine (keyed by the URI and its manifest): every reader — a Ray actor, a Serve replica — is given
+the URI and loads the bundle itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +37,7 @@ from posterfusion.errors import UserFileNotFound
 from posterfusion.features.metadata import MetadataEncoder
 from posterfusion.features.objects import DetectorConfig
 from posterfusion.features.vocab import GenreVocabulary
+from posterfusion.locations import PUBLISHED, Location
 from posterfusion.models.calibration import Calibration
 from posterfusion.models.fusion import FusionConfig
 
@@ -67,7 +73,10 @@ class BundleConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Bundle:
-    """A bundle as read: its config and every small file, the weights read on demand."""
+    """A bundle as read: its config and every small file, the weights read on demand.
+
+    ``path`` is the local folder read (a URI bundle's cached copy); ``location`` is where it lives.
+    """
 
     path: Path
     config: BundleConfig
@@ -76,6 +85,7 @@ class Bundle:
     calibration: Calibration
     thresholds: np.ndarray  # (G,) float32, in the vocabulary's order
     version: str
+    location: Location
 
     @property
     def genres(self) -> list[str]:
@@ -90,12 +100,13 @@ class Bundle:
         return json.loads((self.path / "metrics.json").read_text())
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle directory (not its weights); a path that is no bundle is one clear error."""
-    path = Path(path)
+def load_bundle(path: str | Path | Location) -> Bundle:
+    """Read a bundle (not its weights) from a folder or a URI; what is no bundle is one clear error."""
+    location = Location.parse(path)
+    path = _local_copy(location)
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
-        raise UserFileNotFound(f"{path} is not a model bundle: missing {', '.join(missing)}")
+        raise UserFileNotFound(f"{location} is not a model bundle: missing {', '.join(missing)}")
     vocabulary = GenreVocabulary.model_validate_json((path / "genres.json").read_text())
     thresholds = json.loads((path / "thresholds.json").read_text())
     return Bundle(path=path, config=BundleConfig.model_validate_json((path / "config.json").read_text()),
@@ -103,7 +114,23 @@ def load_bundle(path: str | Path) -> Bundle:
                   encoder=MetadataEncoder.model_validate_json((path / "metadata_encoder.json").read_text()),
                   calibration=Calibration.model_validate_json((path / "calibration.json").read_text()),
                   thresholds=np.array([thresholds[g] for g in vocabulary.genres], dtype=np.float32),
-                  version=model_version(path))
+                  version=model_version(path), location=location)
+
+
+def _local_copy(location: Location) -> Path:
+    """The bundle's local folder: itself, or a URI bundle's copy, downloaded once (published bundles only)."""
+    if location.is_local:
+        return location.local_path
+    try:
+        return location.cached_dir()
+    except UserFileNotFound as error:
+        raise UserFileNotFound(f"{location} is not a model bundle: {str(error).split(': ', 1)[-1]}") from None
+
+
+def bundle_exists(path: str | Path | Location) -> bool:
+    """Whether a bundle was written there (published whole: its weights locally, its manifest on a store)."""
+    location = Location.parse(path)
+    return (location / ("model.safetensors" if location.is_local else PUBLISHED)).is_file()
 
 
 def model_version(bundle: str | Path) -> str:
@@ -114,16 +141,19 @@ def model_version(bundle: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_bundle(out: str | Path, *, config: BundleConfig, state_dict: dict, vocabulary: GenreVocabulary,
+def save_bundle(out: str | Path | Location, *, config: BundleConfig, state_dict: dict, vocabulary: GenreVocabulary,
                 encoder: MetadataEncoder, thresholds: dict[str, float], calibration: Calibration,
-                metrics: dict) -> Path:
-    """Write a bundle directory whole or not at all: filled beside ``out``, then renamed into place."""
+                metrics: dict) -> Location:
+    """Write a bundle whole or not at all: staged in a local folder, then published to ``out``.
+
+    Locally it is renamed into place (an older bundle moved aside first); on an object store every
+    file is PUT and the ``_PUBLISHED`` manifest last, so a failure midway leaves no bundle a reader takes.
+    """
     from safetensors.torch import save_file
 
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    out = Location.parse(out)
+    with tempfile.TemporaryDirectory(prefix="posterfusion-bundle-") as folder:
+        staging = Path(folder)
         config = config.model_copy(update={"format_version": FORMAT_VERSION, "posterfusion_version": __version__})
         (staging / "config.json").write_text(config.model_dump_json(indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(staging / "model.safetensors"))
@@ -132,16 +162,5 @@ def save_bundle(out: str | Path, *, config: BundleConfig, state_dict: dict, voca
         (staging / "thresholds.json").write_text(json.dumps(thresholds, indent=2))
         (staging / "calibration.json").write_text(calibration.model_dump_json(indent=2))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        out.publish_dir(staging)
     return out
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``; an older bundle there is moved aside first and removed after."""
-    aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        out.rename(aside)
-    staging.rename(out)
-    shutil.rmtree(aside, ignore_errors=True)

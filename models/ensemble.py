@@ -65,9 +65,9 @@ class EnsembleNet(nn.Module):
         trunk = self.members[0].backbone.forward_stages(images, 0, shared) if shared else images
         hidden, logits = [], []
         for member in self.members:
-            h = member.embed_features(member.backbone.forward_stages(trunk, shared), objects, metadata)
+            h, z = member.features_to_outputs(member.backbone.forward_stages(trunk, shared), objects, metadata)
             hidden.append(h)
-            logits.append(member.classifier(member.dropout(h)))
+            logits.append(z)
         return torch.cat(hidden, dim=1), torch.stack(logits).mean(dim=0)
 
     def embed(self, images: torch.Tensor, objects: torch.Tensor | None = None,

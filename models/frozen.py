@@ -23,6 +23,8 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from posterfusion.locations import Location
+
 KEY_COLUMNS = ["poster_sha256"]
 BACKBONE_FEATURES_SCHEMA = pa.schema([
     pa.field("poster_sha256", pa.string(), nullable=False),
@@ -48,11 +50,12 @@ class BackboneFeaturesConfig(BaseModel):
         return f"{self.backbone}-{weights_id(self.weights)}-{self.image_size}px"
 
 
-def backbone_store(cache: Path, config: BackboneFeaturesConfig):
+def backbone_store(cache: Path | Location, config: BackboneFeaturesConfig):
+    """The features of one backbone, weights and size under ``cache`` (a local path or a URI)."""
     from posterfusion.features.store import FeatureStore
 
-    return FeatureStore(Path(cache) / "backbone-features", config.key(), BACKBONE_FEATURES_SCHEMA, KEY_COLUMNS,
-                        error_column="error")
+    return FeatureStore(Location.parse(cache) / "backbone-features", config.key(), BACKBONE_FEATURES_SCHEMA,
+                        KEY_COLUMNS, error_column="error")
 
 
 class BackboneFeaturizer:
@@ -101,7 +104,8 @@ class BackboneFeaturizer:
         }, schema=BACKBONE_FEATURES_SCHEMA)
 
 
-def ensure_backbone_features(catalogue: Path, cache: Path, config: BackboneFeaturesConfig) -> dict:
+def ensure_backbone_features(catalogue: Path | Location, cache: Path | Location,
+                             config: BackboneFeaturesConfig) -> dict:
     """Extract features for every catalogue poster not yet in the cache; return a summary."""
     import ray
 
@@ -115,22 +119,24 @@ def ensure_backbone_features(catalogue: Path, cache: Path, config: BackboneFeatu
     if len(todo):
         pool = actor_pool(None, math.ceil(len(todo) / config.batch_size))
 
-        def write(staging: Path) -> None:
-            ds = ray.data.read_parquet(files, columns=["poster_sha256", "poster"], num_cpus=0.1)
+        def write(staging: Location) -> None:
+            ds = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=["poster_sha256", "poster"],
+                                       num_cpus=0.1)
             ds = ds.map_batches(keep_keys, batch_format="pyarrow", num_cpus=0.1,
                                 fn_kwargs={"keys": todo, "columns": KEY_COLUMNS})
             ds = ds.repartition(target_num_rows_per_block=config.batch_size)
             ds = ds.map_batches(BackboneFeaturizer, fn_constructor_kwargs={"config": config, "threads": pool.threads},
                                 compute=pool.strategy(), num_cpus=pool.cpus,
                                 num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
-            ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
+            ds.write_parquet(staging.fs_path, filesystem=staging.filesystem, ray_remote_args={"num_cpus": 0.1})
 
         store.write_run(write)
     return {"key": config.key(), "catalogue_rows": rows, "computed": len(todo),
             "seconds": round(time.perf_counter() - started, 1), "store": str(store.folder)}
 
 
-def load_backbone_features(cache: Path, config: BackboneFeaturesConfig, shas) -> tuple[np.ndarray, np.ndarray]:
+def load_backbone_features(cache: Path | Location, config: BackboneFeaturesConfig,
+                           shas) -> tuple[np.ndarray, np.ndarray]:
     """(plain, flipped) float32 matrices for ``shas`` in order; every one must have been extracted."""
     frame = backbone_store(cache, config).latest()
     missing = [s for s in shas if s not in frame.index]

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from posterfusion.features.object_encoding import ObjectEncoding
 from posterfusion.models.backbones import backbone_class, create_backbone
 
 
@@ -64,13 +65,18 @@ class ModelConfig(BaseModel):
                          "download) or a weights file (a bare name is looked up in $POSTERFUSION_WEIGHTS)")
     image_size: int | None = Field(None, ge=32, description="square input size; None: the backbone's native size")
     variant: Variant = Field("fused", description="which side inputs the network reads (VARIANTS)")
-    fusion: Literal["concat", "gated"] = Field("concat", description="gated: a learned gate per side branch")
+    fusion: Literal["concat", "gated", "residual"] = Field(
+        "concat", description="how side inputs join the poster: concat (one MLP over everything), gated (a learned "
+        "gate per side branch), residual (the poster alone gives the logits; each side input present adds a "
+        "correction, exactly zero when it is missing, so a poster without side inputs is scored as CNN-only)")
     hidden: int = Field(256, ge=1, description="width of the head's hidden layer (the embedding)")
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     object_proj: int = Field(64, ge=1, description="width the object vector is projected to")
     metadata_proj: int = Field(32, ge=1, description="width the metadata vector is projected to")
     freeze_bn: bool | None = Field(None, description="backbone BatchNorms stay in eval mode (pretrained "
                                    "statistics); None: when the weights are pretrained")
+    object_encoding: ObjectEncoding = Field("bag", description="what the object branch reads of the detections: "
+                                            "bag (per class: count, confidence, area) or layout (bag + where)")
 
     @property
     def size(self) -> int:
@@ -99,6 +105,10 @@ class FusionConfig(ModelConfig):
     members: int = Field(1, ge=1, description="networks whose logits are averaged (an ensemble; 1: one network)")
     shared_stages: int = Field(0, ge=0, description="leading backbone stages an ensemble's members share (they "
                                "were frozen while the members fine-tuned): run once per batch")
+    metadata_presence: int | None = Field(None, ge=0, description="the metadata column that says a poster has "
+                                          "any (residual fusion gates its correction by it)")
+    object_presence: int | None = Field(None, ge=0, description="the object-vector entry that is 0 when nothing "
+                                        "was detected (residual fusion gates its correction by it)")
 
     @property
     def embedding_dim(self) -> int:
@@ -111,6 +121,10 @@ class FusionConfig(ModelConfig):
             raise ValueError(f"variant {self.variant!r} uses object features: object_dim must be > 0")
         if self.uses_metadata and self.metadata_dim <= 0:
             raise ValueError(f"variant {self.variant!r} uses metadata: metadata_dim must be > 0")
+        if self.fusion == "residual" and ((self.uses_metadata and self.metadata_presence is None)
+                                          or (self.uses_objects and self.object_presence is None)):
+            raise ValueError("residual fusion needs metadata_presence / object_presence: what says a side input "
+                             "is there")
         if VARIANTS[self.variant].metadata == "flags" and not self.metadata_flags:
             raise ValueError("variant 'flags-only' needs metadata_flags (the encoder's flag columns)")
         if any(not 0 <= i < self.metadata_dim for i in self.metadata_flags):
@@ -139,12 +153,17 @@ def _projection(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
 
 
 class FusionNet(nn.Module):
-    """Poster CNN + optional side branches → MLP → genre logits.
+    """Poster CNN + optional side branches → genre logits.
 
-    With ``fusion="gated"`` every side branch is multiplied by a learned sigmoid gate computed
-    from the whole concatenation (one scalar per branch and sample): most posters have no
-    metadata and many have no detected objects, and the gate lets the network turn a branch
-    down for those samples instead of letting uninformative inputs shift the hidden layer.
+    ``concat``: the side branches' projections join the pooled CNN features before one MLP.
+    ``gated``: the same, each side branch multiplied by a learned sigmoid gate computed from the
+    whole concatenation (one scalar per branch and sample).
+    ``residual``: the poster alone gives the logits (the MLP over CNN features, as the ``cnn``
+    variant), and each side input *present* adds a correction computed from the poster's hidden
+    features and that input; a missing input (no metadata, no detected object) adds exactly 0, so
+    such a poster is scored exactly as the poster-only path scores it. Training (``split=True``)
+    gives the poster-only logits and the summed correction apart, so the loss can train the
+    poster path as a CNN-only model and the corrections on top of it.
 
     Inputs a variant does not use are ignored, so callers may always pass everything.
     """
@@ -153,23 +172,31 @@ class FusionNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = create_backbone(config.backbone, config.weights if load_weights else "none")
+        self.residual = config.fusion == "residual"
         width = self.backbone.feature_dim
         self.object_norm = self.object_branch = self.metadata_branch = self.gate = None
         if config.uses_objects:
             self.object_norm = Standardise(config.object_dim)
             self.object_branch = _projection(config.object_dim, config.object_proj, config.dropout)
-            width += config.object_proj
+            width += 0 if self.residual else config.object_proj
         if config.uses_metadata:
             self.register_buffer("metadata_columns", torch.tensor(self._metadata_columns(), dtype=torch.long),
                                  persistent=False)
             self.metadata_branch = _projection(len(self.metadata_columns), config.metadata_proj, config.dropout)
-            width += config.metadata_proj
+            width += 0 if self.residual else config.metadata_proj
         num_branches = int(config.uses_objects) + int(config.uses_metadata)
         if config.fusion == "gated" and num_branches:
             self.gate = nn.Linear(width, num_branches)
         self.dropout = nn.Dropout(config.dropout)
         self.hidden = nn.Sequential(nn.Linear(width, config.hidden), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(config.hidden, config.num_genres)
+        self.corrections = nn.ModuleDict()
+        if self.residual:
+            for name, proj in (("objects", config.object_proj), ("metadata", config.metadata_proj)):
+                if (self.object_branch if name == "objects" else self.metadata_branch) is not None:
+                    self.corrections[name] = nn.Sequential(
+                        nn.Linear(config.hidden + proj, config.hidden // 2), nn.ReLU(inplace=True),
+                        nn.Dropout(config.dropout), nn.Linear(config.hidden // 2, config.num_genres))
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         self.train()
@@ -203,46 +230,82 @@ class FusionNet(nn.Module):
         if self.object_norm is not None:
             self.object_norm.set_statistics(mean, std)
 
+    def _sides(self, features: torch.Tensor, objects, metadata) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each side branch's projection and its presence (N, 1): 1 where the input is there."""
+        sides = {}
+        if self.object_branch is not None:
+            objects = self._checked(objects, "objects", self.config.object_dim, features)
+            present = objects[:, self.config.object_presence] > 0 if self.residual else torch.ones_like(objects[:, 0])
+            sides["objects"] = (self.object_branch(self.object_norm(objects)), present[:, None].to(features.dtype))
+        if self.metadata_branch is not None:
+            metadata = self._checked(metadata, "metadata", self.config.metadata_dim, features)
+            present = (metadata[:, self.config.metadata_presence] > 0.5 if self.residual
+                       else torch.ones_like(metadata[:, 0]))
+            sides["metadata"] = (self.metadata_branch(metadata[:, self.metadata_columns]),
+                                 present[:, None].to(features.dtype))
+        return sides
+
+    def outputs(self, features: torch.Tensor, objects: torch.Tensor | None = None,
+                metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pooled CNN features (+ side inputs) → (penultimate ``(N, hidden)``, logits, residual correction).
+
+        For ``residual`` fusion the logits are the poster path's and the correction (zero where no
+        side input is present) is what the side inputs add; for the others the correction is None.
+        """
+        sides = self._sides(features, objects, metadata)
+        if self.residual:
+            hidden = self.hidden(self.dropout(features))
+            # the poster path's features enter each correction detached: only the poster-only loss shapes them
+            correction = sum((present * self.corrections[name](torch.cat([hidden.detach(), projected], dim=1))
+                              for name, (projected, present) in sides.items()),
+                             torch.zeros(len(features), self.config.num_genres, device=features.device,
+                                         dtype=features.dtype))
+            return hidden, self.classifier(self.dropout(hidden)), correction
+        projections = [projected for projected, _ in sides.values()]
+        if self.gate is not None:
+            gates = torch.sigmoid(self.gate(torch.cat([features, *projections], dim=1)))
+            projections = [side * gates[:, i : i + 1] for i, side in enumerate(projections)]
+        hidden = self.hidden(self.dropout(torch.cat([features, *projections], dim=1)))
+        return hidden, self.classifier(self.dropout(hidden)), None
+
+    def features_to_outputs(self, features: torch.Tensor, objects: torch.Tensor | None = None,
+                            metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate features, final logits) from pooled CNN features."""
+        hidden, logits, correction = self.outputs(features, objects, metadata)
+        return hidden, logits if correction is None else logits + correction
+
     def embed_features(self, features: torch.Tensor, objects: torch.Tensor | None = None,
                        metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled CNN features (+ side inputs) → the penultimate ``(N, hidden)`` representation."""
-        parts = [features]
-        sides = []
-        if self.object_branch is not None:
-            objects = self._checked(objects, "objects", self.config.object_dim, features)
-            sides.append(self.object_branch(self.object_norm(objects)))
-        if self.metadata_branch is not None:
-            metadata = self._checked(metadata, "metadata", self.config.metadata_dim, features)
-            sides.append(self.metadata_branch(metadata[:, self.metadata_columns]))
-        if self.gate is not None:
-            gates = torch.sigmoid(self.gate(torch.cat(parts + sides, dim=1)))
-            sides = [side * gates[:, i : i + 1] for i, side in enumerate(sides)]
-        return self.hidden(self.dropout(torch.cat(parts + sides, dim=1)))
+        return self.outputs(features, objects, metadata)[0]
 
     def head(self, features: torch.Tensor, objects: torch.Tensor | None = None,
              metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled CNN features (+ side inputs) → genre logits."""
-        return self.classifier(self.dropout(self.embed_features(features, objects, metadata)))
+        return self.features_to_outputs(features, objects, metadata)[1]
 
     def embed(self, images: torch.Tensor, objects: torch.Tensor | None = None,
               metadata: torch.Tensor | None = None) -> torch.Tensor:
-        """Penultimate ``(N, hidden)`` features: the fused representation used for similarity search."""
+        """Penultimate ``(N, hidden)`` features: the representation used for similarity search."""
         return self.embed_features(self.backbone(images), objects, metadata)
 
     def embed_and_logits(self, images: torch.Tensor, objects: torch.Tensor | None = None,
                          metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate features, logits) in one pass: what the Predictor scores with (in eval mode)."""
-        hidden = self.embed(images, objects, metadata)
-        return hidden, self.classifier(self.dropout(hidden))
+        return self.features_to_outputs(self.backbone(images), objects, metadata)
 
     def forward(self, inputs: torch.Tensor, objects: torch.Tensor | None = None,
-                metadata: torch.Tensor | None = None, pooled: bool = False) -> torch.Tensor:
+                metadata: torch.Tensor | None = None, pooled: bool = False, split: bool = False):
         """Genre logits ``(N, num_genres)``; the bundle's calibration turns them into probabilities.
 
         ``inputs`` are images, or with ``pooled=True`` the backbone's pooled features (head
         epochs train on stored features, through this same forward so DDP syncs their gradients).
+        ``split=True`` (training): (the poster path's logits, the side inputs' correction or None).
         """
-        return self.head(inputs if pooled else self.backbone(inputs), objects, metadata)
+        _, logits, correction = self.outputs(inputs if pooled else self.backbone(inputs), objects, metadata)
+        if split:
+            return logits, correction
+        return logits if correction is None else logits + correction
 
     def _checked(self, side: torch.Tensor | None, name: str, dim: int, features: torch.Tensor) -> torch.Tensor:
         if side is None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.metadata import FIELDS
+from posterfusion.locations import Location
 
 PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
 
@@ -37,7 +38,7 @@ class CachedObjects:
         self._table, self._ref = table, None
 
     @classmethod
-    def load(cls, features: Path, detector_id: str, strict: bool = True, wanted: pa.Array | None = None,
+    def load(cls, features: Path | Location, detector_id: str, strict: bool = True, wanted: pa.Array | None = None,
              suffix: str | None = None) -> CachedObjects:
         return cls(cached_objects_table(features, detector_id, wanted, suffix), detector_id, strict)
 
@@ -140,7 +141,7 @@ def list_array(matrix: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, np.float32).ravel(), pa.float32()))
 
 
-def cached_objects_table(features: Path, detector_id: str, wanted: pa.Array | None = None,
+def cached_objects_table(features: Path | Location, detector_id: str, wanted: pa.Array | None = None,
                          suffix: str | None = None) -> pa.Table:
     """The features job's good rows as Arrow: ``key`` (joined movie_id, poster_sha256), ``objects``, ``detections``.
 
@@ -165,14 +166,19 @@ def cached_objects_table(features: Path, detector_id: str, wanted: pa.Array | No
     return pa.table({"key": keys, "objects": table["objects"], "detections": table["detections"]})
 
 
-def predict_dataset(dataset, bundle: Path, batch_size: int = 32, actors: int | None = None, detect: bool = True,
-                    objects: CachedObjects | None = None, actor_class: type = PredictBatch, **actor_kwargs):
-    """``dataset`` (PREDICT_COLUMNS) → rows with ``probabilities``; ``objects`` are joined in the actors."""
+def predict_dataset(dataset, bundle: Path | Location, batch_size: int = 32, actors: int | None = None,
+                    detect: bool = True, objects: CachedObjects | None = None, actor_class: type = PredictBatch,
+                    **actor_kwargs):
+    """``dataset`` (PREDICT_COLUMNS) → rows with ``probabilities``; ``objects`` are joined in the actors.
+
+    Each actor gets the bundle's location (an absolute path or a URI) and loads it itself.
+    """
     from posterfusion.cluster import actor_pool
 
     pool = actor_pool(actors, gpu_capable=True)
+    where = str(Location.parse(bundle).absolute())
     return dataset.map_batches(
-        actor_class, fn_constructor_kwargs={"bundle": str(bundle), "detect": detect, "threads": pool.threads,
+        actor_class, fn_constructor_kwargs={"bundle": where, "detect": detect, "threads": pool.threads,
                                             "objects": objects.share() if objects else None, **actor_kwargs},
         batch_format="pyarrow", batch_size=batch_size, compute=pool.strategy(),
         num_cpus=pool.cpus, num_gpus=pool.gpus)  # Ray Data SPREADs actors over the nodes by default

@@ -429,3 +429,21 @@ def tune_thresholds(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray | N
         f1 = 2 * tp / (predicted.sum(axis=1) + y.sum())
         thresholds[g] = grid[int(np.argmax(f1))]
     return thresholds
+
+
+def paired_auc_per_genre(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 1000,
+                         seed: int = 0, alpha: float = 0.05) -> dict[str, np.ndarray]:
+    """Per genre: ROC-AUC of a − b on these posters and its paired-bootstrap interval (NaN where undefined).
+
+    Where a side input helps and where it hurts is a per-genre question; all genres are resampled
+    together (one draw of posters per resample), so the intervals are those of the same test.
+    """
+    y, a = _as_arrays(labels, scores_a)
+    _, b = _as_arrays(labels, scores_b)
+    diff = _auc_per_genre(y, a) - _auc_per_genre(y, b)
+    draws = np.array([_auc_per_genre(y[i], a[i]) - _auc_per_genre(y[i], b[i])
+                      for i in _resamples(len(y), n_boot, seed)])
+    with np.errstate(all="ignore"):
+        low, high = (np.nanpercentile(draws, q, axis=0) if len(draws) else np.full(diff.shape, np.nan)
+                     for q in (100 * alpha / 2, 100 * (1 - alpha / 2)))
+    return {"diff": diff, "low": low, "high": high}

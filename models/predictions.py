@@ -3,7 +3,7 @@
 Layout: ``OUT/run_date=YYYY-MM-DD/part-<run_id>-<seq>.parquet`` (Hive partitioning, so any
 Parquet reader sees ``run_date`` as a column), ``OUT`` a local path or an object-store prefix, files
 committed whole under the output's lease. Readers read only committed files
-(:func:`posterfusion.features.store.committed_files`: on an object store the files named in its
+(:func:`posterfusion.features.lease.committed_files`: on an object store the files named in its
 commit records, never a bare listing). The schema depends on the bundle's genre vocabulary: one
 ``p_<genre>`` column per genre.
 """
@@ -85,7 +85,7 @@ def prediction_rows(batch: pa.Table, scored, predictor, run_id: str, schema: pa.
 
 def prediction_files(out: Path | str | Location) -> list[str]:
     """Committed prediction files (paths, or URIs on an object store)."""
-    from posterfusion.features.store import committed_files
+    from posterfusion.features.lease import committed_files
 
     return [str(f) for f in committed_files(out, FILES)]
 
@@ -124,7 +124,7 @@ def scored_keys(out: Path | str | Location) -> pa.Array:
 
 def _committed(out: Path | str | Location) -> tuple[Location, list[str]]:
     """``out`` and its committed prediction files as paths within ``out.filesystem`` (pyarrow's terms)."""
-    from posterfusion.features.store import committed_files
+    from posterfusion.features.lease import committed_files
 
     out = Location.parse(out)
     return out, [f.fs_path for f in committed_files(out, FILES)]

@@ -200,9 +200,10 @@ class Predictor:
 
     def _objects(self, images: list, objects, detections, errors: list[str | None]):
         """(object vectors or None, detections per poster, source per poster); detects what is not cached."""
-        from posterfusion.features.objects import object_vector
+        from posterfusion.features.object_encoding import classes_of_bag, encode_objects
 
         n = len(images)
+        encoding = self.config.model.object_encoding
         found: list[list[dict]] = [[] if detections is None or detections[i] is None else list(detections[i])
                                    for i in range(n)]
         if not self.detects:
@@ -214,8 +215,9 @@ class Predictor:
         for i in range(n):
             cached = None if objects is None else objects[i]
             if cached is not None:
-                if vectors is not None:
-                    vectors[i] = np.asarray(cached, np.float32)
+                if vectors is not None:  # the cache holds the bag; any other encoding comes from its detections
+                    vectors[i] = (np.asarray(cached, np.float32) if encoding == "bag"
+                                  else encode_objects(found[i], classes_of_bag(len(cached)), encoding))
             elif errors[i] is None:
                 todo.append(i)
         if not todo:
@@ -228,7 +230,7 @@ class Predictor:
                 continue
             found[i] = [asdict(d) for d in result]
             if vectors is not None:
-                vectors[i] = object_vector(result, classes)
+                vectors[i] = encode_objects(result, classes, encoding)
         return vectors, found, sources
 
     def _forward(self, images: list, metadata: np.ndarray, objects: np.ndarray | None):

@@ -16,6 +16,7 @@ Vectors from one model are meaningless to another, so embeddings carry the bundl
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from posterfusion.errors import UserFileNotFound, UserValueError
+from posterfusion.locations import Location, ParquetFiles
 
 MANIFEST = "_manifest.json"  # "_": pyarrow and Ray skip it when reading the folder as Parquet
 EMBEDDINGS_SCHEMA = pa.schema([
@@ -36,21 +38,30 @@ EMBEDDINGS_SCHEMA = pa.schema([
 ])
 
 
-def embedding_files(embeddings: str | Path) -> list[str]:
-    """Parquet files of an embeddings folder; accepts the job's ``--out`` or ``OUT/embeddings``."""
-    root = Path(embeddings)
-    folder = root / "embeddings" if (root / "embeddings").is_dir() else root
-    files = sorted(str(p) for p in folder.glob("*.parquet"))
+def embeddings_folder(embeddings: str | Path | Location) -> Location:
+    """The folder holding the manifest: the job's ``--out`` or ``OUT/embeddings`` (a path or a URI)."""
+    root = Location.parse(embeddings)
+    return root / "embeddings" if (root / "embeddings" / MANIFEST).is_file() else root
+
+
+def embedding_files(embeddings: str | Path | Location) -> ParquetFiles:
+    """Parquet files of an embeddings folder: those its manifest names (written last, so a folder being
+    replaced is read whole), or, for folders written before manifests named them, every file in it."""
+    folder = embeddings_folder(embeddings)
+    manifest = folder / MANIFEST
+    if manifest.is_file() and "files" in (listed := json.loads(manifest.read_text())):
+        files = [folder / name for name in listed["files"]]
+    else:
+        files = folder.list_files(".parquet", recursive=False) if folder.is_local else []
     if not files:
         raise UserFileNotFound(f"no embeddings under {folder}: run the embeddings job "
                                 "(`posterfusion embed`) with this model and catalogue first")
-    return files
+    return ParquetFiles(files)
 
 
-def read_embeddings_table(folder: str | Path, columns: list[str] | None = None) -> pa.Table:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(embedding_files(folder), schema=EMBEDDINGS_SCHEMA, format="parquet").to_table(columns=columns)
+def read_embeddings_table(folder: str | Path | Location | ParquetFiles, columns: list[str] | None = None) -> pa.Table:
+    files = folder if isinstance(folder, ParquetFiles) else embedding_files(folder)
+    return files.dataset(schema=EMBEDDINGS_SCHEMA).to_table(columns=columns)
 
 
 def _matrix(column: pa.ChunkedArray | pa.ListArray, rows: int) -> np.ndarray:
@@ -72,7 +83,7 @@ class EmbeddingIndex:
     matrix: np.ndarray  # (N, dim) float32, unit rows
 
     @classmethod
-    def load(cls, embeddings: str | Path) -> EmbeddingIndex:
+    def load(cls, embeddings: str | Path | Location) -> EmbeddingIndex:
         columns = ["movie_id", "poster_sha256", "model_version", "embedding", "top_genres"]
         table = read_embeddings_table(embeddings, columns)
         matrix = _matrix(table["embedding"], table.num_rows)
@@ -101,7 +112,7 @@ class EmbeddingIndex:
         return [(int(i), float(scores[i])) for i in top]
 
 
-def nearest(embeddings_dir: str | Path, query_vector: np.ndarray, k: int = 8) -> list[tuple[str, float]]:
+def nearest(embeddings_dir: str | Path | Location, query_vector: np.ndarray, k: int = 8) -> list[tuple[str, float]]:
     """The ``k`` catalogue posters most similar to ``query_vector``: ``(movie_id, cosine similarity)``.
 
     The query itself is not excluded: a stored vector finds its own poster first, at similarity 1.
@@ -110,8 +121,9 @@ def nearest(embeddings_dir: str | Path, query_vector: np.ndarray, k: int = 8) ->
     return [(str(index.rows["movie_id"].iat[i]), s) for i, s in index.nearest(query_vector, k)]
 
 
-def similar_posters(model: str | Path, catalogue: str | Path, poster: bytes | str | Path, k: int = 8,
-                    embeddings: str | Path | None = None, metadata: dict | None = None) -> list[dict]:
+def similar_posters(model: str | Path | Location, catalogue: str | Path | Location, poster: bytes | str | Path,
+                    k: int = 8, embeddings: str | Path | Location | None = None,
+                    metadata: dict | None = None) -> list[dict]:
     """The ``k`` catalogue posters most like ``poster`` (bytes or a file), best first.
 
     ``embeddings`` is the embeddings job's output folder and is required: a query never embeds
@@ -130,7 +142,7 @@ def similar_posters(model: str | Path, catalogue: str | Path, poster: bytes | st
     if index.model_version != predictor.version:
         raise UserValueError(f"the embeddings were made by model {index.model_version}, the query model is "
                          f"{predictor.version}: rerun the embeddings job with {model}")
-    data = poster if isinstance(poster, bytes) else Path(poster).read_bytes()
+    data = poster if isinstance(poster, bytes) else Location.parse(poster).read_bytes()
     vector = predictor.embed_one(data, metadata)
     hits = index.nearest(vector, k, exclude_sha=hashlib.sha256(data).hexdigest())
     info = _catalogue_info(catalogue, [str(index.rows["movie_id"].iat[i]) for i, _ in hits])
@@ -138,15 +150,14 @@ def similar_posters(model: str | Path, catalogue: str | Path, poster: bytes | st
             for i, score in hits]
 
 
-def _catalogue_info(catalogue: str | Path, ids: list[str]) -> dict[str, dict]:
+def _catalogue_info(catalogue: str | Path | Location, ids: list[str]) -> dict[str, dict]:
     """Title and labelled genres of a few catalogue rows (no poster bytes are read)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
-        columns=["movie_id", "title", "genres"], filter=pc.field("movie_id").isin(ids))
+    table = catalogue_files(catalogue).read(columns=["movie_id", "title", "genres"],
+                                            filter=pc.field("movie_id").isin(ids))
     return {row["movie_id"]: row for row in table.to_pylist()}
 
 
@@ -165,13 +176,10 @@ def format_similar(results: list[dict]) -> str:
         for rank, r in enumerate(results, 1))
 
 
-def read_scores(embeddings: str | Path) -> pd.DataFrame:
+def read_scores(embeddings: str | Path | Location) -> pd.DataFrame:
     """The probabilities the embeddings job stored: ``movie_id`` plus one column per genre."""
-    import json
-
     table = read_embeddings_table(embeddings, ["movie_id", "probabilities"])
-    root = Path(embedding_files(embeddings)[0]).parent
-    genres = json.loads((root / MANIFEST).read_text())["genres"]
+    genres = json.loads((embeddings_folder(embeddings) / MANIFEST).read_text())["genres"]
     frame = pd.DataFrame(_matrix(table["probabilities"], table.num_rows), columns=genres)
     frame.insert(0, "movie_id", table["movie_id"].to_pylist())
     return frame

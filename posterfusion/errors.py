@@ -16,3 +16,7 @@ class UserValueError(UserError, ValueError):
 
 class UserFileNotFound(UserError, FileNotFoundError):
     """A path the user gave that does not hold what it should."""
+
+
+class UserFileExists(UserError, FileExistsError):
+    """An output that already holds something the user did not ask to replace."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from posterfusion.locations import Location
 from posterfusion.serving.config import ServeConfig
 
 __all__ = ["ServeConfig", "build_app", "check_bundle", "direct_urls", "enable_direct_ingress", "running_settings",
@@ -95,7 +96,7 @@ def start_service(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def check_bundle(model: Path) -> str:
+def check_bundle(model: Path | Location) -> str:
     """Load ``model`` as a replica will and return its version; a bundle that cannot load is the user's error.
 
     A replica builds the network from the bundle's config, loads every weight strictly and loads
@@ -156,7 +157,7 @@ def _replica_ids(app) -> set[str]:
     return {replica.replica_id for deployment in app.deployments.values() for replica in deployment.replicas}
 
 
-def switch_model(model: Path, name: str = "posterfusion", timeout_s: float = 600.0) -> ServeConfig:
+def switch_model(model: Path | Location, name: str = "posterfusion", timeout_s: float = 600.0) -> ServeConfig:
     """Redeploy app ``name`` with bundle ``model`` and every other setting it runs with; return once switched.
 
     Serve's in-place update: the new version's replicas start, load the bundle and pass their
@@ -186,8 +187,7 @@ def _wait_switched(name: str, before: set[str], timeout_s: float) -> None:
         if app.status == "DEPLOY_FAILED":
             raise UserValueError(f"Serve could not start the new model of {name!r} (replicas of the old one that are "
                                  f"still up keep serving): {message}")
-        current = _replica_ids(app)
-        if app.status == "RUNNING" and current and not current & before:
+        if app.status == "RUNNING" and not _replica_ids(app) & before:
             return
         if time.monotonic() > deadline:
             raise UserValueError(f"{name!r} had not switched after {timeout_s:g} s ({app.status}; {message}); Serve "

@@ -6,9 +6,9 @@ validate against it; docs/operations.md's table of defaults is generated from it
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from posterfusion.locations import Location
 
 
 class ServeConfig(BaseModel):
@@ -16,7 +16,8 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: Path = Field(description="model bundle directory (on every node)")
+    model: Location = Field(description="model bundle: a directory on every node, or a URI (s3://bucket/models/v3) "
+                            "each replica loads it from (downloaded once per node)")
     max_batch_size: int = Field(8, ge=1, le=256, description="most posters one model call takes")
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="how long a batch waits to fill while other "
                                         "posters are in flight (a poster alone is scored at once)")

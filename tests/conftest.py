@@ -11,6 +11,8 @@ from support import REPO, SHARED  # helpers live in tests/support.py
 
 os.environ.setdefault("POSTERFUSION_HOME", str(REPO / ".state"))
 os.environ.setdefault("POSTERFUSION_WEIGHTS", str(SHARED / "weights"))  # the recipes' pretrained weights
+# every run the tests train or evaluate is tracked, in one store under the project's state dir (not ./mlflow.db)
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / '.state' / 'mlflow-tests.db'}")
 # Every Ray the tests start (the session's, the multi-node cluster's, the CLI's) keeps its auth
 # token under the project's Ray HOME; the test process must present it to all of them, and
 # Ray reads these once, at import, so they are set before anything imports ray.
@@ -23,11 +25,17 @@ prepare_environment()  # before ray is imported anywhere in the session
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_endpoint):
     """One local Ray for the whole test session (a start costs seconds).
 
     With Serve's direct ingress switched on, so the service tests reach each replica both through
     the proxy (the service's URL, as without it) and on the replica's own port.
+
+    After the session's S3 server (``s3_endpoint``): every Ray process — workers, actors, Serve's
+    replicas — takes the environment of the driver that started Ray, when it starts, and the AWS SDK
+    in each reads ``AWS_*`` from it. Starting Ray inside that environment gives every process of the
+    session the loopback endpoint and the dummy credentials, and nothing else to reach (no instance
+    metadata: ``AWS_EC2_METADATA_DISABLED``). A ``runtime_env`` would cover only this job's workers.
     """
     from posterfusion.cluster import ClusterConfig, ray_cluster
     from posterfusion.serving.app import enable_direct_ingress

@@ -116,7 +116,7 @@ class StopAfter(RuntimeError):
 
 def stopping_commit(files: int):
     """A ``Committer.commit`` that raises after committing ``files`` files."""
-    from posterfusion.features.store import commit_file
+    from posterfusion.features.lease import commit_file
 
     done = []
 

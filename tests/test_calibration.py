@@ -104,10 +104,9 @@ def test_on_a_catalogue_dominated_by_one_genre_an_uninformative_poster_gets_that
 
 
 def _train_genres(catalogue):
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
-    frame = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(
+    frame = catalogue_files(catalogue).dataset().to_table(
         columns=["genres", "split"]).to_pandas()
     return [list(g) for g in frame[frame["split"] == "train"]["genres"]]

@@ -11,6 +11,7 @@ import pytest
 
 from posterfusion.jobs.compare import CompareConfig, run_compare
 from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate
+from posterfusion.jobs.slices import MIN_SUBSET
 from posterfusion.jobs.train import run_train
 from posterfusion.jobs.train.recipes import resolve
 from posterfusion.models.metrics import HEADLINE
@@ -55,8 +56,12 @@ def test_evaluate_reports_the_model_beside_both_baselines(trained):
     assert model["roc_auc_macro"][0] > 0.7  # the sample's cues are learnable
     assert model["top_n_ratio"][0] > prior["top_n_ratio"][0]
     assert 0 <= report["calibration"]["model"]["ece"] < 0.25 and len(report["calibration"]["model"]["per_genre"])
-    subsets = report["by_metadata"]
-    assert subsets["with_metadata"]["posters"] + subsets["without_metadata"]["posters"] == report["posters"]
+    slices = report["slices"]
+    for kind in ("metadata", "objects"):  # each pair of slices covers the split once
+        assert slices[f"with {kind}"]["posters"] + slices[f"without {kind}"]["posters"] == report["posters"]
+    assert all((s["intervals"] is None) == (s["posters"] < MIN_SUBSET) for s in slices.values())
+    judged = [s for s in slices.values() if s["intervals"] is not None]  # what a judged slice holds: test_slices
+    assert all(set(s["paired"]) == {"model - label_prior", "model - classic"} for s in judged)
     written = json.loads((out / "metrics.json").read_text())
     assert written["posters"] == report["posters"] == len(pd.read_parquet(out / "predictions.parquet"))
     text = (out / "report.md").read_text()
@@ -67,14 +72,15 @@ def test_evaluate_reports_the_model_beside_both_baselines(trained):
 
 def test_the_model_is_judged_with_its_own_calibration_and_thresholds(trained):
     from posterfusion.jobs.evaluate import load_split_frame
-    from posterfusion.models.predictor import Predictor, bundle_thresholds
+    from posterfusion.models.bundle import load_bundle
+    from posterfusion.models.predictor import Predictor
 
     path = bundle(trained, "cnn")
     report = run_evaluate(EvaluateConfig(model=path, catalogue=trained / "catalogue", out=trained / "e0",
                                          baselines=False, n_boot=0))
     predictor = Predictor(path)
-    assert report["thresholds"]["model"] == pytest.approx(dict(zip(predictor.genres, bundle_thresholds(path).tolist(),
-                                                                   strict=True)))
+    thresholds = load_bundle(path).thresholds.tolist()
+    assert report["thresholds"]["model"] == pytest.approx(dict(zip(predictor.genres, thresholds, strict=True)))
     from posterfusion.features.metadata import FIELDS
 
     frame = load_split_frame(trained / "catalogue", "test")
@@ -87,11 +93,10 @@ def test_the_model_is_judged_with_its_own_calibration_and_thresholds(trained):
 
 
 def _poster(trained, movie_id):
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
-    table = pads.dataset(catalogue_files(trained / "catalogue"), format="parquet").to_table(
+    table = catalogue_files(trained / "catalogue").dataset().to_table(
         columns=["movie_id", "poster"]).to_pandas().set_index("movie_id")
     return table.loc[movie_id, "poster"]
 

@@ -19,6 +19,7 @@ from posterfusion.models.metrics import (
     label_prior_scores,
     macro_auc,
     make_f1_metric,
+    paired_auc_per_genre,
     paired_bootstrap,
     per_genre_table,
     ranking_metrics,
@@ -219,3 +220,18 @@ def test_shapes_are_checked():
         classification_metrics(LABELS, SCORES[:, :2], 0.5)
     with pytest.raises(ValueError, match="two genres"):
         ranking_metrics(LABELS[:, :1], SCORES[:, :1])
+
+
+def test_per_genre_paired_differences_say_where_a_model_helps_and_where_it_hurts():
+    from posterfusion.jobs.compare import per_genre_table
+
+    labels, good = _synthetic(300, 5, signal=0.6)
+    noise = np.random.default_rng(6).random(labels.shape)
+    a = np.column_stack([good[:, 0], noise[:, 1], good[:, 2], good[:, 3]])  # better on g0, worse on g1
+    b = np.column_stack([noise[:, 0], good[:, 1], good[:, 2], good[:, 3]])
+    result = paired_auc_per_genre(labels, a, b, n_boot=200)
+    assert result["low"][0] > 0 and result["high"][1] < 0 and result["diff"][2] == result["diff"][3] == 0
+    table = per_genre_table({"genres": ["g0", "g1", "g2", "g3"], "paired_per_genre": {"a - b": {
+        k: v.tolist() for k, v in result.items()}}}, "a - b")
+    assert "| g0 | +" in "\n".join(table) and "helps" in table[5] and "hurts" in table[6]
+    assert table[7].endswith("not significant |")

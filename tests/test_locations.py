@@ -2,7 +2,7 @@
 
 Every storage test runs twice: on a temporary directory and on a bucket of a real S3 API (moto's
 server on 127.0.0.1, the session's ``s3_endpoint``). The lease tests drive the object-store
-protocol (:class:`~posterfusion.features.store.ObjectLease`) on both too: locally through the same
+protocol (:class:`~posterfusion.features.lease.ObjectLease`) on both too: locally through the same
 conditional writes (``link``, rename-aside), on S3 through ``If-None-Match``/``If-Match``.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from posterfusion.errors import UserError, UserFileNotFound
-from posterfusion.features.store import (
+from posterfusion.features.lease import (
     Lease,
     LeaseHeld,
     LeaseLost,

@@ -146,10 +146,13 @@ G, OBJ, META = 5, 7, 11
 FLAGS = [8, 9, 10]  # the metadata columns that are presence flags
 
 
+PRESENCE = {"metadata_presence": 10, "object_presence": OBJ - 2}  # has_metadata; log1p(total objects)
+
+
 def model_for(variant="fused", fusion="concat", **overrides):
     torch.manual_seed(0)
     config = FusionConfig(backbone="keras_cnn", variant=variant, fusion=fusion, num_genres=G,
-                          object_dim=OBJ, metadata_dim=META, metadata_flags=FLAGS, hidden=16, **overrides)
+                          object_dim=OBJ, metadata_dim=META, metadata_flags=FLAGS, hidden=16, **PRESENCE, **overrides)
     return build_model(config)
 
 
@@ -157,7 +160,7 @@ def inputs(n=3):
     return torch.randn(n, 3, 64, 64), torch.rand(n, OBJ), torch.rand(n, META)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gated"])
+@pytest.mark.parametrize("fusion", ["concat", "gated", "residual"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_gives_one_logit_per_genre(variant, fusion):
     model = model_for(variant, fusion).eval()
@@ -183,6 +186,48 @@ def test_flags_only_reads_nothing_but_the_presence_flags():
     assert not torch.allclose(model(images, objects, flipped), model(images, objects, metadata))
     with pytest.raises(ValueError, match="metadata_flags"):
         FusionConfig(variant="flags-only", num_genres=G, metadata_dim=META)
+
+
+def _absent(objects: torch.Tensor, metadata: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The side inputs with ``rows`` marked missing: no metadata (has_metadata 0), nothing detected."""
+    objects, metadata = objects.clone(), metadata.clone()
+    objects[rows, PRESENCE["object_presence"]] = 0.0
+    metadata[rows, PRESENCE["metadata_presence"]] = 0.0
+    return objects, metadata
+
+
+def test_residual_fusion_scores_a_poster_without_side_inputs_exactly_as_its_poster_path():
+    model = model_for("fused", "residual").eval()
+    images, objects, metadata = inputs()
+    objects, metadata = _absent(objects, metadata, [0, 1])
+    poster_only, correction = model(images, objects, metadata, split=True)
+    assert torch.equal(correction[:2], torch.zeros(2, G)) and correction[2].abs().sum() > 0
+    fused = model(images, objects, metadata)
+    assert torch.equal(fused[:2], poster_only[:2])
+    other = metadata.clone()
+    other[:2, :8] = torch.rand(2, 8) * 10  # whatever a missing input's other columns hold
+    assert torch.equal(model(images, objects, other)[:2], fused[:2])
+    with pytest.raises(ValueError, match="metadata_presence"):
+        FusionConfig(variant="fused", fusion="residual", num_genres=G, object_dim=OBJ, metadata_dim=META)
+
+
+def test_residual_training_shapes_the_poster_path_by_its_own_loss_alone():
+    """The side inputs' correction never pulls on the poster path: its gradients are those of a CNN-only loss."""
+    from posterfusion.jobs.train.loop import fusion_loss
+
+    images, objects, metadata = inputs()
+    labels = (torch.rand(3, G) > 0.5).float()
+    bce = torch.nn.BCEWithLogitsLoss()
+    fused = model_for("fused", "residual").train()
+    alone = model_for("fused", "residual").train()
+    torch.manual_seed(1)
+    fusion_loss(bce, *fused(images, objects, metadata, split=True), labels).backward()
+    torch.manual_seed(1)  # the same dropout draws
+    bce(alone(images, objects, metadata, split=True)[0], labels).backward()
+    for (name, p), q in zip(fused.named_parameters(), alone.parameters(), strict=True):
+        if name.startswith(("backbone.", "hidden.", "classifier.")):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert fused.corrections["metadata"][0].weight.grad.abs().sum() > 0  # the correction does learn
 
 
 def test_object_vectors_are_standardised_with_training_statistics_stored_in_the_weights():
@@ -214,7 +259,7 @@ def test_configs_and_inputs_must_match_the_variant():
         model(images, objects[:, :3], metadata)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gated"])
+@pytest.mark.parametrize("fusion", ["concat", "gated", "residual"])
 def test_gradients_reach_every_branch(fusion):
     model = model_for("fused", fusion).train()
     torch.nn.functional.binary_cross_entropy_with_logits(model(*inputs()), torch.ones(3, G)).backward()

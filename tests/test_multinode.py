@@ -82,8 +82,8 @@ def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path):
         cli("ingest", "--source", f"multilabel:{tmp_path / 'sample'}", "--metadata", sample["metadata"],
             "--out", str(catalogue), address=cluster.address)
         cli("train", "--catalogue", str(catalogue), "--out", str(bundle), "--variant", "cnn+metadata",
-                      "--backbone", "keras_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
-                      address=cluster.address)
+            "--recipe", "quick", "--from-scratch", "--set", "model.image_size=32", "--set", "optim.epochs=1",
+            "--set", "optim.batch_size=16", address=cluster.address)
         assert (bundle / "model.safetensors").is_file()  # `posterfusion train --address` on the cluster
 
         client = JobSubmissionClient(cluster.dashboard)

@@ -95,6 +95,22 @@ def test_local_cluster_and_ingest_stay_on_loopback(tmp_path):
     assert (tmp_path / "state" / "ray-home" / "ray_bootstrap_config.yaml").is_file()
 
 
+def test_run_tracking_stays_on_loopback(tmp_path):
+    """MLflow records a run (its local store, an artifact) and sends nothing anywhere: telemetry is off."""
+    env, audit = _audited_env(tmp_path)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("from posterfusion.cluster import prepare_environment; prepare_environment()\n"
+            "from posterfusion.jobs.tracking import tracked\n"
+            "with tracked('train', 'audit', {'optim': {'lr': 0.001}}) as run:\n"
+            "    run.history([{'epoch': 1, 'val_macro_auc': 0.5}])\n"
+            "    run.artifact('note.txt', b'audited')\n")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(audit)
+    assert any(e["event"] == "audit.loaded" for e in events)
+    assert offending(events) == [], offending(events)[:10]
+
+
 @pytest.mark.slow
 def test_the_service_stays_on_loopback(tmp_path, small_fused):
     """`posterfusion serve` (its own local Ray, Serve's proxy, replicas) answering real HTTP requests, then

@@ -167,24 +167,42 @@ SMALL = {"optim": {"epochs": 1, "batch_size": 16}, "model": {"image_size": 32},
 
 
 @pytest.mark.slow
-def test_the_seed_recipes_train_from_scratch_and_stand_in_one_comparison_table(sample, tmp_path):
+def test_seed_recipes_of_three_vocabularies_stand_in_one_comparison_tracked_as_one_mlflow_run(sample, tmp_path):
+    """Each vocabulary kind a seed system uses (all genres; rare ones folded into Other; the six main ones) makes
+    its own group, side by side in one table. The networks are the small Keras CNN for all three (what makes the
+    groups is the vocabulary; every backbone's forward pass is test_models'), trained from scratch."""
+    from mlflow import MlflowClient
+
     from posterfusion.jobs.compare import CompareConfig, run_compare
 
-    seeds = [n for n in RECIPES if n.startswith("seed-")]
-    result = run_compare(CompareConfig(  # short settings: each system trains one epoch on 48 posters
-        catalogue=sample / "catalogue", out=tmp_path / "compare", models=tmp_path / "models", recipes=seeds,
-        variants=["cnn"], n_boot=20, train=SMALL, from_scratch=True))
+    seeds = ["seed-keras-cnn", "seed-densenet", "seed-resnet50"]
+    out = tmp_path / "compare"
+    result = run_compare(CompareConfig(  # short settings: each trains one epoch on 48 posters
+        catalogue=sample / "catalogue", out=out, models=tmp_path / "models", recipes=seeds,
+        variants=["cnn"], n_boot=20, train=SMALL | {"model": {"image_size": 32, "backbone": "keras_cnn"}},
+        from_scratch=True))
     rows = {row["entry"]: row for row in result["side_by_side"]}
     assert {f"{n}/cnn" for n in seeds} <= set(rows)
-    assert sum(name == "label_prior" for name in (r["entry"] for r in result["side_by_side"])) == len(result["groups"])
+    assert len(result["groups"]) == 3 and sum(r["entry"] == "label_prior" for r in result["side_by_side"]) == 3
     six = next(g for g in result["groups"] if any(e["recipe"] == "seed-resnet50" for e in g["entries"]))
     assert set(six["genres"]) <= {"Drama", "Comedy", "Romance", "Thriller", "Horror", "Action"}
     for name in seeds:
         config = json.loads((tmp_path / "models" / name / "cnn-s0" / "config.json").read_text())
         assert config["recipe"] == name and config["train"]["optim"]["epochs"] == 1
         assert any("from scratch" in note for note in config["train"]["notes"])
-    text = (tmp_path / "compare" / "report.md").read_text()
+    text = (out / "report.md").read_text()
     assert "seed-keras-cnn/cnn" in text and "label_prior" in text
+
+    client = MlflowClient()  # the whole comparison is one parent run; its three trainings are nested in it
+    experiment = client.get_experiment_by_name("posterfusion")
+    parent = client.search_runs([experiment.experiment_id], f"tags.`posterfusion.report` = '{out}'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert sorted(run.data.params["recipe"] for run in children) == sorted(seeds)
+    assert all(run.data.params["optim.epochs"] == "1" for run in children)
+    assert len(client.get_metric_history(children[0].info.run_id, "val_macro_auc")) == 1  # one epoch, one point
+    assert any(key.endswith("roc_auc_main6") for key in parent[0].data.metrics)
+    assert "report.md" in {f.path for f in client.list_artifacts(parent[0].info.run_id)}
 
 
 @pytest.mark.slow
@@ -203,3 +221,17 @@ def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(sam
     assert json.loads((bundle / "config.json").read_text())["train"]["optim"]["epochs"] == 2
     with pytest.raises(ValidationError, match="epoch"):
         CompareConfig(catalogue=sample, out=sample, models=sample, train={"optim": {"epoch": 2}})
+
+
+def test_the_demo_opts_into_training_from_scratch_itself_when_the_weights_are_missing(tmp_path, monkeypatch, capsys):
+    """`make demo` on a fresh machine without ../shared: one line says so, and the demo still trains."""
+    from posterfusion.jobs.demo import DemoConfig, training_config
+
+    monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(tmp_path))  # nothing there
+    config = training_config(DemoConfig(), tmp_path / "catalogue", tmp_path / "features", tmp_path / "model")
+    said = capsys.readouterr().out.strip().splitlines()
+    assert config.model.weights == "none" and config.model.backbone == "keras_cnn" and config.notes
+    assert len(said) == 1 and "mobilenet_v2_imagenet.safetensors" in said[0] and "--from-scratch" in said[0]
+    monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(REPO.parent / "shared" / "weights"))
+    assert training_config(DemoConfig(), tmp_path / "c", tmp_path / "f", tmp_path / "m").model.weights != "none"
+    assert capsys.readouterr().out == ""  # the weights are there: nothing to say

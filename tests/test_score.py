@@ -16,7 +16,6 @@ from datetime import date
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 import pytest
 
 from posterfusion.features.catalogue import catalogue_files
@@ -40,7 +39,7 @@ def scored_setup(small_fused):
 
 
 def _catalogue(root) -> pd.DataFrame:
-    return pads.dataset(catalogue_files(root / "catalogue"), format="parquet").to_table(
+    return catalogue_files(root / "catalogue").dataset().to_table(
         columns=PREDICT_COLUMNS).to_pandas()
 
 
@@ -175,7 +174,7 @@ def test_two_runs_started_at_once_write_every_row_exactly_once(scored_setup, tmp
 def test_a_held_lease_stops_a_second_run_and_a_dead_runs_lease_is_taken_over(tmp_path):
     import time
 
-    from posterfusion.features.store import Lease, LeaseHeld
+    from posterfusion.features.lease import Lease, LeaseHeld
 
     second = Lease(tmp_path, "second", wait_s=0.5)
     with Lease(tmp_path, "first", heartbeat_s=0.2), pytest.raises(LeaseHeld, match="being written by run first"):
@@ -193,7 +192,7 @@ def test_a_held_lease_stops_a_second_run_and_a_dead_runs_lease_is_taken_over(tmp
 def test_a_run_whose_lease_was_taken_over_is_fenced_and_a_late_taker_restores_the_fresh_lease(tmp_path):
     import time
 
-    from posterfusion.features.store import Lease, LeaseLost
+    from posterfusion.features.lease import Lease, LeaseLost
 
     slow = Lease(tmp_path, "slow", heartbeat_s=0.05, stale_s=0.3).__enter__()
     slow._stop.set()  # its process stalls: no heartbeat

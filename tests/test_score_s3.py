@@ -14,11 +14,10 @@ import threading
 import time
 from datetime import date
 
-import pyarrow.dataset as pads
 import pytest
 
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.features.store import LeaseHeld
+from posterfusion.features.lease import LeaseHeld
 from posterfusion.jobs.score import ScoreConfig, run_score
 from posterfusion.jobs.score_summary import summaries
 from posterfusion.locations import Location
@@ -36,7 +35,7 @@ def _config(root, out, **kwargs) -> ScoreConfig:
 
 def _each_row_once(root, out: str) -> None:
     stored = read_predictions(out)
-    catalogue = pads.dataset(catalogue_files(root / "catalogue"), format="parquet").to_table(columns=["movie_id"])
+    catalogue = catalogue_files(root / "catalogue").dataset().to_table(columns=["movie_id"])
     assert not stored.duplicated(["movie_id", "poster_sha256", "model_version"]).any()
     assert sorted(stored["movie_id"]) == sorted(catalogue["movie_id"].to_pylist())
 

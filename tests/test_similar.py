@@ -36,7 +36,7 @@ def built(ray_session, tmp_path_factory):
         "run": {"out": root / "bundle", "storage_path": root / "ray_results"}}))
     summary = run_embeddings(EmbedConfig(model=root / "bundle", catalogue=root / "catalogue", out=root / "emb",
                                          batch_size=16))
-    catalogue = pads.dataset(catalogue_files(root / "catalogue"), format="parquet").to_table().to_pandas()
+    catalogue = catalogue_files(root / "catalogue").dataset().to_table().to_pandas()
     stored = pads.dataset(str(root / "emb" / "embeddings"), format="parquet").to_table().to_pandas()
     return {"root": root, "summary": summary, "catalogue": catalogue, "stored": stored}
 

@@ -41,6 +41,7 @@ def small(prepared, name: str, **sections) -> TrainConfig:
 def args(optim: dict | None = None, **facts) -> WorkerArgs:
     """What a worker receives, for the loop's unit tests (facts the test does not need are empty)."""
     blank = {"genres": ["a", "b"], "object_dim": 0, "metadata_dim": 0, "metadata_flags": [], "train_rows": 1,
+             "metadata_presence": 0, "object_presence": None, "metadata_fields": [],
              "pos_weight": [1.0, 1.0], "label_prior": [0.5, 0.5], "missing_metadata": [], "object_mean": [0.0],
              "object_std": [1.0]}
     config = {"model": {"weights": "mobilenet_v2_imagenet.safetensors"}, "optim": optim or {}}
@@ -193,11 +194,10 @@ def test_the_bundle_reproduces_the_validation_metrics_training_measured(prepared
 
 
 def _posters(catalogue, ids) -> list[bytes]:
-    import pyarrow.dataset as pads
 
     from posterfusion.features.catalogue import catalogue_files
 
-    table = pads.dataset(catalogue_files(catalogue), format="parquet").to_table(columns=["movie_id", "poster"])
+    table = catalogue_files(catalogue).dataset().to_table(columns=["movie_id", "poster"])
     by_id = dict(zip(table["movie_id"].to_pylist(), table["poster"].to_pylist(), strict=True))
     return [by_id[i] for i in ids]
 
@@ -220,6 +220,32 @@ def test_metadata_dropout_blanks_whole_metadata_blocks_with_the_no_metadata_enco
     assert (blank | kept).all() and 15 < int(blank.sum()) < 49  # whole rows, about half of them
     _, evaluated = batch_side_inputs(model, batch, config, train=False)
     assert torch.equal(evaluated, batch["metadata"])  # never at validation or serving time
+
+
+def test_field_dropout_blanks_fields_exactly_as_the_encoder_encodes_a_record_without_them():
+    """A client may send only a year: training sees such rows, encoded as the service would encode them."""
+    import pandas as pd
+    import torch
+
+    from posterfusion.features.metadata import FIELDS, MetadataEncoder
+    from posterfusion.jobs.train.loop import drop_fields
+
+    record = {"year": 1999, "runtime": 120.0, "imdb_score": 7.1, "num_votes": 5000, "budget": 3e7, "gross": 9e7,
+              "popularity": 12.0, "content_rating": "R", "language": "English", "country": "USA"}
+    encoder = MetadataEncoder.fit(pd.DataFrame([record, record | {"year": 2005, "language": "French"}]))
+    names = encoder.feature_names()
+    fields = [([i for i, n in enumerate(names) if n == f or n.startswith(f"{f}=")], names.index(f"{f}_missing"))
+              for f in FIELDS]
+    facts = args(metadata_presence=names.index("has_metadata"), metadata_fields=fields).facts
+    full = torch.tensor(encoder.transform_records([record] * 200))
+    torch.manual_seed(0)
+    dropped = drop_fields(full, facts, rate=0.5)
+    for row in dropped[:40]:
+        kept = {f: record[f] for f, (_, flag) in zip(FIELDS, fields, strict=True) if row[flag] == 0}
+        expected = encoder.transform_records([kept or None])[0]
+        np.testing.assert_allclose(row.numpy(), expected)
+    blanked = dropped[:, [flag for _, flag in fields]].mean().item()
+    assert 0.4 < blanked < 0.6  # about half of all fields
 
 
 def test_training_a_variant_with_objects_requires_features(prepared):

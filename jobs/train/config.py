@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posterfusion.errors import UserValueError
 from posterfusion.features.objects import DetectorConfig
 from posterfusion.features.vocab import VocabConfig
+from posterfusion.locations import Location
 from posterfusion.models.fusion import FusionConfig, ModelConfig
 from posterfusion.models.hardware import Amp
 
@@ -55,6 +56,8 @@ class OptimConfig(BaseModel):
     patience: int = Field(3, ge=1, description="epochs without val macro AUC gain before stopping")
     pos_weight_cap: float = Field(1.0, ge=1.0, description="per-genre neg/pos loss weight cap; 1 = unweighted")
     metadata_dropout: float = Field(0.0, ge=0, le=1, description="share of training samples seen without metadata")
+    metadata_field_dropout: float = Field(0.0, ge=0, le=1, description="chance that each field a training sample "
+                                          "has is blanked on its own (a client may send only a year)")
     augment: bool = Field(True, description="random crops, flips and light colour jitter while fine-tuning")
     amp: Amp = Field("auto", description="autocast: auto | off | bf16 | fp16")
 
@@ -73,15 +76,15 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    catalogue: Path | None = Field(None, description="catalogue directory (`posterfusion ingest --out`)")
-    features: Path | None = Field(None, description="object features dir (`posterfusion features --out`)")
+    catalogue: Location | None = Field(None, description="catalogue (`posterfusion ingest --out`): a path or a URI")
+    features: Location | None = Field(None, description="object features (`posterfusion features --out`)")
     detector: DetectorConfig | None = Field(None, description="default: the one the features dir recorded")
-    cache: Path | None = Field(None, description="backbone-feature cache (default: CATALOGUE/cache)")
+    cache: Location | None = Field(None, description="backbone-feature cache (default: CATALOGUE/cache)")
     vocab: VocabConfig = Field(default_factory=VocabConfig)
     limit: int | None = Field(None, ge=1, description="use at most this many training rows (quick runs)")
 
     @property
-    def cache_dir(self) -> Path:
+    def cache_dir(self) -> Location:
         return self.cache or self.catalogue / "cache"
 
 
@@ -90,12 +93,13 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    out: Path | None = Field(None, description="bundle directory to write")
+    out: Location | None = Field(None, description="bundle to write: a local path or a URI (s3://bucket/models/v3)")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float | None = Field(None, gt=0, description="default: a share of the cluster's CPUs")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from (resuming a checkpoint)")
-    storage_path: Path | None = Field(None, description="Ray Train results (default: OUT/../ray_results)")
+    storage_path: Location | None = Field(None, description="Ray Train checkpoints and results, a path or a URI "
+                                         "(default: OUT/../ray_results, beside the bundle)")
     seed: int = 0
 
 
@@ -167,6 +171,10 @@ class DataFacts(BaseModel):
     object_dim: int = Field(description="object vector width (0: the variant reads none)")
     metadata_dim: int
     metadata_flags: list[int] = Field(description="columns of the metadata vector that are presence flags")
+    metadata_presence: int = Field(description="the metadata column that is 1 when a poster has any")
+    metadata_fields: list[tuple[list[int], int]] = Field(description="per metadata field: its value columns and "
+                                                         "its missing flag (per-field dropout)")
+    object_presence: int | None = Field(description="the object-vector entry that is 0 when nothing was detected")
     train_rows: int
     pos_weight: list[float] = Field(description="per-genre loss weight (neg/pos, capped)")
     label_prior: list[float] = Field(description="per-genre share of positives in the training split")
@@ -199,6 +207,7 @@ def network_config(config: TrainConfig, facts: DataFacts) -> FusionConfig:
     return FusionConfig(**model.model_dump(exclude={"freeze_bn", "image_size"}), image_size=model.size,
                         num_genres=len(facts.genres), object_dim=facts.object_dim,
                         metadata_dim=facts.metadata_dim, metadata_flags=facts.metadata_flags,
+                        metadata_presence=facts.metadata_presence, object_presence=facts.object_presence,
                         freeze_backbone=config.optim.mode == "frozen",
                         freeze_bn=model.weights != "none" if model.freeze_bn is None else model.freeze_bn)
 
@@ -231,7 +240,7 @@ def shortcut_overrides(sets: list[str], **flags) -> dict:
     tree: dict = {}
     for flag, value in flags.items():
         if value is not None:
-            tree = merge(tree, nested(SHORTCUTS[flag], str(value) if isinstance(value, Path) else value))
+            tree = merge(tree, nested(SHORTCUTS[flag], str(value) if isinstance(value, Path | Location) else value))
     return merge(tree, parse_sets(sets))
 
 

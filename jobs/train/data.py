@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray.data.expressions import col, lit
@@ -23,6 +22,7 @@ from posterfusion.errors import UserValueError
 from posterfusion.features.catalogue import catalogue_files
 from posterfusion.features.metadata import FIELDS as META_COLUMNS
 from posterfusion.features.metadata import MetadataEncoder
+from posterfusion.features.object_encoding import classes_of_bag, encode_objects, presence_entry
 from posterfusion.features.objects import (
     DetectorConfig,
     detector_id,
@@ -78,7 +78,7 @@ def prepare(config: TrainConfig) -> Prepared:
 def load_labelled(config: TrainConfig) -> pd.DataFrame:
     """Labelled rows without the poster bytes (those are read later by Ray Data)."""
     columns = ["movie_id", "poster_sha256", "genres", "labelled", "split", *META_COLUMNS]
-    table = pads.dataset(catalogue_files(config.data.catalogue), format="parquet").to_table(columns=columns)
+    table = catalogue_files(config.data.catalogue).read(columns)
     frame = table.to_pandas()
     frame = frame[frame["labelled"]].reset_index(drop=True)
     limit = config.data.limit
@@ -110,9 +110,11 @@ def object_matrix(config: TrainConfig, frame: pd.DataFrame, detector: DetectorCo
     if missing:
         raise UserValueError(f"{len(missing)} posters have no object features for {det_id} "
                              f"(e.g. {missing[0][0]}): run `posterfusion features` first")
-    vectors = table.loc[keys, "objects"].to_list()
-    keep = np.array([v is not None for v in vectors])
-    matrix = np.stack([np.asarray(v, np.float32) for v, k in zip(vectors, keep, strict=True) if k])
+    rows = table.loc[keys]
+    keep = rows["objects"].notna().to_numpy()
+    encoding, classes = config.model.object_encoding, classes_of_bag(len(rows["objects"][keep].iloc[0]))
+    matrix = np.stack([np.asarray(bag, np.float32) if encoding == "bag" else encode_objects(found, classes, encoding)
+                       for bag, found in zip(rows["objects"][keep], rows["detections"][keep], strict=True)])
     return frame[keep].reset_index(drop=True), matrix, det_id, int((~keep).sum())
 
 
@@ -120,10 +122,15 @@ def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
     """Label statistics, input widths and the 'no metadata' encoding, from the training split."""
     train = (data.frame["split"] == "train").to_numpy()
     labels, objects = data.sides["labels"][train], data.sides["objects"][train]
-    flags = [i for i, name in enumerate(data.encoder.feature_names())
-             if name.endswith("_missing") or name == "has_metadata"]
+    names = data.encoder.feature_names()
+    flags = [i for i, name in enumerate(names) if name.endswith("_missing") or name == "has_metadata"]
+    fields = [([i for i, name in enumerate(names) if name == field or name.startswith(f"{field}=")],
+               names.index(f"{field}_missing")) for field in META_COLUMNS]
     return DataFacts(genres=data.vocabulary.genres, object_dim=data.object_dim, metadata_dim=data.encoder.dim,
-                     metadata_flags=flags, train_rows=int(train.sum()),
+                     metadata_flags=flags, metadata_presence=names.index("has_metadata"), metadata_fields=fields,
+                     object_presence=presence_entry(data.object_dim, config.model.object_encoding)
+                     if data.object_dim else None,
+                     train_rows=int(train.sum()),
                      pos_weight=pos_weights(labels, config.optim.pos_weight_cap),
                      label_prior=labels.mean(axis=0).tolist(),
                      missing_metadata=data.encoder.transform_records([None])[0].tolist(),
@@ -165,7 +172,8 @@ def image_datasets(config: TrainConfig, data: Prepared) -> dict:
     """
     started = time.perf_counter()
     index = pd.Series(np.arange(len(data.frame)), index=data.frame["movie_id"].to_numpy())
-    base = ray.data.read_parquet(catalogue_files(config.data.catalogue), columns=["movie_id", "poster"],
+    files = catalogue_files(config.data.catalogue)
+    base = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=["movie_id", "poster"],
                                  num_cpus=0.1)
     prepared = base.filter(expr=col("movie_id").is_in(data.frame["movie_id"].tolist())).map_batches(
         _decode_batch, batch_format="pandas", batch_size=64, num_cpus=0.5,

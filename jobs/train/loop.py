@@ -165,15 +165,30 @@ def _batches(name: str, args: WorkerArgs, device, shuffle: bool):
 
 
 def batch_side_inputs(model, batch, args: WorkerArgs, train: bool):
-    """(objects, metadata) for the variant; in training, metadata dropout blanks whole metadata blocks."""
-    net, rate = unwrap(model), args.config.optim.metadata_dropout
+    """(objects, metadata) for the variant; in training, metadata dropout blanks fields, then whole blocks."""
+    net, optim = unwrap(model), args.config.optim
     objects = batch["objects"] if net.uses_objects else None
     metadata = batch["metadata"] if net.uses_metadata else None
-    if metadata is not None and train and rate > 0:
-        drop = torch.rand(len(metadata), 1, device=metadata.device) < rate
+    if metadata is not None and train and optim.metadata_field_dropout > 0:
+        metadata = drop_fields(metadata, args.facts, optim.metadata_field_dropout)
+    if metadata is not None and train and optim.metadata_dropout > 0:
+        drop = torch.rand(len(metadata), 1, device=metadata.device) < optim.metadata_dropout
         missing = torch.tensor(args.facts.missing_metadata, dtype=metadata.dtype, device=metadata.device)
         metadata = torch.where(drop, missing.expand_as(metadata), metadata)
     return objects, metadata
+
+
+def drop_fields(metadata: torch.Tensor, facts, rate: float) -> torch.Tensor:
+    """Each field of each row blanked with probability ``rate`` as the encoder blanks a missing field (values
+    0, its missing flag 1); a row left with no field at all becomes 'no metadata' (has_metadata 0)."""
+    out = metadata.clone()
+    for columns, flag in facts.metadata_fields:
+        drop = torch.rand(len(out), device=out.device) < rate
+        out[drop.nonzero(as_tuple=True)[0][:, None], torch.tensor(columns, device=out.device)] = 0.0
+        out[drop, flag] = 1.0
+    flags = torch.tensor([flag for _, flag in facts.metadata_fields], device=out.device)
+    out[:, facts.metadata_presence] = (out[:, flags] < 0.5).any(dim=1).to(out.dtype)
+    return out
 
 
 def _inputs(batch, phase: str, preset, train: bool):
@@ -202,8 +217,8 @@ def train_epoch(model, optimizer, scheduler, scaler, loss_fn, args: WorkerArgs, 
         objects, metadata = batch_side_inputs(model, batch, args, train=True)
         inputs = _inputs(batch, phase, preset, train=True)  # in full precision: under autocast the
         with autocast(device, optim.amp if phase == "full" else "off"):  # preset's bf16 output slows the net ~1.5×
-            logits = model(inputs, objects, metadata, pooled=phase == "head")  # DDP's forward: gradients sync
-        loss = loss_fn(logits.float(), batch["labels"])
+            logits, correction = model(inputs, objects, metadata, pooled=phase == "head", split=True)  # DDP's forward
+        loss = fusion_loss(loss_fn, logits, correction, batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -212,6 +227,15 @@ def train_epoch(model, optimizer, scheduler, scaler, loss_fn, args: WorkerArgs, 
         total += loss.item() * len(batch["labels"])
         seen += len(batch["labels"])
     return total / max(seen, 1), seen
+
+
+def fusion_loss(loss_fn, logits, correction, labels):
+    """The loss of one batch. Residual fusion: the poster path learns as a CNN-only model would (its own
+    loss), and the side inputs' correction learns on top of the poster path's logits, held fixed."""
+    loss = loss_fn(logits.float(), labels)
+    if correction is None:
+        return loss
+    return loss + loss_fn((logits.detach() + correction).float(), labels)
 
 
 def validate(model, loss_fn, args: WorkerArgs, device, phase: str, batches):

@@ -21,17 +21,36 @@ from ray.train.torch import TorchTrainer
 
 from posterfusion.cluster import cpu_budget, node_cpus
 from posterfusion.cluster.console import train_logging_level
+from posterfusion.jobs.tracking import tracked
 from posterfusion.jobs.train.combine import ensemble, soup
 from posterfusion.jobs.train.config import DataFacts, TrainConfig, WorkerArgs, WorkerPlan
 from posterfusion.jobs.train.data import data_facts, feature_datasets, image_datasets, prepare
 from posterfusion.jobs.train.finish import write_bundle
 from posterfusion.jobs.train.loop import train_loop
+from posterfusion.locations import Location
 
 
 def run_train(config: TrainConfig) -> dict:
-    """Train, pick the best checkpoint (or combine the members'), calibrate, write the bundle; return the summary."""
+    """Train, pick the best checkpoint (or combine the members'), calibrate, write the bundle; return the summary.
+
+    The run is recorded in MLflow (:mod:`posterfusion.jobs.tracking`): the configuration, each epoch's
+    validation figures (each member's too), the calibrated validation summary, where the bundle is.
+    """
     config.check_ready()
+    name = f"{config.recipe or 'train'}/{config.model.variant}-s{config.run.seed}"
+    with tracked("train", name, config.model_dump(mode="json"), {"posterfusion.bundle": str(config.run.out)}) as run:
+        summary = _train(config)
+        run.history(summary["history"])
+        for member in summary.get("members", {}).get("runs", []):
+            run.history(member["history"], prefix=f"member-{member['seed']}.")
+        run.metrics(summary["validation"], prefix="validation.")
+        run.metrics({"train_seconds": summary["seconds"], "train_rows": summary["train_rows"]})
+    return summary
+
+
+def _train(config: TrainConfig) -> dict:
     started = time.perf_counter()
+    check_outputs(config)
     data = prepare(config)
     facts = data_facts(config, data)
     optim = config.optim
@@ -40,7 +59,7 @@ def run_train(config: TrainConfig) -> dict:
         datasets |= image_datasets(config, data)
     if config.combine.members == 1:
         result = fit(config, facts, plan(config), datasets)
-        trained = best_of(result) | {"run_path": result.path}
+        trained = best_of(result) | {"run_path": run_location(config, result.path)}
     else:
         combine = soup if config.combine.method == "soup" else ensemble
         trained = combine(WorkerArgs(config=config, facts=facts, plan=plan(config)), datasets,
@@ -62,17 +81,32 @@ def worker_resources(config: TrainConfig) -> tuple[float, int]:
     return per_worker, max(1, round(min(total / run.workers, largest)))
 
 
+def storage(config: TrainConfig) -> Location:
+    """Where Ray Train keeps checkpoints and results: ``run.storage_path``, else ``ray_results`` beside the bundle.
+
+    A URI (``s3://bucket/ray_results``) too: every worker writes its checkpoints there, so a run over
+    several nodes needs no shared volume, and the driver reads the best one back from there.
+    """
+    return (config.run.storage_path or config.run.out.parent / "ray_results").absolute()
+
+
+def check_outputs(config: TrainConfig) -> None:
+    """Refuse, before any training, a bundle or checkpoint store that could not be written (one line)."""
+    config.run.out.check_store()
+    storage(config).check_store()
+
+
 def fit(config: TrainConfig, facts: DataFacts, worker_plan: WorkerPlan, datasets: dict):
     """One Ray Train run of ``train_loop`` (a fresh run name: Ray Train resumes a name it has seen)."""
-    run = config.run
-    storage = (run.storage_path or run.out.parent / "ray_results").resolve()
+    run, where = config.run, storage(config)
     args = WorkerArgs(config=config, facts=facts, plan=worker_plan)
     trainer = TorchTrainer(
         train_loop, train_loop_config=args.model_dump(mode="json"), datasets=datasets,
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpu,
                                      resources_per_worker={"CPU": worker_resources(config)[0]}),
         run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=str(storage),
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=where.fs_path,
+            storage_filesystem=None if where.is_local else where.filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_macro_auc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=run.max_failures),
@@ -109,6 +143,13 @@ def train_members(config: TrainConfig, facts: DataFacts, datasets: dict) -> tupl
     members = []
     for i in range(config.combine.members):
         seed = config.run.seed + 1000 * i
-        result = fit(config, facts, plan(config, seed=seed, start_from=warm.checkpoint.path), datasets)
-        members.append(best_of(result) | {"seed": seed, "run_path": result.path})
-    return warm.path, members
+        start = run_location(config, warm.checkpoint.path)  # a URI where storage is one: workers open it by it
+        result = fit(config, facts, plan(config, seed=seed, start_from=start), datasets)
+        members.append(best_of(result) | {"seed": seed, "run_path": run_location(config, result.path)})
+    return run_location(config, warm.path), members
+
+
+def run_location(config: TrainConfig, path: str) -> str:
+    """A run's or checkpoint's path in the storage's file system, as its location (a URI on an object store)."""
+    where = storage(config)
+    return str(where / path[len(where.fs_path):].lstrip("/")) if path.startswith(where.fs_path) else path
