@@ -14,7 +14,10 @@ all), and its one-line description is generated from its settings, so it cannot 
   rate undid the warm-up on 2 of 3 seeds, chosen on validation by
   ``benchmarks/finetune_sweep.py``), three such runs from the one warmed-up head kept as an
   ensemble (on validation above its members' mean on every headline metric; its shared frozen
-  stages run once), metadata dropout, calibrated outputs. Results: docs/results.md.
+  stages run once), metadata dropout, calibrated outputs, and residual fusion: the poster alone
+  gives the logits and metadata / objects add a correction only where they exist (chosen on
+  validation by ``benchmarks/fusion_sweep.py``: the concatenating head lost to CNN-only on posters
+  without metadata). Results: docs/results.md.
 * ``seed-*`` — the seed systems this project grew from, so their numbers can be put beside ours;
   poster-only (``cnn``) like those systems: DenseNet-121 with rare genres folded into Other (seed
   000, judged by the top-n ratio), ResNet-34 (001), VGG-16 and the small Keras CNN (002, judged by
@@ -63,16 +66,16 @@ class Recipe(BaseModel):
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(name="quick", purpose="the demo",
-           settings={"model": {"weights": MOBILENET_WEIGHTS, "image_size": 96},
+           settings={"model": {"weights": MOBILENET_WEIGHTS, "image_size": 96, "fusion": "residual"},
                      "optim": {"mode": "frozen", "epochs": 6, "lr": 3e-3, "patience": 6, "metadata_dropout": 0.3}},
            scratch={"model": {"backbone": "keras_cnn", "image_size": 64}}),
     Recipe(name="quality", purpose="the best fused model this 2-core CPU trains within the hour",
-           settings={"model": {"weights": MOBILENET_WEIGHTS, "image_size": 224},
+           settings={"model": {"weights": MOBILENET_WEIGHTS, "image_size": 224, "fusion": "residual"},
                      "optim": {"warmup_epochs": 12, "epochs": 16, "train_stages": 2, "lr": 1e-3,
                                "backbone_lr": 2e-4, "finetune_head_lr": 2e-4, "metadata_dropout": 0.3},
                      "combine": {"members": 3}}),
     Recipe(name="frozen", purpose="the fast CPU path, and the baseline fine-tuning must beat",
-           settings={"model": {"weights": MOBILENET_WEIGHTS, "image_size": 224},
+           settings={"model": {"weights": MOBILENET_WEIGHTS, "image_size": 224, "fusion": "residual"},
                      "optim": {"mode": "frozen", "epochs": 16, "metadata_dropout": 0.3}}),
     Recipe(name="seed-densenet", system="seed 000", metric="top_n_ratio", purpose="seed 000's system",
            settings={"model": {"variant": "cnn", "backbone": "densenet121", "weights": "imagenet", "image_size": 96},
@@ -159,7 +162,8 @@ def describe(config: TrainConfig) -> str:
     """One line saying what a configuration trains, generated from its settings."""
     model, optim, combine, vocab = config.model, config.optim, config.combine, config.data.vocab
     weights = {"none": "from scratch", "imagenet": "ImageNet"}.get(model.weights, model.weights)
-    parts = [f"{model.backbone} ({weights}) at {model.size} px, {model.variant}"]
+    fusion = f" ({model.fusion} fusion)" if model.uses_objects or model.uses_metadata else ""
+    parts = [f"{model.backbone} ({weights}) at {model.size} px, {model.variant}{fusion}"]
     if optim.mode == "frozen":
         parts.append(f"backbone frozen: {optim.epochs} head epochs on features extracted once")
     else:
