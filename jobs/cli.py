@@ -214,18 +214,20 @@ def compare(
     features: Annotated[str | None, typer.Option(help="Object features directory or URI.")] = None,
     from_scratch: FromScratch = False,
     set_: Sets = None,
+    on: Annotated[str | None, typer.Option(help="Score on another labelled catalogue (use --split all).")] = None,
+    split: Annotated[str | None, typer.Option(help="test (default) | val | all.")] = None,
     n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Train (or load) recipes × variants × seeds and compare them on one split."""
+    """Train (or load) recipes × variants × seeds and compare them on one split (of another source: --on)."""
     from posterfusion.jobs.compare import CompareConfig, check_entries, markdown, run_compare
     from posterfusion.jobs.train.config import parse_sets
 
     config = CompareConfig(catalogue=catalogue, out=out, models=models, from_scratch=from_scratch,
                            train=parse_sets(set_ or []), **_given(recipes=recipe or None, variants=variant or None,
                                                                   seeds=seed or None, features=features,
-                                                                  n_boot=n_boot))
+                                                                  n_boot=n_boot, on=on, split=split))
     check_entries(config)  # every entry's configuration and weights, before any Ray starts
     _check(catalogue=catalogue, stores=[out, models])
     with _cluster(address, num_cpus):

@@ -33,10 +33,13 @@ from posterfusion.jobs.evaluate import (
     Scorer,
     baseline_scorers,
     build_report,
+    encode_labels,
     json_default,
+    label_space,
     load_split_frame,
     model_scores,
     poster_statistics,
+    restrict,
     summary_table,
 )
 from posterfusion.jobs.slices import detected_objects, slice_masks, slice_tables
@@ -71,6 +74,8 @@ class CompareConfig(BaseModel):
                         "entry trained here")
     from_scratch: bool = Field(False, description="train without the recipes' pretrained weights")
     split: str = "test"
+    on: Location | None = Field(None, description="score the entries on another labelled catalogue (another "
+                                "source; with split 'all'), on the genres both sides know; default: --catalogue")
     n_boot: int = Field(1000, ge=0)
     seed: int = Field(0, description="bootstrap seed")
 
@@ -174,23 +179,27 @@ COMPARE_FILES = ["report.md", "report.html", "metrics.json", "per_genre_auc.png"
 def _compare(config: CompareConfig) -> dict:
     started = time.perf_counter()
     todo = ensure_bundles(config)
-    frame = load_split_frame(config.catalogue, config.split)
+    scored_on = config.on or config.catalogue  # the entries always train on --catalogue
+    frame = load_split_frame(scored_on, config.split)
     masks = slice_masks(frame, detected_objects(config.features, frame))
-    stats = poster_statistics(config.catalogue, config.catalogue, frame)
+    stats = poster_statistics(config.catalogue, scored_on, frame)
     bundles = {entry.name: load_bundle(entry.bundle) for entry in todo}
     groups: dict[tuple, list[Entry]] = {}
     for entry in todo:
         groups.setdefault(tuple(bundles[entry.name].genres), []).append(entry)
     reports = []
-    for genres, members in groups.items():
+    for members in groups.values():
         vocabulary = bundles[members[0].name].vocabulary
-        scorers = {e.name: Scorer(scores=model_scores(EvaluateConfig(model=e.bundle, catalogue=config.catalogue,
+        scorers = {e.name: Scorer(scores=model_scores(EvaluateConfig(model=e.bundle, catalogue=scored_on,
                                                                      out=config.out, features=config.features), frame),
                                   thresholds=bundles[e.name].thresholds) for e in members}
         scorers |= baseline_scorers(config.catalogue, vocabulary, frame, stats)
-        labels = vocabulary.encode_many(frame["genres"])
-        report = build_report(scorers, labels, list(genres), paired_differences(members), config.n_boot, config.seed,
-                              masks)
+        space = label_space(vocabulary, frame, same_source=config.on is None)
+        scorers = {name: restrict(s, space.columns) for name, s in scorers.items()}
+        labels = encode_labels(vocabulary, frame, space)
+        report = build_report(scorers, labels, space.genres, paired_differences(members), config.n_boot,
+                              config.seed, masks)
+        report["label_space"] = space.model_dump()
         report |= {"entries": [e.model_dump(mode="json") for e in members], "seed_spread": seed_spread(report, members)}
         reports.append((report, scorers, labels))
     result = {"split": config.split, "posters": len(frame), "groups": [r for r, _, _ in reports],
@@ -342,4 +351,4 @@ def _contact_sheet(config: CompareConfig, report: dict, scorers: dict[str, Score
     scores = pd.DataFrame(scorers[name].scores, columns=report["genres"])
     scores.insert(0, "movie_id", frame["movie_id"].to_numpy())
     (config.out / "contact_sheet.png").write_via(
-        lambda path: contact_sheet(scores, config.catalogue, report["genres"], path))
+        lambda path: contact_sheet(scores, config.on or config.catalogue, report["genres"], path))

@@ -68,21 +68,37 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
+MAX_SCALE = 5.0  # a calibrated logit at most 5× the raw one: beyond it float32 probabilities saturate into ties
+MIN_SCALE = 0.01  # and never reversed or flattened: the calibration keeps the network's ranking
+
+
 def _platt(z: np.ndarray, y: np.ndarray, ridge: float, steps: int = 50) -> tuple[float, float]:
     """Newton's method on the ridge-penalised log-loss of ``sigmoid(a z + b)`` (a 2-parameter problem).
 
     The penalty ``ridge · ((a − 1)² + b²) / 2`` keeps the Hessian positive definite even when a
     genre has no positive (or no negative) on validation; then the fit only moves ``b`` down
-    (or up) as far as the evidence and the pull allow.
+    (or up) as far as the evidence and the pull allow. The slope stays in ``[MIN_SCALE, MAX_SCALE]``: a
+    genre that validation separates perfectly would otherwise get a slope of ~80, and its float32
+    probabilities would round to exactly 0 or 1 — ties that change the ranking the network made
+    (measured: a bundle's validation macro AUC 0.959 on logits, 0.920 through its probabilities).
     """
-    a, b = 1.0, 0.0
+    a, b = _newton(z, y, ridge, steps)
+    if not MIN_SCALE <= a <= MAX_SCALE:
+        a = float(np.clip(a, MIN_SCALE, MAX_SCALE))
+        b = _newton(z, y, ridge, steps, slope=a)[1]
+    return a, b
+
+
+def _newton(z: np.ndarray, y: np.ndarray, ridge: float, steps: int, slope: float | None = None):
+    """(a, b) minimising the penalised log-loss; with ``slope`` given, only ``b`` moves."""
+    a, b = (1.0 if slope is None else slope), 0.0
     design = np.stack([z, np.ones_like(z)], axis=1)
     for _ in range(steps):
         p = _sigmoid(a * z + b)
         gradient = design.T @ (p - y) + ridge * np.array([a - 1.0, b])
         weights = p * (1 - p)
         hessian = design.T @ (design * weights[:, None]) + ridge * np.eye(2)
-        step = np.linalg.solve(hessian, gradient)
+        step = np.linalg.solve(hessian, gradient) if slope is None else np.array([0.0, gradient[1] / hessian[1, 1]])
         a, b = a - step[0], b - step[1]
         if np.abs(step).max() < 1e-8:
             break
