@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from posterfusion.cluster.multinode import free_port
+from posterfusion.locations import Location
 from posterfusion.models.predictor import Predictor
 from posterfusion.serving.app import ServeConfig, start_service
 
@@ -315,7 +316,7 @@ def test_serve_run_builds_the_yaml_application_from_its_args(bundle):
     args = app["args"] | {"model": str(bundle)}
     ingress = build_app(args)._bound_deployment
     assert ingress.name == "Api" and ingress.init_args[0] is None  # no model handle: it scores in its replica
-    assert ServeConfig.model_validate(ingress.init_args[1]).model == bundle
+    assert ServeConfig.model_validate(ingress.init_args[1]).model == Location(bundle)
     assert ingress._deployment_config.max_ongoing_requests == args["max_ongoing_requests"]
     assert ingress._deployment_config.autoscaling_config.max_replicas == args["max_replicas"]
     assert ingress._deployment_config.max_queued_requests == args["max_queued_requests"]

@@ -81,7 +81,8 @@ class DataConfig(BaseModel):
     detector: DetectorConfig | None = Field(None, description="default: the one the features dir recorded")
     cache: Location | None = Field(None, description="backbone-feature cache (default: CATALOGUE/cache)")
     vocab: VocabConfig = Field(default_factory=VocabConfig)
-    limit: int | None = Field(None, ge=1, description="use at most this many training rows (quick runs)")
+    limit: int | None = Field(None, ge=1,
+                              description="use at most this many training rows, a quarter as many others (quick runs)")
 
     @property
     def cache_dir(self) -> Location:
