@@ -102,3 +102,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_results_page_is_the_current_results_in_at_most_300_lines():
+    """Superseded runs live in git (the page says which commit), not in the page."""
+    results = (OPERATIONS.parent / "results.md").read_text().splitlines()
+    assert len(results) <= 300, f"docs/results.md has {len(results)} lines: move superseded runs to git history"
+    assert any("git show" in line for line in results[:5])
