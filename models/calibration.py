@@ -119,7 +119,9 @@ def _newton(z: np.ndarray, y: np.ndarray, ridge: float, steps: int, slope: float
             if trial <= loss:
                 break
             step = step / 2
-        a, b, loss = a - step[0], b - step[1], min(loss, trial)
+        if trial > loss:  # no fraction of the step helps: at the optimum, up to rounding
+            break
+        a, b, loss = a - step[0], b - step[1], trial
         if np.abs(step).max() < 1e-8:
             break
     return float(a), float(b)
