@@ -71,9 +71,14 @@ def assert_each_row_once(out: Path, catalogue_rows: int) -> None:
     assert stored["error"].isna().all()
 
 
-def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path):
+def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_tasks
+
+    # the GCS probes each raylet every 0.5 s (not 3 s) and declares a node dead after 4 missed probes (not 5):
+    # the killed node is seen dead in seconds; a probe still waits up to Ray's 10 s for a busy live raylet
+    monkeypatch.setenv("RAY_health_check_period_ms", "500")
+    monkeypatch.setenv("RAY_health_check_failure_threshold", "4")
 
     sample = write_sample(SampleConfig(out=tmp_path / "sample", n=72, unlabelled=8, seed=11))
     catalogue, bundle = tmp_path / "catalogue", tmp_path / "bundle"

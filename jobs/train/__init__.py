@@ -9,8 +9,19 @@
     finish.py    calibration, thresholds, the bundle, the summary
 """
 
-from posterfusion.jobs.train.config import TrainConfig
-from posterfusion.jobs.train.finish import format_train_summary
-from posterfusion.jobs.train.run import run_train
 
-__all__ = ["TrainConfig", "format_train_summary", "run_train"]
+from __future__ import annotations
+
+import importlib
+
+# Resolved on first use, not here: every Ray Train worker imports this package to reach loop.py, and
+# the driver's modules (run, finish: the metrics' scipy and scikit-learn) would cost each worker ~1.5 s
+# of start-up on a 2-CPU node.
+_EXPORTS = {"TrainConfig": "config", "format_train_summary": "finish", "run_train": "run"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
