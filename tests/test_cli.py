@@ -1,6 +1,8 @@
 """The command line as a user meets it: a mistake is one clear line and exit status 2, a bug keeps its traceback.
 
-Each mistake is caught before any Ray starts, so the answer comes in seconds.
+Each mistake is caught before any Ray starts, so the answer comes in seconds. The cases run the console
+script's ``main`` in this process (argv as a user types it, stderr and the exit status as a shell sees them);
+one runs ``python -m posterfusion`` as a real process, end to end.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = os.environ | {"RAY_ADDRESS": ""}  # none needed: every case fails before Ray would start
     return subprocess.run([sys.executable, "-m", "posterfusion", *args], capture_output=True, text=True, env=env,
                           timeout=120, cwd=cwd)
+
+
+def _main(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``posterfusion ARGS`` through the console script's ``main``: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["posterfusion", *args])
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +64,21 @@ def a_catalogue_folder(tmp_path_factory):
     (["train", "--catalogue", "{catalogue}", "--out", "/tmp/never", "--recipe", "best"], "unknown recipe 'best'"),
     (["serve", "--model", "{bundle}", "--max-batch-size", "0"], "max_batch_size"),
 ])
-def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(args, says, not_a_catalogue, a_catalogue_folder):
+def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(args, says, not_a_catalogue, a_catalogue_folder,
+                                                             monkeypatch, capsys):
     args = [a.format(empty=not_a_catalogue, catalogue=a_catalogue_folder, bundle="/nonexistent") for a in args]
-    run = _run(*args)
-    assert run.returncode == 2, run.stderr
-    assert "Traceback" not in run.stderr + run.stdout
+    status, out, err = _main(args, monkeypatch, capsys)
+    assert status == 2, err
+    assert "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("posterfusion: error:") and says in lines[0], err
+
+
+def test_python_dash_m_posterfusion_is_the_same_command_in_its_own_process():
+    run = _run("score", "--model", "/nonexistent/bundle", "--catalogue", "/nonexistent", "--out", "/tmp/never")
+    assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout, run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("posterfusion: error:") and says in lines[0], run.stderr
+    assert len(lines) == 1 and lines[0].startswith("posterfusion: error: /nonexistent/bundle is not a model bundle")
 
 
 def test_a_user_error_raised_inside_a_ray_task_is_found_behind_rays_wrappers():

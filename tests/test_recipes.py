@@ -164,40 +164,50 @@ def sample(ray_session, tmp_path_factory):
 # 48 training posters: a vocabulary of several genres needs a lower min_count than the real catalogue's 20
 SMALL = {"optim": {"epochs": 1, "batch_size": 16}, "model": {"image_size": 32},
          "data": {"limit": 48, "vocab": {"min_count": 5}}}
+SEEDS = ["seed-keras-cnn", "seed-densenet", "seed-resnet50"]
+
+
+@pytest.fixture(scope="module")
+def seed_comparison(sample, tmp_path_factory):
+    """The three seed recipes compared once (each trains one epoch on 48 posters): (its config, its result).
+
+    The networks are the small Keras CNN for all three (what makes the groups is the vocabulary; every
+    backbone's forward pass is test_models'), trained from scratch.
+    """
+    from posterfusion.jobs.compare import CompareConfig, run_compare
+
+    root = tmp_path_factory.mktemp("seed-comparison")
+    config = CompareConfig(catalogue=sample / "catalogue", out=root / "compare", models=root / "models",
+                           recipes=SEEDS, variants=["cnn"], n_boot=20, from_scratch=True,
+                           # min_count 0: seed-keras-cnn keeps every genre
+                           train=SMALL | {"model": {"image_size": 32, "backbone": "keras_cnn"},
+                                          "data": {"limit": 48, "vocab": {"min_count": 0}}})
+    # seed-densenet's 3 % share floor folds nothing on 48 posters whose rarest genre has 8 %: scale it to them
+    densenet = RECIPES["seed-densenet"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(RECIPES, "seed-densenet", Recipe(
+            name=densenet.name, purpose=densenet.purpose, system=densenet.system, metric=densenet.metric,
+            settings=merge(densenet.partial(), {"data": {"vocab": {"min_share": 0.15}}})))
+        return config, run_compare(config)
 
 
 @pytest.mark.slow
-def test_seed_recipes_of_three_vocabularies_stand_in_one_comparison_tracked_as_one_mlflow_run(
-        sample, tmp_path, monkeypatch):
+def test_seed_recipes_of_three_vocabularies_stand_in_one_comparison_tracked_as_one_mlflow_run(seed_comparison):
     """Each vocabulary kind a seed system uses (every genre over a count; rare ones by share folded into Other;
-    the six main ones) makes its own group, side by side in one table. The networks are the small Keras CNN for
-    all three (what makes the groups is the vocabulary; every backbone's forward pass is test_models'), trained
-    from scratch."""
+    the six main ones) makes its own group, side by side in one table."""
     from mlflow import MlflowClient
 
-    from posterfusion.jobs.compare import CompareConfig, run_compare
-
-    # seed-densenet's 3 % share floor folds nothing on 48 posters whose rarest genre has 8 %: scale it to them
-    densenet = RECIPES["seed-densenet"]
-    monkeypatch.setitem(RECIPES, "seed-densenet", Recipe(
-        name=densenet.name, purpose=densenet.purpose, system=densenet.system, metric=densenet.metric,
-        settings=merge(densenet.partial(), {"data": {"vocab": {"min_share": 0.15}}})))
-    seeds = ["seed-keras-cnn", "seed-densenet", "seed-resnet50"]
-    out = tmp_path / "compare"
-    result = run_compare(CompareConfig(  # short settings: each trains one epoch on 48 posters
-        catalogue=sample / "catalogue", out=out, models=tmp_path / "models", recipes=seeds,
-        variants=["cnn"], n_boot=20, from_scratch=True,  # min_count 0: seed-keras-cnn keeps every genre
-        train=SMALL | {"model": {"image_size": 32, "backbone": "keras_cnn"},
-                       "data": {"limit": 48, "vocab": {"min_count": 0}}}))
+    config, result = seed_comparison
+    out = config.out
     rows = {row["entry"]: row for row in result["side_by_side"]}
-    assert {f"{n}/cnn" for n in seeds} <= set(rows)
+    assert {f"{n}/cnn" for n in SEEDS} <= set(rows)
     assert len(result["groups"]) == 3 and sum(r["entry"] == "label_prior" for r in result["side_by_side"]) == 3
     six = next(g for g in result["groups"] if any(e["recipe"] == "seed-resnet50" for e in g["entries"]))
     assert set(six["genres"]) <= {"Drama", "Comedy", "Romance", "Thriller", "Horror", "Action"}
-    for name in seeds:
-        config = json.loads((tmp_path / "models" / name / "cnn-s0" / "config.json").read_text())
-        assert config["recipe"] == name and config["train"]["optim"]["epochs"] == 1
-        assert any("from scratch" in note for note in config["train"]["notes"])
+    for name in SEEDS:
+        trained = json.loads((config.models / name / "cnn-s0" / "config.json").read_text())
+        assert trained["recipe"] == name and trained["train"]["optim"]["epochs"] == 1
+        assert any("from scratch" in note for note in trained["train"]["notes"])
     text = (out / "report.md").read_text()
     assert "seed-keras-cnn/cnn" in text and "label_prior" in text
 
@@ -206,7 +216,7 @@ def test_seed_recipes_of_three_vocabularies_stand_in_one_comparison_tracked_as_o
     parent = client.search_runs([experiment.experiment_id], f"tags.`posterfusion.report` = '{out}'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
-    assert sorted(run.data.params["recipe"] for run in children) == sorted(seeds)
+    assert sorted(run.data.params["recipe"] for run in children) == sorted(SEEDS)
     assert all(run.data.params["optim.epochs"] == "1" for run in children)
     assert len(client.get_metric_history(children[0].info.run_id, "val_macro_auc")) == 1  # one epoch, one point
     assert any(key.endswith("roc_auc_main6") for key in parent[0].data.metrics)
@@ -214,21 +224,25 @@ def test_seed_recipes_of_three_vocabularies_stand_in_one_comparison_tracked_as_o
 
 
 @pytest.mark.slow
-def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(sample, tmp_path, capsys):
+def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(seed_comparison, tmp_path, capsys):
+    """A copy of the comparison's seed-keras-cnn bundle: the same settings reuse it, another epoch count retrains it."""
+    import shutil
+
     from posterfusion.jobs.compare import CompareConfig, ensure_bundles
 
-    config = CompareConfig(catalogue=sample / "catalogue", out=tmp_path / "compare", models=tmp_path / "models",
-                           recipes=["seed-keras-cnn"], variants=["cnn"], train=SMALL)
-    bundle = tmp_path / "models" / "seed-keras-cnn" / "cnn-s0"
-    ensure_bundles(config)
+    compared, _ = seed_comparison
+    models = shutil.copytree(compared.models / "seed-keras-cnn", tmp_path / "models" / "seed-keras-cnn").parent
+    config = compared.model_copy(update={"recipes": ["seed-keras-cnn"], "models": models})
+    bundle = config.models / "seed-keras-cnn" / "cnn-s0"
     first = (bundle / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
     ensure_bundles(config)  # the same settings: the bundle is reused
     assert (bundle / "model.safetensors").stat().st_mtime_ns == first and "stale" not in capsys.readouterr().out
-    ensure_bundles(config.model_copy(update={"train": SMALL | {"optim": {"epochs": 2, "batch_size": 16}}}))
+    ensure_bundles(config.model_copy(update={"train": config.train | {"optim": {"epochs": 2, "batch_size": 16}}}))
     assert "is stale: trained with other settings (optim.epochs); retraining it" in capsys.readouterr().out
     assert json.loads((bundle / "config.json").read_text())["train"]["optim"]["epochs"] == 2
     with pytest.raises(ValidationError, match="epoch"):
-        CompareConfig(catalogue=sample, out=sample, models=sample, train={"optim": {"epoch": 2}})
+        CompareConfig(catalogue=bundle, out=bundle, models=bundle, train={"optim": {"epoch": 2}})
 
 
 def test_the_demo_opts_into_training_from_scratch_itself_when_the_weights_are_missing(tmp_path, monkeypatch, capsys):

@@ -49,11 +49,22 @@ def args(optim: dict | None = None, **facts) -> WorkerArgs:
                       facts=DataFacts.model_validate(blank | facts), plan=WorkerPlan(seed=0))
 
 
-def test_two_workers_warm_up_the_head_then_fine_tune_and_beat_the_label_prior(prepared):
-    """The quality path in small: pretrained MobileNetV2, head epochs on stored features, then DDP fine-tuning."""
-    summary = run_train(small(prepared, "two", model=MOBILENET | {"variant": "fused"}, run={"workers": 2},
-                              optim={"epochs": 5, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3},
-                              data={"vocab": {"min_count": 5}}))  # all 8 sample genres: top-3 is a real choice
+@pytest.fixture(scope="module")
+def two_workers(prepared):
+    """The quality path in small, trained once: pretrained MobileNetV2, the fused variant (residual fusion),
+    head epochs on stored features, then DDP fine-tuning on two workers. Full precision: bf16 (auto on CPUs
+    with AMX) reorders near-ties between batches of other sizes, and the bundle's predictions are compared
+    with those validated in training."""
+    name = "two"
+    summary = run_train(small(prepared, name, model=MOBILENET | {"variant": "fused", "fusion": "residual"},
+                              run={"workers": 2}, data={"vocab": {"min_count": 5}},  # all 8 genres: top-3 is a choice
+                              optim={"epochs": 5, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3,
+                                     "amp": "off"}))
+    return summary, prepared / name / "bundle"
+
+
+def test_two_workers_warm_up_the_head_then_fine_tune_and_beat_the_label_prior(two_workers):
+    summary, _ = two_workers
     history = summary["history"]
     assert [(h["epoch"], h["phase"]) for h in history] == [(1, "head"), (2, "head"), (3, "full"), (4, "full"),
                                                            (5, "full")]
@@ -143,23 +154,40 @@ def test_members_need_one_warm_up_to_start_from(prepared):
         small(prepared, "members-cold", model=MOBILENET, combine={"members": 2})
 
 
-@pytest.mark.parametrize(("variant", "fusion"), [("cnn", "concat"), ("fused", "residual"), ("flags-only", "gated")])
+@pytest.mark.parametrize(("variant", "fusion"), [("cnn", "concat"), ("flags-only", "gated")])
 def test_a_variant_trains_and_its_bundle_reads_exactly_its_inputs(prepared, variant, fusion):
-    """One variant per kind of side input (none, both, presence flags), each with its own fusion, through
-    training, the bundle and the Predictor, on a pretrained backbone (frozen: its features extracted once);
-    what every variant's network reads is tests/test_models.py's. The fused bundle also reproduces, through
-    the Predictor on the validation posters, the validation AUC training measured."""
+    """One variant per kind of side input (none here, presence flags; both: the fused test below), each with its
+    own fusion, through training, the bundle and the Predictor, on a pretrained backbone (frozen: its features
+    extracted once); what every variant's network reads is tests/test_models.py's."""
+    name = f"v-{variant.replace('+', '_')}"
+    run_train(small(prepared, name, model=MOBILENET | {"variant": variant, "fusion": fusion},
+                    optim={"epochs": 2, "mode": "frozen"}))
+    _reads_exactly_its_inputs(prepared, prepared / name / "bundle", variant, fusion)
+
+
+def test_the_fused_bundle_reads_both_side_inputs_and_reproduces_its_validation_auc(prepared, two_workers):
+    """The fused bundle (fine-tuned: validation saw images, as the Predictor does), through the Predictor on the
+    validation posters, gives the validation AUC training measured: not the same bundle loaded twice."""
+    from posterfusion.features.objects import detector_id, load_object_features
     from posterfusion.jobs.evaluate import load_split_frame
     from posterfusion.models.metrics import macro_auc
+
+    summary, bundle = two_workers
+    predictor = _reads_exactly_its_inputs(prepared, bundle, "fused", "residual")
+    frame = load_split_frame(prepared / "catalogue", "val")
+    cached = load_object_features(prepared / "features", detector_id(DETECTOR))  # what training read
+    vectors = cached.loc[list(zip(frame["movie_id"], frame["poster_sha256"], strict=True)), "objects"].to_list()
+    scored = predictor.score(_posters(prepared / "catalogue", frame["movie_id"]), frame, vectors)
+    labels = predictor.vocabulary.encode_many(frame["genres"])
+    assert macro_auc(labels, scored.probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
+    assert not (bundle / "model.pt").exists() and (bundle / "calibration.json").is_file()
+
+
+def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str):
+    """The bundle's config names its variant once, and its Predictor reads metadata and objects exactly as the
+    variant says (flags-only sees that metadata is there, never what it says). Returns the Predictor."""
     from posterfusion.models.predictor import Predictor
 
-    name = f"v-{variant.replace('+', '_')}"
-    # the fused one fine-tunes (its last stage): validation then sees images, as the Predictor does
-    # full precision: bf16 (auto on CPUs with AMX) reorders near-ties between batches of other sizes, and the
-    # fused bundle's predictions are compared with those validated in training below
-    optim = {"epochs": 2, "train_stages": 1, "amp": "off"} if variant == "fused" else {"epochs": 2, "mode": "frozen"}
-    summary = run_train(small(prepared, name, model=MOBILENET | {"variant": variant, "fusion": fusion}, optim=optim))
-    bundle = prepared / name / "bundle"
     config = json.loads((bundle / "config.json").read_text())
     assert config["model"]["variant"] == variant and config["train"]["model"]["variant"] == variant
     assert config["model"]["fusion"] == fusion
@@ -175,22 +203,11 @@ def test_a_variant_trains_and_its_bundle_reads_exactly_its_inputs(prepared, vari
     rich = [{"runtime": 150.0, "budget": 2e8, "language": "English", "year": 2010}] * 4
     with_meta, without = probabilities(rich), probabilities([None] * 4)
     same_flags = probabilities([{"runtime": 80.0, "budget": 1e5, "language": "French", "year": 1950}] * 4)
-    reads_metadata = VARIANTS[variant].metadata != "none"
-    assert (not np.allclose(with_meta, without)) == reads_metadata
-    # flags-only sees that metadata is there, never what it says
+    assert (not np.allclose(with_meta, without)) == (VARIANTS[variant].metadata != "none")
     assert np.allclose(with_meta, same_flags) == (VARIANTS[variant].metadata in ("none", "flags"))
     if VARIANTS[variant].objects:
         assert not np.allclose(probabilities(rich, [v + 1 for v in objects]), with_meta)
-    if variant == "fused":  # not the same bundle loaded twice: the Predictor's own predictions on images
-        from posterfusion.features.objects import detector_id, load_object_features
-
-        frame = load_split_frame(prepared / "catalogue", "val")
-        cached = load_object_features(prepared / "features", detector_id(DETECTOR))  # what training read
-        vectors = cached.loc[list(zip(frame["movie_id"], frame["poster_sha256"], strict=True)), "objects"].to_list()
-        scored = predictor.score(_posters(prepared / "catalogue", frame["movie_id"]), frame, vectors)
-        labels = predictor.vocabulary.encode_many(frame["genres"])
-        assert macro_auc(labels, scored.probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
-        assert not (bundle / "model.pt").exists() and (bundle / "calibration.json").is_file()
+    return predictor
 
 
 def _posters(catalogue, ids) -> list[bytes]:
