@@ -9,14 +9,12 @@
     finish.py    calibration, thresholds, the bundle, the summary
 """
 
-
 from __future__ import annotations
 
 import importlib
 
 # Resolved on first use, not here: every Ray Train worker imports this package to reach loop.py, and
-# the driver's modules (run, finish: the metrics' scipy and scikit-learn) would cost each worker ~1.5 s
-# of start-up on a 2-CPU node.
+# the driver's modules (run, finish, combine) are no worker's business (the loop's import: 6.2 → 5.8 s here).
 _EXPORTS = {"TrainConfig": "config", "format_train_summary": "finish", "run_train": "run"}
 __all__ = list(_EXPORTS)
 
