@@ -134,7 +134,7 @@ def model_scores(config: EvaluateConfig, frame: pd.DataFrame) -> np.ndarray:
     if config.features is not None and bundle.detector_id:
         objects = CachedObjects.load(config.features, bundle.detector_id, strict=True)
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, detect=objects is None,
-                             objects=objects).to_pandas()
+                             objects=objects, rows=len(frame)).to_pandas()
     failed = scored[scored["error"].notna()]
     if len(failed):
         raise ValueError(f"{len(failed)} posters could not be scored, e.g. {failed.iloc[0]['movie_id']}: "

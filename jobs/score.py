@@ -112,7 +112,8 @@ def _stream(config: ScoreConfig, bundle, version: str, run_id: str, files: Parqu
     if config.features is not None and bundle.detector_id:  # only the rows to score are shipped
         objects = CachedObjects.load(config.features, bundle.detector_id, strict=False, wanted=todo, suffix=version)
     scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, actors=config.actors,
-                             detect=True, objects=objects, actor_class=ScoreBatch, run_id=run_id)
+                             detect=True, objects=objects, actor_class=ScoreBatch, rows=len(todo),
+                             run_id=run_id)
     committer = Committer(config.out / f"run_date={config.run_date.isoformat()}", run_id, config.rows_per_file,
                           lease)
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -12,6 +12,7 @@ and no job module is imported by another stage.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -168,14 +169,16 @@ def cached_objects_table(features: Path | Location, detector_id: str, wanted: pa
 
 def predict_dataset(dataset, bundle: Path | Location, batch_size: int = 32, actors: int | None = None,
                     detect: bool = True, objects: CachedObjects | None = None, actor_class: type = PredictBatch,
-                    **actor_kwargs):
+                    rows: int | None = None, **actor_kwargs):
     """``dataset`` (PREDICT_COLUMNS) → rows with ``probabilities``; ``objects`` are joined in the actors.
 
-    Each actor gets the bundle's location (an absolute path or a URI) and loads it itself.
+    Each actor gets the bundle's location (an absolute path or a URI) and loads it itself. With ``rows``
+    known, the pool has no more actors than batches: each actor loads the model (seconds), so a
+    5-poster split gets one, not one per CPU.
     """
     from posterfusion.cluster import actor_pool
 
-    pool = actor_pool(actors, gpu_capable=True)
+    pool = actor_pool(actors, math.ceil(rows / batch_size) if rows else None, gpu_capable=True)
     where = str(Location.parse(bundle).absolute())
     return dataset.map_batches(
         actor_class, fn_constructor_kwargs={"bundle": where, "detect": detect, "threads": pool.threads,

@@ -85,6 +85,40 @@ def small_fused(ray_session, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def labelled_sample(ray_session, tmp_path_factory) -> Path:
+    """168 posters (160 labelled + 8 unlabelled), their catalogue and YOLO object features, built once.
+
+    The one sample of the tests that train and evaluate networks of their own (training, evaluation,
+    similarity): ``ROOT/sample``, ``ROOT/catalogue``, ``ROOT/features``. Each test module writes under
+    ROOT with names of its own; nothing writes into the catalogue or the features.
+    """
+    from support import sample_catalogue
+
+    return sample_catalogue(tmp_path_factory.mktemp("labelled"), n=160, unlabelled=8, features=True)
+
+
+@pytest.fixture(scope="session")
+def quick_bundles(labelled_sample) -> Path:
+    """A small ``cnn`` and ``fused`` bundle (the quick recipe, from scratch) on ``labelled_sample``, trained once.
+
+    At ``ROOT/models/quick/{variant}-s0``, where ``compare --models ROOT/models`` finds them current.
+    Returns ROOT (``labelled_sample``).
+    """
+    from posterfusion.jobs.train import run_train
+    from posterfusion.jobs.train.recipes import resolve
+
+    from support import QUICK
+
+    root = labelled_sample
+    for variant in ("cnn", "fused"):
+        run_train(resolve("quick", {**QUICK, "model": QUICK["model"] | {"variant": variant},
+                                    "data": {"catalogue": root / "catalogue", "features": root / "features"},
+                                    "run": {"out": root / "models" / "quick" / f"{variant}-s0",
+                                            "storage_path": root / "ray_results-quick"}}, from_scratch=True))
+    return root
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """A real S3 API (moto's server) on 127.0.0.1 for the whole session, and the AWS environment pointing at it.
 

@@ -33,6 +33,10 @@ def noisy_jpeg_bytes(seed: int, size=(60, 90)) -> bytes:
     return buffer.getvalue()
 
 
+QUICK = {"model": {"backbone": "keras_cnn", "image_size": 48},  # the quick_bundles fixture's small network
+         "optim": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3}}
+
+
 def sample_catalogue(root: Path, n: int, unlabelled: int = 0, seed: int = 0, features: bool = False) -> Path:
     """sample → catalogue (→ object features with the shared TFLite YOLO) under ``root``.
 
@@ -56,3 +60,20 @@ def detector():
     from posterfusion.features.objects import DetectorConfig
 
     return DetectorConfig(weights=str(SHARED / "weights" / "yolov8n_int8.tflite"))
+
+
+def cli_main(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``posterfusion ARGS`` through the console script's ``main`` in this process: (exit status, stdout,
+    stderr), as a shell would see them; no Ray address (the cases that use it fail before Ray would start)."""
+    import sys
+
+    import pytest
+
+    from posterfusion.jobs import cli
+
+    monkeypatch.setattr(sys, "argv", ["posterfusion", *args])
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err

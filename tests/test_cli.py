@@ -16,21 +16,13 @@ import pytest
 from posterfusion.errors import UserValueError
 from posterfusion.jobs import cli
 
+from support import cli_main
+
 
 def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = os.environ | {"RAY_ADDRESS": ""}  # none needed: every case fails before Ray would start
     return subprocess.run([sys.executable, "-m", "posterfusion", *args], capture_output=True, text=True, env=env,
                           timeout=120, cwd=cwd)
-
-
-def _main(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """``posterfusion ARGS`` through the console script's ``main``: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["posterfusion", *args])
-    monkeypatch.setenv("RAY_ADDRESS", "")
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def a_catalogue_folder(tmp_path_factory):
 def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(args, says, not_a_catalogue, a_catalogue_folder,
                                                              monkeypatch, capsys):
     args = [a.format(empty=not_a_catalogue, catalogue=a_catalogue_folder, bundle="/nonexistent") for a in args]
-    status, out, err = _main(args, monkeypatch, capsys)
+    status, out, err = cli_main(args, monkeypatch, capsys)
     assert status == 2, err
     assert "Traceback" not in err + out
     lines = err.strip().splitlines()

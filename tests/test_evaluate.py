@@ -9,38 +9,29 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from posterfusion.jobs import slices as slicing
 from posterfusion.jobs.compare import CompareConfig, run_compare
 from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate
-from posterfusion.jobs.slices import MIN_SUBSET
-from posterfusion.jobs.train import run_train
-from posterfusion.jobs.train.recipes import resolve
 from posterfusion.models.metrics import HEADLINE
 
-from support import detector, sample_catalogue
+from support import QUICK
 
 pytestmark = pytest.mark.slow
-DETECTOR = detector()
-SMALL = {"model": {"backbone": "keras_cnn", "image_size": 48},
-         "optim": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3}}
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """sample → catalogue → features → cnn and fused bundles, where ``compare`` looks for them."""
-    root = sample_catalogue(tmp_path_factory.mktemp("evaluate"), n=200, seed=1, features=True)
-    for variant in ("cnn", "fused"):
-        run_train(resolve("quick", {**SMALL, "model": SMALL["model"] | {"variant": variant},
-                                    "data": {"catalogue": root / "catalogue", "features": root / "features"},
-                                    "run": {"out": root / "models" / "quick" / f"{variant}-s0",
-                                            "storage_path": root / "ray_results"}}, from_scratch=True))
-    return root
+def trained(quick_bundles):
+    """The session's sample with its catalogue, features and quick cnn and fused bundles, where ``compare``
+    looks for them."""
+    return quick_bundles
 
 
 def bundle(trained, variant):
     return trained / "models" / "quick" / f"{variant}-s0"
 
 
-def test_evaluate_reports_the_model_beside_both_baselines(trained):
+def test_evaluate_reports_the_model_beside_both_baselines(trained, monkeypatch):
+    monkeypatch.setattr(slicing, "MIN_SUBSET", 4)  # a dozen test posters: judge slices of 4 (20: test_slices)
     out = trained / "eval"
     report = run_evaluate(EvaluateConfig(model=bundle(trained, "fused"), catalogue=trained / "catalogue", out=out,
                                          features=trained / "features", n_boot=200))
@@ -59,8 +50,9 @@ def test_evaluate_reports_the_model_beside_both_baselines(trained):
     slices = report["slices"]
     for kind in ("metadata", "objects"):  # each pair of slices covers the split once
         assert slices[f"with {kind}"]["posters"] + slices[f"without {kind}"]["posters"] == report["posters"]
-    assert all((s["intervals"] is None) == (s["posters"] < MIN_SUBSET) for s in slices.values())
+    assert all((s["intervals"] is None) == (s["posters"] < 4) for s in slices.values())
     judged = [s for s in slices.values() if s["intervals"] is not None]  # what a judged slice holds: test_slices
+    assert judged
     assert all(set(s["paired"]) == {"model - label_prior", "model - classic"} for s in judged)
     written = json.loads((out / "metrics.json").read_text())
     assert written["posters"] == report["posters"] == len(pd.read_parquet(out / "predictions.parquet"))
@@ -142,7 +134,7 @@ def test_compare_writes_the_report_and_says_whether_fused_beats_cnn(trained):
     out = trained / "compare"
     result = run_compare(CompareConfig(catalogue=trained / "catalogue", out=out, models=trained / "models",
                                        recipes=["quick"], variants=["cnn", "fused"], features=trained / "features",
-                                       n_boot=200, train=SMALL, from_scratch=True))
+                                       n_boot=200, train=QUICK, from_scratch=True))
     group = result["groups"][0]
     assert {"cnn", "fused", "label_prior", "classic"} == set(group["intervals"])
     paired = group["paired"]["fused - cnn"]["roc_auc_macro"]

@@ -4,9 +4,6 @@ knob, no silent downgrade when pretrained weights are missing, and the seed syst
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -17,7 +14,7 @@ from posterfusion.jobs.train import TrainConfig
 from posterfusion.jobs.train.config import merge, parse_sets, setting_names, shortcut_overrides
 from posterfusion.jobs.train.recipes import RECIPES, Recipe, describe, resolve
 
-from support import REPO
+from support import REPO, cli_main
 
 
 def test_every_recipe_is_a_typed_partial_tree_that_resolves(tmp_path):
@@ -83,27 +80,24 @@ def test_missing_weights_are_refused_saying_where_they_were_looked_for(tmp_path,
         resolve("quality", {"model": {"backbone": "keras_cnn"}})
 
 
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "posterfusion", *args], capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"RAY_ADDRESS": ""} | env)
-
-
-def test_train_and_compare_refuse_missing_weights_in_one_line_before_any_work(tmp_path):
+def test_train_and_compare_refuse_missing_weights_in_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(tmp_path))  # nothing there
     for command in (["train", "--catalogue", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")],
                     ["compare", "--catalogue", str(tmp_path / "nowhere"), "--models", str(tmp_path / "m"),
                      "--out", str(tmp_path / "r")]):
-        run = _cli(*command, POSTERFUSION_WEIGHTS=str(tmp_path))
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        status, _, err = cli_main(command, monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1, err
         assert lines[0].startswith("posterfusion: error: recipe 'quality' starts from the weights file "
                                    "mobilenet_v2_imagenet.safetensors, not found")
         assert "--from-scratch" in lines[0] and not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
 
 
-def test_recipes_show_prints_the_resolved_configuration_without_training():
-    run = _cli("recipes", "--show", "quality", "--set", "optim.epochs=20", "--set", "model.variant=cnn")
-    assert run.returncode == 0, run.stderr
-    shown = yaml.safe_load(run.stdout)
+def test_recipes_show_prints_the_resolved_configuration_without_training(monkeypatch, capsys):
+    status, out, err = cli_main(["recipes", "--show", "quality", "--set", "optim.epochs=20", "--set",
+                                 "model.variant=cnn"], monkeypatch, capsys)
+    assert status == 0, err
+    shown = yaml.safe_load(out)
     assert shown["optim"]["epochs"] == 20 and shown["model"]["variant"] == "cnn" and shown["recipe"] == "quality"
     assert TrainConfig.model_validate(shown).optim.warmup_epochs == 12
 

@@ -1,7 +1,7 @@
 """Poster similarity: the embeddings job, nearest-neighbour search, ``similar_posters`` and the contact sheet.
 
-A module fixture builds sample → catalogue → a tiny ``cnn+metadata`` bundle (no detector
-needed) → embeddings once; each test then reads them.
+A module fixture computes the embeddings of the session's sample with its quick ``cnn`` bundle
+(``quick_bundles``) once; each test then reads them.
 """
 
 from __future__ import annotations
@@ -20,25 +20,18 @@ from posterfusion.features.catalogue import catalogue_files
 from posterfusion.features.metadata import FIELDS as METADATA_COLUMNS
 from posterfusion.jobs.contact_sheet import CELL_WIDTH, LABEL_WIDTH, ROW_HEIGHT, contact_sheet
 from posterfusion.jobs.embed import EmbedConfig, format_embed_summary, run_embeddings
-from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.models.similarity import format_similar, nearest, read_scores, similar_posters
-
-from support import sample_catalogue
 
 
 @pytest.fixture(scope="module")
-def built(ray_session, tmp_path_factory):
-    root = sample_catalogue(tmp_path_factory.mktemp("similar"), n=80, unlabelled=4)
-    run_train(TrainConfig.model_validate({
-        "model": {"variant": "cnn+metadata", "backbone": "keras_cnn", "image_size": 48},
-        "optim": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3},
-        "data": {"catalogue": root / "catalogue", "vocab": {"min_count": 5}},  # several genres: top-3 matters
-        "run": {"out": root / "bundle", "storage_path": root / "ray_results"}}))
-    summary = run_embeddings(EmbedConfig(model=root / "bundle", catalogue=root / "catalogue", out=root / "emb",
-                                         batch_size=16))
+def built(quick_bundles, tmp_path_factory):
+    root = quick_bundles
+    bundle, out = root / "models" / "quick" / "cnn-s0", tmp_path_factory.mktemp("similar")
+    summary = run_embeddings(EmbedConfig(model=bundle, catalogue=root / "catalogue", out=out / "emb", batch_size=16))
     catalogue = catalogue_files(root / "catalogue").dataset().to_table().to_pandas()
-    stored = pads.dataset(str(root / "emb" / "embeddings"), format="parquet").to_table().to_pandas()
-    return {"root": root, "summary": summary, "catalogue": catalogue, "stored": stored}
+    stored = pads.dataset(str(out / "emb" / "embeddings"), format="parquet").to_table().to_pandas()
+    return {"root": out, "bundle": bundle, "catalogue_path": root / "catalogue", "summary": summary,
+            "catalogue": catalogue, "stored": stored}
 
 
 def _unique_poster(built) -> dict:
@@ -52,14 +45,14 @@ def test_embeddings_job_writes_one_unit_vector_per_poster(built):
     from posterfusion.models.bundle import load_bundle, model_version
 
     root, stored, catalogue = built["root"], built["stored"], built["catalogue"]
-    hidden = load_bundle(root / "bundle").config.model.hidden
+    hidden = load_bundle(built["bundle"]).config.model.hidden
     assert built["summary"]["rows"] == len(catalogue) == len(stored)
     assert built["summary"]["dim"] == hidden
     assert sorted(stored["movie_id"]) == sorted(catalogue["movie_id"])
     vectors = np.stack(stored["embedding"].to_list())
     assert vectors.shape == (len(catalogue), hidden) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert set(stored["model_version"]) == {model_version(root / "bundle")}
+    assert set(stored["model_version"]) == {model_version(built["bundle"])}
     genres = json.loads((root / "emb" / "embeddings" / "_manifest.json").read_text())["genres"]
     assert len(genres) > 3
     assert all(len(top) == 3 and set(top) <= set(genres) for top in stored["top_genres"])
@@ -69,7 +62,7 @@ def test_batch_and_online_embeddings_agree(built):
     """The actor and a Predictor called directly see the same inputs (poster + catalogue metadata)."""
     from posterfusion.models.predictor import Predictor
 
-    predictor = Predictor(built["root"] / "bundle")
+    predictor = Predictor(built["bundle"])
     rows = built["catalogue"].head(4).reset_index(drop=True)
     scored = predictor.score(rows["poster"].tolist(), rows[list(METADATA_COLUMNS)], embed=True)
     stored = built["stored"].set_index("movie_id").loc[rows["movie_id"]]
@@ -92,7 +85,7 @@ def test_similar_posters_leaves_the_query_out_and_ranks_by_similarity(built, tmp
     root, row = built["root"], _unique_poster(built)
     poster = tmp_path / "query.jpg"
     poster.write_bytes(row["poster"])
-    results = similar_posters(root / "bundle", root / "catalogue", poster, k=6, embeddings=root / "emb")
+    results = similar_posters(built["bundle"], built["catalogue_path"], poster, k=6, embeddings=root / "emb")
     assert len(results) == 6
     assert row["movie_id"] not in {r["movie_id"] for r in results}
     assert [r["similarity"] for r in results] == sorted((r["similarity"] for r in results), reverse=True)
@@ -104,7 +97,7 @@ def test_similar_posters_leaves_the_query_out_and_ranks_by_similarity(built, tmp
     text = format_similar(results)
     assert len(text.splitlines()) == 6 and results[0]["movie_id"] in text.splitlines()[0]
     # Bytes work as well as a path and give the same answer.
-    assert similar_posters(root / "bundle", root / "catalogue", row["poster"], k=6,
+    assert similar_posters(built["bundle"], built["catalogue_path"], row["poster"], k=6,
                            embeddings=root / "emb" / "embeddings") == results
 
 
@@ -112,7 +105,7 @@ def test_similar_posters_explains_missing_or_foreign_embeddings(built, tmp_path)
     root = built["root"]
     poster = built["catalogue"]["poster"].iloc[0]
     with pytest.raises(FileNotFoundError, match="run the embeddings job"):
-        similar_posters(root / "bundle", root / "catalogue", poster)
+        similar_posters(built["bundle"], built["catalogue_path"], poster)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     table = pads.dataset(str(root / "emb" / "embeddings"), format="parquet").to_table()
@@ -120,7 +113,7 @@ def test_similar_posters_explains_missing_or_foreign_embeddings(built, tmp_path)
     pq.write_table(table.set_column(version, "model_version", pa.array(["0" * 16] * table.num_rows)),
                    foreign / "part.parquet")
     with pytest.raises(ValueError, match="rerun the embeddings job"):
-        similar_posters(root / "bundle", root / "catalogue", poster, embeddings=foreign)
+        similar_posters(built["bundle"], built["catalogue_path"], poster, embeddings=foreign)
 
 
 def test_contact_sheet_has_one_row_per_genre(built, tmp_path):
@@ -128,7 +121,7 @@ def test_contact_sheet_has_one_row_per_genre(built, tmp_path):
     scores = read_scores(root / "emb")
     genres = [c for c in scores.columns if c != "movie_id"][:3]
     assert len(scores) == len(built["catalogue"]) and len(genres) == 3
-    out = contact_sheet(scores, root / "catalogue", genres, tmp_path / "sheet.png", per_genre=4)
+    out = contact_sheet(scores, built["catalogue_path"], genres, tmp_path / "sheet.png", per_genre=4)
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == (LABEL_WIDTH + 4 * CELL_WIDTH, 3 * ROW_HEIGHT)
@@ -136,16 +129,15 @@ def test_contact_sheet_has_one_row_per_genre(built, tmp_path):
         cell = np.asarray(image.convert("RGB"))[10:100, LABEL_WIDTH + 10:LABEL_WIDTH + 60]
         assert cell.std() > 5
     # The embeddings folder can stand in for the scores frame: same sheet, byte for byte.
-    again = contact_sheet(root / "emb", root / "catalogue", genres, tmp_path / "again.png", per_genre=4)
+    again = contact_sheet(root / "emb", built["catalogue_path"], genres, tmp_path / "again.png", per_genre=4)
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(out.read_bytes()).digest()
 
 
 def test_embeddings_of_one_split_replace_an_older_run(built, tmp_path):
-    root = built["root"]
     stale = tmp_path / "embeddings" / "stale.parquet"
     stale.parent.mkdir()
     stale.write_bytes(b"from an older run")
-    summary = run_embeddings(EmbedConfig(model=root / "bundle", catalogue=root / "catalogue", out=tmp_path,
+    summary = run_embeddings(EmbedConfig(model=built["bundle"], catalogue=built["catalogue_path"], out=tmp_path,
                                          split="val", actors=1))
     val = built["catalogue"].loc[built["catalogue"]["split"] == "val", "movie_id"]
     stored = pads.dataset(str(tmp_path / "embeddings"), format="parquet").to_table().to_pandas()
@@ -153,4 +145,4 @@ def test_embeddings_of_one_split_replace_an_older_run(built, tmp_path):
     assert not stale.exists() and not list(tmp_path.glob("_*"))
     assert f"{len(val)} posters × {summary['dim']} dims" in format_embed_summary(summary)
     with pytest.raises(ValueError, match="split must be one of"):
-        EmbedConfig(model=root / "bundle", catalogue=root / "catalogue", out=tmp_path, split="holdout")
+        EmbedConfig(model=built["bundle"], catalogue=built["catalogue_path"], out=tmp_path, split="holdout")

@@ -1,7 +1,7 @@
 """Ray Train on the synthetic sample: distributed training, resume, variants, the bundle.
 
-A module fixture builds sample → catalogue → object features once (real YOLO TFLite
-detections); each test then trains a small network for a few epochs on CPU.
+The session's ``labelled_sample`` (sample → catalogue → real YOLO TFLite object features, built
+once); each test then trains a small network for a few epochs on CPU.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from posterfusion.jobs.train import TrainConfig, run_train
 from posterfusion.jobs.train.config import DataFacts, WorkerArgs, WorkerPlan, merge
 from posterfusion.models.fusion import VARIANTS
 
-from support import detector, sample_catalogue
+from support import detector
 
 DETECTOR = detector()
 DETECTOR_PATH = __import__("pathlib").Path(DETECTOR.weights)
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_session, tmp_path_factory):
-    return sample_catalogue(tmp_path_factory.mktemp("train"), n=160, unlabelled=8, features=True)
+def prepared(labelled_sample):
+    """The session's sample (catalogue and object features); each test writes under it by its own name."""
+    return labelled_sample
 
 
 MOBILENET = {"backbone": "mobilenet_v2", "weights": "mobilenet_v2_imagenet.safetensors", "image_size": 64}
