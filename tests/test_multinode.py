@@ -73,7 +73,7 @@ def assert_each_row_once(out: Path, catalogue_rows: int) -> None:
 
 def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
-    from ray.util.state import list_tasks
+    from ray.util.state import list_actors, list_tasks
 
     # the GCS probes each raylet every 0.5 s (not 3 s) and declares a node dead after 4 missed probes (not 5):
     # the killed node is seen dead in seconds; a probe still waits up to Ray's 10 s for a busy live raylet
@@ -84,6 +84,7 @@ def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path, mon
     catalogue, bundle = tmp_path / "catalogue", tmp_path / "bundle"
     with LocalCluster(workers=1) as cluster:  # its own short /tmp root: unix socket paths are limited to 107 bytes
         assert len(cluster.alive_nodes()) == 2
+        worker_id = next(n.node_id for n in cluster.alive_nodes() if "node:worker1" in n.resources_total)
         cli("ingest", "--source", f"multilabel:{tmp_path / 'sample'}", "--metadata", sample["metadata"],
             "--out", str(catalogue), address=cluster.address)
         cli("train", "--catalogue", str(catalogue), "--out", str(bundle), "--variant", "cnn+metadata",
@@ -91,27 +92,25 @@ def test_jobs_run_across_two_nodes_and_scoring_survives_losing_one(tmp_path, mon
             "--set", "optim.batch_size=16", address=cluster.address)
         assert (bundle / "model.safetensors").is_file()  # `posterfusion train --address` on the cluster
 
+        # Score through the job submission API and kill the worker node once the job has committed its
+        # first file: the job still finishes, every row once, and the killed node had done its share.
         client = JobSubmissionClient(cluster.dashboard)
         job = submit_score(client, bundle, catalogue, tmp_path / "scores")
-        assert wait_for(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
-        assert "reconciles" in client.get_job_logs(job)
-        assert_each_row_once(tmp_path / "scores", 80)
-        tasks = list_tasks(address=cluster.dashboard, filters=[("job_id", "=", client.get_job_info(job).job_id)],
-                           detail=True, limit=10_000)
-        nodes = {t.node_id for t in tasks if t.node_id}
-        assert len(nodes) == 2, f"tasks ran on {len(nodes)} node(s)"
-
-        # Kill the worker node once the job has committed its first file: the job still finishes.
-        job = submit_score(client, bundle, catalogue, tmp_path / "scores-killed")
         deadline = time.monotonic() + 300
-        while not list((tmp_path / "scores-killed").glob("run_date=*/part-*.parquet")):
+        while not list((tmp_path / "scores").glob("run_date=*/part-*.parquet")):
             assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
             assert client.get_job_status(job) not in {"FAILED", "SUCCEEDED"}, client.get_job_logs(job)[-3000:]
             time.sleep(0.2)
         worker = cluster.nodes[1]
         assert worker.kill() > 0
         assert wait_for(client, job) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
-        assert_each_row_once(tmp_path / "scores-killed", 80)
+        assert "reconciles" in client.get_job_logs(job)
+        assert_each_row_once(tmp_path / "scores", 80)
+        job_id = client.get_job_info(job).job_id
+        tasks = list_tasks(address=cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000)
+        actors = list_actors(address=cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000)
+        nodes = {t.node_id for t in tasks if t.node_id} | {a.node_id for a in actors if a.node_id}
+        assert worker_id in nodes and len(nodes) == 2, f"the job ran on {len(nodes)} node(s)"
         deadline = time.monotonic() + 90  # the GCS declares a killed node dead after missed health checks:
         while len(cluster.alive_nodes()) != 1:  # the job may finish before it does
             assert time.monotonic() < deadline, cluster.alive_nodes()

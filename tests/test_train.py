@@ -155,15 +155,17 @@ def test_members_need_one_warm_up_to_start_from(prepared):
         small(prepared, "members-cold", model=MOBILENET, combine={"members": 2})
 
 
-@pytest.mark.parametrize(("variant", "fusion"), [("cnn", "concat"), ("flags-only", "gated")])
-def test_a_variant_trains_and_its_bundle_reads_exactly_its_inputs(prepared, variant, fusion):
-    """One variant per kind of side input (none here, presence flags; both: the fused test below), each with its
-    own fusion, through training, the bundle and the Predictor, on a pretrained backbone (frozen: its features
-    extracted once); what every variant's network reads is tests/test_models.py's."""
-    name = f"v-{variant.replace('+', '_')}"
-    run_train(small(prepared, name, model=MOBILENET | {"variant": variant, "fusion": fusion},
+def test_a_variant_trains_and_its_bundle_reads_exactly_its_inputs(prepared):
+    """Presence flags only, with gated fusion, through training, the bundle and the Predictor, on a pretrained
+    backbone (frozen: its features extracted once). The other kinds of side input: none (the session's quick cnn
+    bundle, below), both (the fused test below); what every variant's network reads is tests/test_models.py's."""
+    run_train(small(prepared, "v-flags-only", model=MOBILENET | {"variant": "flags-only", "fusion": "gated"},
                     optim={"epochs": 2, "mode": "frozen"}))
-    _reads_exactly_its_inputs(prepared, prepared / name / "bundle", variant, fusion)
+    _reads_exactly_its_inputs(prepared, prepared / "v-flags-only" / "bundle", "flags-only", "gated")
+
+
+def test_the_cnn_bundle_reads_neither_metadata_nor_objects(quick_bundles):
+    _reads_exactly_its_inputs(quick_bundles, quick_bundles / "models" / "quick" / "cnn-s0", "cnn", "residual", size=48)
 
 
 def test_the_fused_bundle_reads_both_side_inputs_and_reproduces_its_validation_auc(prepared, two_workers):
@@ -184,7 +186,7 @@ def test_the_fused_bundle_reads_both_side_inputs_and_reproduces_its_validation_a
     assert not (bundle / "model.pt").exists() and (bundle / "calibration.json").is_file()
 
 
-def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str):
+def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str, size: int = 64):
     """The bundle's config names its variant once, and its Predictor reads metadata and objects exactly as the
     variant says (flags-only sees that metadata is there, never what it says). Returns the Predictor."""
     from posterfusion.models.predictor import Predictor
@@ -192,7 +194,7 @@ def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str):
     config = json.loads((bundle / "config.json").read_text())
     assert config["model"]["variant"] == variant and config["train"]["model"]["variant"] == variant
     assert config["model"]["fusion"] == fusion
-    assert config["model"]["image_size"] == 64 and "image_size" not in config  # in the network's config, once
+    assert config["model"]["image_size"] == size and "image_size" not in config  # in the network's config, once
     assert (config["detector_id"] is not None) == VARIANTS[variant].objects
     predictor = Predictor(bundle, detect=False, precision="off")
     posters = [p.read_bytes() for p in sorted((prepared / "sample" / "Images").glob("*.jpg"))[:4]]
