@@ -16,9 +16,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall only when the dependency list changes.
+# Reinstall only when the dependency list changes. pip would byte-compile the packages one file after
+# another; compileall does it on every core (measured on 2 cores: 61 s → 35 s). Without .pyc files each
+# process recompiles what it imports (PYTHONDONTWRITEBYTECODE is often set). The one file skipped is
+# torch's Python 3.12 syntax test helper, which no 3.11 interpreter compiles (pip skips it silently).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/python -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics\.py' $(VENV)/lib
 	touch $@
 
 install: $(VENV)/.installed
