@@ -178,6 +178,28 @@ def test_the_metric_suite_counts_what_sklearn_counts_ties_included():
             f1_score(labels, scores >= thresholds, average="macro", zero_division=0), rel=1e-12)
 
 
+def test_ranks_are_scipys_average_ranks_ties_and_nans_included():
+    """The AUC's ranks, computed without SciPy: a Ray Train worker imports the metrics but neither library."""
+    import subprocess
+    import sys
+
+    from scipy.stats import rankdata
+
+    from posterfusion.models.metrics import _average_ranks
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n, g = rng.integers(0, 30), rng.integers(1, 5)
+        scores = rng.integers(0, rng.integers(1, 6), (n, g)).astype(float)  # small integers: runs of ties
+        if n and rng.random() < 0.2:
+            scores[rng.integers(0, n), 0] = np.nan
+        np.testing.assert_array_equal(_average_ranks(scores), rankdata(scores, axis=0))
+    imported = subprocess.run([sys.executable, "-c", "import sys, posterfusion.models.metrics; "
+                               "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'sklearn'}))"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert imported == "[]"
+
+
 def _synthetic(n: int, seed: int, signal: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = (rng.random((n, 4)) < 0.3).astype(np.float32)
