@@ -268,6 +268,7 @@ def embed(
     catalogue: Annotated[str, typer.Option(help="Catalogue from `ingest` (a directory or a URI).")],
     out: Annotated[str, typer.Option(help="Embeddings directory or URI (for `similar`).")],
     split: Annotated[str | None, typer.Option(help="Only this split (default: every poster).")] = None,
+    features: Annotated[str | None, typer.Option(help="Cached object features to reuse.")] = None,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
@@ -276,7 +277,7 @@ def embed(
 
     _check(model=model, catalogue=catalogue, stores=[out])
     with _cluster(address, num_cpus):
-        summary = run_embeddings(EmbedConfig(model=model, catalogue=catalogue, out=out, split=split))
+        summary = run_embeddings(EmbedConfig(model=model, catalogue=catalogue, out=out, split=split, features=features))
     typer.echo(format_embed_summary(summary))
 
 

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from posterfusion.errors import UserValueError
 from posterfusion.features.metadata import FIELDS
 from posterfusion.locations import Location, ParquetFiles
+from posterfusion.models.bundle import load_bundle
+from posterfusion.models.inference import CachedObjects, object_vectors
 from posterfusion.models.similarity import EMBEDDINGS_SCHEMA, MANIFEST, read_embeddings_table
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class EmbedConfig(BaseModel):
     catalogue: Location
     out: Location = Field(description="embeddings are written to OUT/embeddings (a path or a URI)")
     split: str | None = Field(None, description="embed only this split; None = every catalogue row")
+    features: Location | None = Field(None, description="the features job's output: a fused bundle's object "
+                                      "vectors are read from it (a poster it lacks is detected); None = detect all")
     batch_size: int = Field(32, ge=1, description="posters per actor call")
     actors: int | None = Field(None, ge=1, description="Predictor actors; None = one per cluster CPU")
     io_cpus: float = Field(0.1, gt=0, description="CPU per read/filter/write task (fractional)")
@@ -58,11 +62,12 @@ class PosterEmbedder:
     """Ray Data actor: catalogue rows in, one embedding row per poster out.
 
     ``detect=False`` loads the detector only when the network reads objects, and then
-    ``Predictor.score`` runs it exactly as scoring does. Catalogue posters passed the ingest
+    ``Predictor.score`` runs it exactly as scoring does, for the posters ``objects`` (the features
+    job's cache, joined as scoring joins it) has no vector for. Catalogue posters passed the ingest
     decode check, so one that fails here means a damaged catalogue: it is an error.
     """
 
-    def __init__(self, bundle: str, threads: int | None = None):
+    def __init__(self, bundle: str, threads: int | None = None, objects: CachedObjects | None = None):
         import torch
 
         from posterfusion.models.predictor import Predictor
@@ -70,10 +75,15 @@ class PosterEmbedder:
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor(bundle, detect=False)
+        self.objects = objects
 
-    def __call__(self, batch: pd.DataFrame) -> pa.Table:
-        batch = batch.reset_index(drop=True)
-        scored = self.predictor.score(batch["poster"].tolist(), batch, embed=True)
+    def __call__(self, table: pa.Table) -> pa.Table:
+        vectors = None
+        if self.objects is not None:
+            table = self.objects.join(table)
+            vectors = object_vectors(table["objects"])
+        batch = table.select([c for c in table.column_names if c not in ("objects", "cached_detections")]).to_pandas()
+        scored = self.predictor.score(batch["poster"].tolist(), batch, vectors, embed=True)
         failed = [i for i, e in enumerate(scored.errors) if e is not None]
         if failed:
             raise ValueError(f"catalogue poster {batch['movie_id'][failed[0]]} cannot be scored: "
@@ -122,7 +132,6 @@ def run_embeddings(config: EmbedConfig) -> dict:
     """
     from posterfusion.cluster import actor_pool
     from posterfusion.features.catalogue import catalogue_files
-    from posterfusion.models.bundle import load_bundle
 
     started = time.perf_counter()
     bundle = load_bundle(config.model)  # fails early, on the driver, for a path that is no bundle
@@ -137,7 +146,7 @@ def run_embeddings(config: EmbedConfig) -> dict:
     folder, token = config.out / "embeddings", uuid.uuid4().hex[:8]
     staging = config.out / f"_embeddings-{token}" if folder.is_local else folder / f"run-{token}"
     try:
-        _write_embeddings(config, files, pool, staging)
+        _write_embeddings(config, files, pool, staging, bundle.config.detector_id)
         written = staging.list_files(".parquet")
         if (count := read_embeddings_table(ParquetFiles(written), ["movie_id"]).num_rows) != rows:
             raise RuntimeError(f"embedded {count} posters but the catalogue selection has {rows}")
@@ -155,7 +164,8 @@ def run_embeddings(config: EmbedConfig) -> dict:
             "seconds": round(seconds, 2), "posters_per_s": round(rows / seconds, 2), "out": str(folder)}
 
 
-def _write_embeddings(config: EmbedConfig, files: ParquetFiles, pool, staging: Location) -> None:
+def _write_embeddings(config: EmbedConfig, files: ParquetFiles, pool, staging: Location,
+                      detector_id: str | None) -> None:
     import ray
 
     columns = READ_COLUMNS + (["split"] if config.split else [])
@@ -165,10 +175,13 @@ def _write_embeddings(config: EmbedConfig, files: ParquetFiles, pool, staging: L
                             num_cpus=config.io_cpus)
     # A catalogue file is one large block and a block goes to one actor: split it so all of them work.
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    objects = None
+    if config.features is not None and detector_id:  # a network that reads no objects needs none
+        objects = CachedObjects.load(config.features, detector_id, strict=False).share()
     ds = ds.map_batches(PosterEmbedder, fn_constructor_kwargs={"bundle": str(config.model.absolute()),
-                                                               "threads": pool.threads},
+                                                               "threads": pool.threads, "objects": objects},
                         compute=pool.strategy(), num_cpus=pool.cpus,
-                        num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pandas")
+                        num_gpus=pool.gpus, batch_size=config.batch_size, batch_format="pyarrow")
     ds.write_parquet(staging.fs_path, filesystem=staging.filesystem, ray_remote_args={"num_cpus": config.io_cpus})
 
 

@@ -106,7 +106,7 @@ class PredictBatch:
         if self.objects is not None:
             batch = self.objects.join(batch)
         columns = batch.column_names
-        vectors = _vectors(batch["objects"]) if "objects" in columns else None
+        vectors = object_vectors(batch["objects"]) if "objects" in columns else None
         detections = batch["cached_detections"].to_pylist() if "cached_detections" in columns else None
         metadata = batch.select([f for f in FIELDS if f in columns]).to_pandas()
         return batch, self.predictor.score(batch["poster"].to_pylist(), metadata, vectors, detections)
@@ -124,7 +124,7 @@ class PredictBatch:
         })
 
 
-def _vectors(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+def object_vectors(column: pa.ChunkedArray) -> list[np.ndarray | None]:
     """A list<float> column → one vector per row (None where null), from the flat buffer."""
     column = column.combine_chunks()
     valid = column.is_valid().to_numpy(zero_copy_only=False)

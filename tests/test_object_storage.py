@@ -270,6 +270,7 @@ def test_the_whole_pipeline_runs_against_a_bucket(ray_session, s3_endpoint, tmp_
     import httpx
 
     from posterfusion.cluster.multinode import free_port
+    from posterfusion.features.metadata import FIELDS
     from posterfusion.jobs.embed import EmbedConfig, run_embeddings
     from posterfusion.jobs.evaluate import EvaluateConfig, run_evaluate
     from posterfusion.jobs.features import FeaturesConfig, run_features
@@ -279,7 +280,7 @@ def test_the_whole_pipeline_runs_against_a_bucket(ray_session, s3_endpoint, tmp_
     from posterfusion.jobs.train import run_train
     from posterfusion.jobs.train.recipes import resolve
     from posterfusion.models.predictor import Predictor
-    from posterfusion.models.similarity import similar_posters
+    from posterfusion.models.similarity import read_embeddings_table, similar_posters
     from posterfusion.serving.app import ServeConfig, start_service
 
     root = f"s3://{new_bucket()}"
@@ -322,12 +323,17 @@ def test_the_whole_pipeline_runs_against_a_bucket(ray_session, s3_endpoint, tmp_
     assert {"metrics.json", "report.md", "predictions.parquet", "reliability.png"} <= written
     assert json.loads(Location(f"{root}/report/metrics.json").read_text())["posters"] == evaluation["posters"]
 
-    run_embeddings(EmbedConfig(model=f"{root}/model", catalogue=f"{root}/catalogue", out=f"{root}/embeddings"))
+    run_embeddings(EmbedConfig(model=f"{root}/model", catalogue=f"{root}/catalogue", out=f"{root}/embeddings",
+                               features=f"{root}/features"))  # the cached object vectors, as scoring reads them
     poster = sorted((tmp_path / "sample" / "Images").iterdir())[0].read_bytes()
     hits = similar_posters(f"{root}/model", f"{root}/catalogue", poster, k=3, embeddings=f"{root}/embeddings")
     assert len(hits) == 3
 
     local = Predictor(Location(f"{root}/model").download_dir(tmp_path / "bundle"))
+    row = catalogue_files(f"{root}/catalogue").dataset().to_table().to_pandas().iloc[0]
+    stored = read_embeddings_table(f"{root}/embeddings", ["movie_id", "embedding"]).to_pandas().set_index("movie_id")
+    fresh = local.embed_one(row["poster"], {field: row[field] for field in FIELDS})  # the detector runs here
+    np.testing.assert_allclose(stored.loc[row["movie_id"], "embedding"], fresh, atol=1e-5)
     url = start_service(ServeConfig(model=f"{root}/model", max_replicas=1, replica_cpus=0.25), port=free_port(),
                         name="from-bucket")
     try:
