@@ -30,11 +30,17 @@ def bundle(trained, variant):
     return trained / "models" / "quick" / f"{variant}-s0"
 
 
-def test_evaluate_reports_the_model_beside_both_baselines(trained, monkeypatch):
-    monkeypatch.setattr(slicing, "MIN_SUBSET", 4)  # a dozen test posters: judge slices of 4 (20: test_slices)
-    out = trained / "eval"
-    report = run_evaluate(EvaluateConfig(model=bundle(trained, "fused"), catalogue=trained / "catalogue", out=out,
-                                         features=trained / "features", n_boot=200))
+@pytest.fixture(scope="module")
+def fused_evaluation(trained):
+    """The fused bundle on the test split, with the cached object features, beside both baselines: its report."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(slicing, "MIN_SUBSET", 4)  # a dozen test posters: judge slices of 4 (20: test_slices)
+        return run_evaluate(EvaluateConfig(model=bundle(trained, "fused"), catalogue=trained / "catalogue",
+                                           out=trained / "eval", features=trained / "features", n_boot=200))
+
+
+def test_evaluate_reports_the_model_beside_both_baselines(trained, fused_evaluation):
+    out, report = trained / "eval", fused_evaluation
     assert set(report["metrics"]) == {"model", "label_prior", "classic"} and report["same_source"]
     for name, intervals in report["intervals"].items():
         assert tuple(intervals) == HEADLINE
@@ -93,16 +99,14 @@ def _poster(trained, movie_id):
     return table.loc[movie_id, "poster"]
 
 
-def test_cached_object_features_and_fresh_detection_score_alike(trained):
-    path = bundle(trained, "fused")
-    cached = run_evaluate(EvaluateConfig(model=path, catalogue=trained / "catalogue", out=trained / "e1",
-                                         features=trained / "features", baselines=False, n_boot=0))
-    fresh = run_evaluate(EvaluateConfig(model=path, catalogue=trained / "catalogue", out=trained / "e2",
-                                        baselines=False, n_boot=0))
-    a = pd.read_parquet(trained / "e1" / "predictions.parquet").drop(columns="movie_id").to_numpy()
-    b = pd.read_parquet(trained / "e2" / "predictions.parquet").drop(columns="movie_id").to_numpy()
-    np.testing.assert_allclose(a, b, atol=1e-4)
-    assert cached["posters"] == fresh["posters"]
+def test_cached_object_features_and_fresh_detection_score_alike(trained, fused_evaluation):
+    fresh = run_evaluate(EvaluateConfig(model=bundle(trained, "fused"), catalogue=trained / "catalogue",
+                                        out=trained / "e2", baselines=False, n_boot=0))  # no features: detected
+    cached, detected = (pd.read_parquet(trained / run / "predictions.parquet") for run in ("eval", "e2"))
+    model = [c for c in cached.columns if c.startswith("model:")]
+    assert model and list(cached["movie_id"]) == list(detected["movie_id"])
+    np.testing.assert_allclose(cached[model].to_numpy(), detected[model].to_numpy(), atol=1e-4)
+    assert fused_evaluation["posters"] == fresh["posters"]
 
 
 def test_another_labelled_source_is_evaluated_on_the_genres_both_sides_know(trained, shared_data, tmp_path):

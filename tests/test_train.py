@@ -85,12 +85,12 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monk
 
     faults.by_value()
     marker = prepared / "resume" / "injected_failure"
-    monkeypatch.setattr(run, "train_loop", faults.failing_train_loop(after_epoch=2, marker=marker))
-    summary = run_train(small(prepared, "resume", run={"workers": 2, "max_failures": 1}, optim={"epochs": 4}))
+    monkeypatch.setattr(run, "train_loop", faults.failing_train_loop(after_epoch=1, marker=marker))
+    summary = run_train(small(prepared, "resume", run={"workers": 2, "max_failures": 1}, optim={"epochs": 3}))
     epochs = [h["epoch"] for h in summary["history"]]
-    assert epochs == [1, 2, 3, 4]  # continued, not restarted: each epoch exactly once
-    assert marker.read_text().startswith("failed after epoch 2")
-    assert "resumed from the epoch-2 checkpoint" in capfd.readouterr().out
+    assert epochs == [1, 2, 3]  # continued, not restarted: each epoch exactly once
+    assert marker.read_text().startswith("failed after epoch 1")
+    assert "resumed from the epoch-1 checkpoint" in capfd.readouterr().out
 
 
 def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_soup(prepared, monkeypatch):
