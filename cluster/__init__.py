@@ -2,11 +2,13 @@
 
 from posterfusion.cluster.local import (
     LISTING_CPUS,
+    ROWS_PER_MODEL_ACTOR,
     ActorPool,
     ClusterConfig,
     ClusterInfo,
     actor_pool,
     cpu_budget,
+    model_actors,
     node_cpus,
     prepare_environment,
     ray_cluster,
@@ -14,11 +16,13 @@ from posterfusion.cluster.local import (
 
 __all__ = [
     "LISTING_CPUS",
+    "ROWS_PER_MODEL_ACTOR",
     "ActorPool",
     "ClusterConfig",
     "ClusterInfo",
     "actor_pool",
     "cpu_budget",
+    "model_actors",
     "node_cpus",
     "prepare_environment",
     "ray_cluster",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 import uuid
@@ -130,7 +129,7 @@ def run_embeddings(config: EmbedConfig) -> dict:
 
     Returns a summary: rows, dim, model_version, actors, seconds, posters/s, and the folder.
     """
-    from posterfusion.cluster import actor_pool
+    from posterfusion.cluster import actor_pool, model_actors
     from posterfusion.features.catalogue import catalogue_files
 
     started = time.perf_counter()
@@ -141,7 +140,7 @@ def run_embeddings(config: EmbedConfig) -> dict:
     if not rows:
         raise UserValueError(f"the catalogue {config.catalogue} has no rows"
                          + (f" in split {config.split!r}" if config.split else ""))
-    pool = actor_pool(config.actors, math.ceil(rows / config.batch_size), gpu_capable=True)
+    pool = actor_pool(config.actors, model_actors(rows, config.batch_size, config.actors), gpu_capable=True)
     version = bundle.version
     folder, token = config.out / "embeddings", uuid.uuid4().hex[:8]
     staging = config.out / f"_embeddings-{token}" if folder.is_local else folder / f"run-{token}"

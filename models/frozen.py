@@ -14,7 +14,6 @@ frozen features draws one of the two per epoch, the one augmentation that surviv
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def ensure_backbone_features(catalogue: Path | Location, cache: Path | Location,
     """Extract features for every catalogue poster not yet in the cache; return a summary."""
     import ray
 
-    from posterfusion.cluster import actor_pool
+    from posterfusion.cluster import actor_pool, model_actors
     from posterfusion.features.catalogue import catalogue_files
     from posterfusion.features.store import keep_keys, plan_missing
 
@@ -117,7 +116,7 @@ def ensure_backbone_features(catalogue: Path | Location, cache: Path | Location,
     store = backbone_store(cache, config)
     files, todo, rows = plan_missing(catalogue_files(catalogue), store.present_keys(), KEY_COLUMNS)
     if len(todo):
-        pool = actor_pool(None, math.ceil(len(todo) / config.batch_size))
+        pool = actor_pool(None, model_actors(len(todo), config.batch_size))
 
         def write(staging: Location) -> None:
             ds = ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=["poster_sha256", "poster"],

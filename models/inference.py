@@ -12,7 +12,6 @@ and no job module is imported by another stage.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -173,12 +172,12 @@ def predict_dataset(dataset, bundle: Path | Location, batch_size: int = 32, acto
     """``dataset`` (PREDICT_COLUMNS) → rows with ``probabilities``; ``objects`` are joined in the actors.
 
     Each actor gets the bundle's location (an absolute path or a URI) and loads it itself. With ``rows``
-    known, the pool has no more actors than batches: each actor loads the model (seconds), so a
-    5-poster split gets one, not one per CPU.
+    known, the pool has no more actors than the rows are worth (:func:`~posterfusion.cluster.model_actors`):
+    each actor loads the model (seconds), so a 66-poster catalogue gets one, not one per CPU.
     """
-    from posterfusion.cluster import actor_pool
+    from posterfusion.cluster import actor_pool, model_actors
 
-    pool = actor_pool(actors, math.ceil(rows / batch_size) if rows else None, gpu_capable=True)
+    pool = actor_pool(actors, model_actors(rows, batch_size, actors) if rows else None, gpu_capable=True)
     where = str(Location.parse(bundle).absolute())
     return dataset.map_batches(
         actor_class, fn_constructor_kwargs={"bundle": where, "detect": detect, "threads": pool.threads,

@@ -31,6 +31,8 @@ from posterfusion.cluster import prepare_environment  # noqa: E402 (after the en
 
 prepare_environment()  # before ray is imported anywhere in the session
 
+LABELLED_SEED = 0  # the sample seed of labelled_sample, and so of small_fused (its first 66 posters)
+
 
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint):
@@ -64,23 +66,26 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_fused(ray_session, tmp_path_factory) -> Path:
-    """A 66-poster sample (60 labelled + 6 unlabelled), its YOLO features and a small fused bundle.
+def small_fused(quick_bundles, tmp_path_factory) -> Path:
+    """A 66-poster catalogue (60 labelled + 6 unlabelled), its YOLO features and a small fused bundle.
 
-    Trained once per session for every test that needs *a* working bundle rather than a good one
-    (scoring, the service, the network audit): ``ROOT/catalogue``, ``ROOT/features``, ``ROOT/bundle``.
+    For every test that needs *a* working bundle rather than a good one (scoring, the service, the
+    network audit): ``ROOT/catalogue``, ``ROOT/features``, ``ROOT/bundle``. Nothing is detected or
+    trained for it: the sample draws its posters in order from its seed, so these 66 are the first 66
+    of ``labelled_sample`` (same seed), whose object features cover them, and the bundle is a copy of
+    ``quick_bundles``' fused one (tests may copy and alter it; the original stays as trained).
     """
-    from posterfusion.jobs.train import TrainConfig, run_train
+    import shutil
 
-    from support import detector, sample_catalogue
+    from posterfusion.jobs.ingest import IngestConfig, run_ingest
+    from posterfusion.jobs.sample import SampleConfig, write_sample
 
-    root = sample_catalogue(tmp_path_factory.mktemp("small-fused"), n=60, unlabelled=6, seed=3, features=True)
-    run_train(TrainConfig.model_validate({
-        "model": {"variant": "fused", "backbone": "keras_cnn", "image_size": 48},
-        "optim": {"epochs": 1, "batch_size": 16},
-        "data": {"catalogue": root / "catalogue", "features": root / "features", "detector": detector(),
-                 "vocab": {"min_count": 3}},  # several genres, so top-3 means something
-        "run": {"out": root / "bundle", "storage_path": root / "ray_results"}}))
+    root = tmp_path_factory.mktemp("small-fused")
+    sample = write_sample(SampleConfig(out=root / "sample", n=60, unlabelled=6, seed=LABELLED_SEED))
+    run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
+                            out=root / "catalogue"))
+    shutil.copytree(quick_bundles / "features", root / "features")
+    shutil.copytree(quick_bundles / "models" / "quick" / "fused-s0", root / "bundle")
     return root
 
 
@@ -94,7 +99,7 @@ def labelled_sample(ray_session, tmp_path_factory) -> Path:
     """
     from support import sample_catalogue
 
-    return sample_catalogue(tmp_path_factory.mktemp("labelled"), n=160, unlabelled=8, features=True)
+    return sample_catalogue(tmp_path_factory.mktemp("labelled"), n=160, unlabelled=8, seed=LABELLED_SEED, features=True)
 
 
 @pytest.fixture(scope="session")

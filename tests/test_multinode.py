@@ -42,9 +42,9 @@ def submit_score(client, bundle: Path, catalogue: Path, out: Path) -> str:
     deadline = time.monotonic() + 120
     while True:  # the head's job agent comes up a little after the dashboard answers
         try:
-            return client.submit_job(
+            return client.submit_job(  # --actors 2: one per node (80 rows would get one unasked)
                 entrypoint=f"{sys.executable} -m posterfusion score --model {bundle} --catalogue {catalogue} "
-                           f"--out {out} --batch-size 4 --rows-per-file 8",
+                           f"--out {out} --batch-size 4 --rows-per-file 8 --actors 2",
                 runtime_env=runtime_env)
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:

@@ -312,3 +312,12 @@ def test_features_job_is_incremental_and_never_drops_a_row(ray_session, shared_d
     assert vector.dtype == np.float32 and vector.shape == (3 * 80 + 2,)
     with_errors = load_object_features(out, first["detector_id"], include_errors=True)
     assert with_errors.loc["tt9999999", "detect_error"].iloc[0] == "not_an_image"
+
+
+def test_a_small_input_gets_fewer_model_actors_unless_the_user_asks_for_more():
+    from posterfusion.cluster import ROWS_PER_MODEL_ACTOR, model_actors
+
+    assert model_actors(66, 8) == 1  # an actor's start costs more than scoring 66 posters on another
+    assert model_actors(ROWS_PER_MODEL_ACTOR * 3 + 1, 8) == 4 and model_actors(10_000, 512) == 20
+    assert model_actors(66, 8, requested=2) == 9  # a user's number is clamped by batches alone
+    assert model_actors(0, 8) == 1
