@@ -25,7 +25,9 @@ def by_value() -> None:
 def failing_train_loop(after_epoch: int, marker: Path):
     """A Ray Train loop that fails once, right after reporting ``after_epoch``'s checkpoint.
 
-    ``marker`` (a file the first failure writes) keeps the restarted workers from failing again.
+    ``marker`` (a file the first failure writes) keeps the restarted workers from failing again;
+    ``marker`` + ``.reports`` lists, a line each, the epochs whose checkpoint was reported, across
+    the restart: a run that resumed lists every epoch once, one that started over lists some twice.
     """
 
     def loop(raw_config: dict) -> None:
@@ -37,6 +39,9 @@ def failing_train_loop(after_epoch: int, marker: Path):
 
         def report(metrics, checkpoint=None, **kwargs):
             real(metrics, checkpoint=checkpoint, **kwargs)
+            if checkpoint is not None:  # rank 0's report
+                with open(f"{marker}.reports", "a") as reports:
+                    reports.write(f"{metrics['epoch']}\n")
             if metrics["epoch"] == after_epoch and not os.path.exists(marker):
                 Path(marker).parent.mkdir(parents=True, exist_ok=True)
                 Path(marker).write_text(f"failed after epoch {after_epoch}\n")

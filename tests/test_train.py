@@ -53,19 +53,29 @@ def args(optim: dict | None = None, **facts) -> WorkerArgs:
 @pytest.fixture(scope="module")
 def two_workers(prepared):
     """The quality path in small, trained once: pretrained MobileNetV2, the fused variant (residual fusion),
-    head epochs on stored features, then DDP fine-tuning on two workers. Full precision: bf16 (auto on CPUs
-    with AMX) reorders near-ties between batches of other sizes, and the bundle's predictions are compared
-    with those validated in training."""
+    head epochs on stored features, then DDP fine-tuning on two workers — and a worker failure injected
+    right after the first fine-tuning epoch's checkpoint (one restart allowed). Full precision: bf16 (auto on
+    CPUs with AMX) reorders near-ties between batches of other sizes, and the bundle's predictions are
+    compared with those validated in training. Returns (summary, bundle, the failure's marker file)."""
+    from posterfusion.jobs.train import run
+
+    import faults
+
     name = "two"
-    summary = run_train(small(prepared, name, model=MOBILENET | {"variant": "fused", "fusion": "residual"},
-                              run={"workers": 2}, data={"vocab": {"min_count": 5}},  # all 8 genres: top-3 is a choice
-                              optim={"epochs": 5, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3,
-                                     "amp": "off"}))
-    return summary, prepared / name / "bundle"
+    faults.by_value()
+    marker = prepared / name / "injected_failure"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "train_loop", faults.failing_train_loop(after_epoch=3, marker=marker))
+        summary = run_train(small(prepared, name, model=MOBILENET | {"variant": "fused", "fusion": "residual"},
+                                  run={"workers": 2, "max_failures": 1},
+                                  data={"vocab": {"min_count": 5}},  # all 8 genres: top-3 is a choice
+                                  optim={"epochs": 5, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3,
+                                         "amp": "off"}))
+    return summary, prepared / name / "bundle", marker
 
 
 def test_two_workers_warm_up_the_head_then_fine_tune_and_beat_the_label_prior(two_workers):
-    summary, _ = two_workers
+    summary, _, _ = two_workers
     history = summary["history"]
     assert [(h["epoch"], h["phase"]) for h in history] == [(1, "head"), (2, "head"), (3, "full"), (4, "full"),
                                                            (5, "full")]
@@ -78,19 +88,12 @@ def test_two_workers_warm_up_the_head_then_fine_tune_and_beat_the_label_prior(tw
     assert model["hit@3"] >= prior["hit@3"]
 
 
-def test_a_worker_failure_resumes_from_the_last_checkpoint(prepared, capfd, monkeypatch):
-    from posterfusion.jobs.train import run
-
-    import faults
-
-    faults.by_value()
-    marker = prepared / "resume" / "injected_failure"
-    monkeypatch.setattr(run, "train_loop", faults.failing_train_loop(after_epoch=1, marker=marker))
-    summary = run_train(small(prepared, "resume", run={"workers": 2, "max_failures": 1}, optim={"epochs": 3}))
-    epochs = [h["epoch"] for h in summary["history"]]
-    assert epochs == [1, 2, 3]  # continued, not restarted: each epoch exactly once
-    assert marker.read_text().startswith("failed after epoch 1")
-    assert "resumed from the epoch-1 checkpoint" in capfd.readouterr().out
+def test_a_worker_failure_resumes_from_the_last_checkpoint(two_workers):
+    """The two-worker run above lost a worker after epoch 3 and went on from that epoch's checkpoint."""
+    _, _, marker = two_workers
+    assert marker.read_text().startswith("failed after epoch 3")
+    reported = [int(line) for line in (marker.parent / f"{marker.name}.reports").read_text().split()]
+    assert reported == [1, 2, 3, 4, 5]  # continued, not restarted: each epoch's checkpoint exactly once
 
 
 def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_soup(prepared, monkeypatch):
@@ -175,7 +178,7 @@ def test_the_fused_bundle_reads_both_side_inputs_and_reproduces_its_validation_a
     from posterfusion.jobs.evaluate import load_split_frame
     from posterfusion.models.metrics import macro_auc
 
-    summary, bundle = two_workers
+    summary, bundle, _ = two_workers
     predictor = _reads_exactly_its_inputs(prepared, bundle, "fused", "residual")
     frame = load_split_frame(prepared / "catalogue", "val")
     cached = load_object_features(prepared / "features", detector_id(DETECTOR))  # what training read
