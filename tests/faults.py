@@ -27,7 +27,7 @@ def failing_train_loop(after_epoch: int, marker: Path):
 
     ``marker`` (a file the first failure writes) keeps the restarted workers from failing again;
     ``marker`` + ``.reports`` lists, a line each, the epochs whose checkpoint was reported, across
-    the restart: a run that resumed lists every epoch once, one that started over lists some twice.
+    the restart: a run that resumed goes on from a late epoch, one that started over from epoch 1.
     """
 
     def loop(raw_config: dict) -> None:
