@@ -77,13 +77,9 @@ def small_fused(quick_bundles, tmp_path_factory) -> Path:
     """
     import shutil
 
-    from posterfusion.jobs.ingest import IngestConfig, run_ingest
-    from posterfusion.jobs.sample import SampleConfig, write_sample
+    from support import sample_catalogue
 
-    root = tmp_path_factory.mktemp("small-fused")
-    sample = write_sample(SampleConfig(out=root / "sample", n=60, unlabelled=6, seed=LABELLED_SEED))
-    run_ingest(IngestConfig(sources=[f"multilabel:{root / 'sample'}"], metadata=[sample["metadata"]],
-                            out=root / "catalogue"))
+    root = sample_catalogue(tmp_path_factory.mktemp("small-fused"), n=60, unlabelled=6, seed=LABELLED_SEED)
     shutil.copytree(quick_bundles / "features", root / "features")
     shutil.copytree(quick_bundles / "models" / "quick" / "fused-s0", root / "bundle")
     return root
