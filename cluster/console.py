@@ -7,6 +7,7 @@ Without ``--verbose``:
   console handler to warnings (``ray_data_logging.yaml``), so "Starting execution of Dataset …",
   "Reporting training result …" and the like stay in Ray's own log files
   (``/tmp/ray/session_latest/logs``);
+* MLflow logs warnings only (``MLFLOW_LOGGING_LEVEL``; its INFO lines stay off the console);
 * Ray Data draws progress bars only on a terminal, never into a pipe or a CI log;
 * a few known, harmless lines that no logger controls are dropped from the console (Ray's log
   files keep them; anything else reaches the console unchanged):
@@ -23,6 +24,10 @@ Without ``--verbose``:
     RPC failed … Socket closed"): a shutdown race, the actor is gone either way;
   - the raylet's hint that more worker processes started than CPUs: by design here, every
     stage asks fractional CPUs so that 2 cores never deadlock (docs/architecture.md).
+
+* a line that is true but repeats is shown once per command: the raylet's warning that the disk
+  holding its session directory is over its capacity threshold (95 %; object spilling would
+  fail), which it repeats every 10 s for as long as the disk stays that full.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ KNOWN_NOISE = [
                rb"current actor ID: NIL_ID"),
     re.compile(rb"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+.*KillActor RPC failed "
                rb"for actor \w+: RpcError: RPC error: Socket closed"),
+]
+SHOWN_ONCE = [
+    re.compile(rb"\(raylet\) file_system_monitor\.cc:\d+: .* is over \d+% full, available space"),
 ]
 # "ray" itself is reset by ``ray.init(logging_level=…)``; its children keep a level set here.
 # The authentication logger says, at every local start, that Ray chose token auth (as we want).
@@ -96,11 +104,14 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
         yield
         return
     os.environ.update(quiet_ray_data_env())
+    # MLflow (imported later, by the jobs that track) sets its own level from this: warnings, not its INFO lines
+    # such as "Creating initial MLflow database tables" on a fresh local store
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     levels = {name: logging.getLogger(name).level for name in RAY_LOGGERS}
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        with _filtered_stderr(KNOWN_NOISE):
+        with _filtered_stderr(KNOWN_NOISE, SHOWN_ONCE):
             yield
     finally:
         for name, level in levels.items():
@@ -108,8 +119,9 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def _filtered_stderr(patterns: list[re.Pattern]) -> Iterator[None]:
-    """Replace file descriptor 2 with a pipe whose lines are copied to the real stderr, minus ``patterns``.
+def _filtered_stderr(patterns: list[re.Pattern], once: list[re.Pattern]) -> Iterator[None]:
+    """Replace file descriptor 2 with a pipe whose lines are copied to the real stderr, minus ``patterns``
+    and minus every repeat of a line matching one of ``once``.
 
     At the descriptor level, because Ray's C++ core writes there directly (no Python logger).
     """
@@ -122,7 +134,7 @@ def _filtered_stderr(patterns: list[re.Pattern]) -> Iterator[None]:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
-    copier = threading.Thread(target=_copy_lines, args=(read_end, real, patterns), daemon=True,
+    copier = threading.Thread(target=_copy_lines, args=(read_end, real, patterns, once), daemon=True,
                               name="stderr-filter")
     copier.start()
     try:
@@ -134,14 +146,23 @@ def _filtered_stderr(patterns: list[re.Pattern]) -> Iterator[None]:
         os.close(real)
 
 
-def _copy_lines(read_end: int, real: int, patterns: list[re.Pattern]) -> None:
-    pending = b""
+def _copy_lines(read_end: int, real: int, patterns: list[re.Pattern], once: list[re.Pattern]) -> None:
+    pending, shown_before = b"", set()
+
+    def shown(line: bytes) -> bool:
+        if any(p.search(line) for p in patterns):
+            return False
+        repeats = {p.pattern for p in once if p.search(line)}
+        first = not repeats & shown_before
+        shown_before.update(repeats)
+        return first
+
     with os.fdopen(read_end, "rb", buffering=0) as source:
         while chunk := source.read(65536):
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                if not any(p.search(line) for p in patterns):
+                if shown(line):
                     os.write(real, line + b"\n")
-        if pending and not any(p.search(pending) for p in patterns):
+        if pending and shown(pending):
             os.write(real, pending)

@@ -33,7 +33,10 @@ def tracked(kind: str, name: str | None, params: dict, tags: dict | None = None)
     """An MLflow run for the block (nested under the active one, e.g. a ``compare``'s); it ends FAILED on error."""
     import mlflow
 
-    mlflow.set_experiment(EXPERIMENT)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:  # set_experiment would log an INFO line on the console
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # made meanwhile by another process
+            mlflow.create_experiment(EXPERIMENT)
+    mlflow.set_experiment(EXPERIMENT)  # a store that cannot be reached fails here, loudly
     with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None,
                           tags={"posterfusion.kind": kind, **(tags or {})}) as active:
         run = Run(active.info.run_id)

@@ -43,6 +43,24 @@ def test_quiet_console_drops_only_the_known_noise_at_the_file_descriptor():
     assert run.stderr.splitlines() == KEPT
 
 
+DISK = ("[2026-12-04 19:4{}:45,388 E 25493 25504] (raylet) file_system_monitor.cc:116: /tmp/ray/session_x is over "
+        "95% full, available space: 8.2 GB; capacity: 251.972 GB. Object creation will fail if spilling is required.")
+
+
+def test_a_true_line_that_repeats_every_ten_seconds_is_shown_once():
+    """The raylet repeats its disk-space warning every 10 s while the disk stays full: the first one is shown."""
+    lines = [DISK.format(0), KEPT[0], DISK.format(1), KEPT[1], DISK.format(2)]
+    script = textwrap.dedent(f"""
+        import os
+        from posterfusion.cluster.console import quiet_console
+        with quiet_console(verbose=False):
+            for line in {lines!r}:
+                os.write(2, (line + "\\n").encode())
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.stderr.splitlines() == [DISK.format(0), KEPT[0], KEPT[1]]
+
+
 def test_verbose_keeps_every_line():
     script = textwrap.dedent(f"""
         import os

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -29,9 +30,24 @@ def run_demo(address: str, work) -> list[str]:
     return lines
 
 
+FULL_DISK = re.compile(r"\(raylet\) file_system_monitor\.cc:\d+: (\S+) is over 95% full")
+
+
+def disk_is_full(line: str) -> bool:
+    """Whether ``line`` is the raylet's disk-space warning and the disk it names is in fact that full.
+
+    A true statement about the machine (a CI host once ran with 8 GB free of 252 GB), not a fault of
+    the demo: the console shows it once. It counts as alarming when the disk has room (margin: 6 %).
+    """
+    if not (found := FULL_DISK.search(line)):
+        return False
+    usage = shutil.disk_usage(found.group(1) if os.path.exists(found.group(1)) else "/tmp")
+    return usage.free < 0.06 * usage.total
+
+
 def alarming(lines: list[str]) -> str:
     """The first alarming line with its context, or '' (a traceback is shown whole, with what led to it)."""
-    hits = [i for i, line in enumerate(lines) if NOISE.search(line)]
+    hits = [i for i, line in enumerate(lines) if NOISE.search(line) and not disk_is_full(line)]
     return "\n".join(lines[max(0, hits[0] - 5):hits[0] + 30]) if hits else ""
 
 
@@ -48,6 +64,7 @@ def test_the_demo_prints_stage_lines_the_table_and_next_steps_and_nothing_alarmi
         warnings.warn(f"the demo printed an alarming line once (rerunning it):\n{first}", stacklevel=1)
         lines = run_demo(ray_session.address, tmp_path / "demo-again")
         assert not alarming(lines), alarming(lines)
+    assert sum(bool(FULL_DISK.search(line)) for line in lines) <= 1, "a repeating warning is shown once"
     assert len(lines) <= 80, len(lines)
     stages = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
     for stage in ("[sample]", "[ingest]", "[features]", "[train]", "[predict]", "[evaluate]", "[score]"):
