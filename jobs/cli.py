@@ -214,6 +214,7 @@ def compare(
     features: Annotated[str | None, typer.Option(help="Object features directory or URI.")] = None,
     from_scratch: FromScratch = False,
     set_: Sets = None,
+    poster_from_cnn: Annotated[bool, typer.Option(help="Side-input variants keep the cnn's poster path.")] = False,
     on: Annotated[str | None, typer.Option(help="Score on another labelled catalogue (use --split all).")] = None,
     split: Annotated[str | None, typer.Option(help="test (default) | val | all.")] = None,
     n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples.")] = None,
@@ -225,9 +226,9 @@ def compare(
     from posterfusion.jobs.train.config import parse_sets
 
     config = CompareConfig(catalogue=catalogue, out=out, models=models, from_scratch=from_scratch,
-                           train=parse_sets(set_ or []), **_given(recipes=recipe or None, variants=variant or None,
-                                                                  seeds=seed or None, features=features,
-                                                                  n_boot=n_boot, on=on, split=split))
+                           poster_from_cnn=poster_from_cnn, train=parse_sets(set_ or []),
+                           **_given(recipes=recipe or None, variants=variant or None, seeds=seed or None,
+                                    features=features, n_boot=n_boot, on=on, split=split))
     check_entries(config)  # every entry's configuration and weights, before any Ray starts
     _check(catalogue=catalogue, stores=[out, models])
     with _cluster(address, num_cpus):

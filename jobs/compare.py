@@ -25,7 +25,7 @@ import json
 import time
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from posterfusion.features.catalogue import catalogue_identity
 from posterfusion.jobs.evaluate import (
@@ -73,6 +73,10 @@ class CompareConfig(BaseModel):
     train: dict = Field(default_factory=dict, description="a partial training configuration (--set) for every "
                         "entry trained here")
     from_scratch: bool = Field(False, description="train without the recipes' pretrained weights")
+    poster_from_cnn: bool = Field(False, description="every variant with side inputs keeps the same recipe and "
+                                  "seed's `cnn` bundle as its poster path (model.poster_from; trained after it, "
+                                  "in MODELS/<recipe>/<variant>_on_cnn-s<seed>): without side inputs it ranks "
+                                  "exactly as `cnn`")
     split: str = "test"
     on: Location | None = Field(None, description="score the entries on another labelled catalogue (another "
                                 "source; with split 'all'), on the genres both sides know; default: --catalogue")
@@ -84,6 +88,12 @@ class CompareConfig(BaseModel):
     def _known_settings(cls, value: dict) -> dict:
         TrainConfig.model_validate(value)  # names and values checked now, not an hour into the run
         return value
+
+    @model_validator(mode="after")
+    def _kept_poster_path_needs_cnn(self) -> CompareConfig:
+        if self.poster_from_cnn and "cnn" not in (self.variants or []):
+            raise ValueError("--poster-from-cnn keeps the cnn bundle's poster path: name --variant cnn too")
+        return self
 
 
 class Entry(BaseModel):
@@ -99,18 +109,25 @@ def entries(config: CompareConfig) -> list[Entry]:
     out = []
     for recipe in config.recipes:
         variants = config.variants or [get_recipe(recipe).resolved().model.variant]
-        for variant in variants:
+        for variant in sorted(variants, key=lambda v: v != "cnn") if config.poster_from_cnn else variants:
             for seed in config.seeds:
                 parts = [recipe] * (len(config.recipes) > 1) + [variant] + [f"s{seed}"] * (len(config.seeds) > 1)
                 out.append(Entry(recipe=recipe, variant=variant, seed=seed, name="/".join(parts),
-                                 bundle=config.models / recipe / f"{variant.replace('+', '_')}-s{seed}"))
+                                 bundle=config.models / recipe / f"{bundle_name(config, variant)}-s{seed}"))
     return out
+
+
+def bundle_name(config: CompareConfig, variant: str) -> str:
+    """An entry's folder name: the variant's, ``_on_cnn`` added where its poster path is the cnn bundle's."""
+    return variant.replace("+", "_") + ("_on_cnn" if config.poster_from_cnn and variant != "cnn" else "")
 
 
 def entry_config(config: CompareConfig, entry: Entry) -> TrainConfig:
     """The training configuration of one entry: its recipe, the shared overrides, its variant and seed."""
     features = str(config.features) if config.features and VARIANTS[entry.variant].objects else None
-    own = {"model": {"variant": entry.variant},
+    kept = config.poster_from_cnn and entry.variant != "cnn"
+    poster = {"poster_from": str(config.models / entry.recipe / f"cnn-s{entry.seed}")} if kept else {}
+    own = {"model": {"variant": entry.variant, **poster},
            "data": {"catalogue": str(config.catalogue), "features": features},
            "run": {"seed": entry.seed, "out": str(entry.bundle), "storage_path": str(config.models / "ray_results")}}
     return resolve(entry.recipe, merge(config.train, own), from_scratch=config.from_scratch)
@@ -138,6 +155,13 @@ def stale_reason(bundle: Bundle, train: TrainConfig) -> str | None:
     changed = sorted(k for k in now if not k.startswith(IGNORED) and then.get(k) != now[k])
     if changed:
         return f"trained with other settings ({', '.join(changed)})"
+    model = bundle.config.model
+    if (model.fusion == "residual" and (model.uses_objects or model.uses_metadata) and model.correction_scale is None
+            and set(train.optim.correction_scales) != {1.0}):
+        return "its side corrections were never weighed on validation (trained before optim.correction_scales)"
+    if model.poster_from and not (bundle_exists(model.poster_from)
+                                  and load_bundle(model.poster_from).version == model.poster_version):
+        return f"the cnn bundle whose poster path it keeps ({model.poster_from}) was retrained since"
     if bundle.config.catalogue.get("fingerprint") != catalogue_identity(train.data.catalogue)["fingerprint"]:
         return "trained on another catalogue (or an older version of this one)"
     return None

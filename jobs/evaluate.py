@@ -21,8 +21,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from posterfusion.cluster import ROWS_PER_MODEL_ACTOR
 from posterfusion.features.metadata import FIELDS as META_COLUMNS
 from posterfusion.jobs.slices import detected_objects, slice_masks, slice_report, slice_tables
 from posterfusion.jobs.tracking import tracked
@@ -125,16 +127,27 @@ def encode_labels(vocabulary, frame: pd.DataFrame, space: LabelSpace) -> np.ndar
 
 
 def model_scores(config: EvaluateConfig, frame: pd.DataFrame) -> np.ndarray:
-    """The Predictor's calibrated probabilities for ``frame``'s rows, via Ray Data actors."""
-    from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, predict_dataset
+    """The Predictor's calibrated probabilities for ``frame``'s rows.
+
+    Rows up to one model actor's share (:data:`~posterfusion.cluster.ROWS_PER_MODEL_ACTOR`) are scored
+    by the driver with the same :class:`~posterfusion.models.inference.PredictBatch` the actors hold:
+    an actor's start (a fresh process importing torch, then the model) costs more than scoring a few
+    hundred posters. More rows go through Ray Data actors, as ``score`` does.
+    """
+    from posterfusion.models.inference import PREDICT_COLUMNS, CachedObjects, PredictBatch, predict_dataset
 
     bundle = load_bundle(config.model).config
     dataset = _rows(config.catalogue, PREDICT_COLUMNS, frame["movie_id"].tolist())
     objects = None
     if config.features is not None and bundle.detector_id:
         objects = CachedObjects.load(config.features, bundle.detector_id, strict=True)
-    scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, detect=objects is None,
-                             objects=objects, rows=len(frame)).to_pandas()
+    if len(frame) <= ROWS_PER_MODEL_ACTOR:
+        predict = PredictBatch(str(config.model.absolute()), detect=objects is None, objects=objects)
+        scored = pa.concat_tables([predict(batch) for batch in dataset.iter_batches(
+            batch_size=config.batch_size, batch_format="pyarrow")]).to_pandas()
+    else:
+        scored = predict_dataset(dataset, config.model, batch_size=config.batch_size, detect=objects is None,
+                                 objects=objects, rows=len(frame)).to_pandas()
     failed = scored[scored["error"].notna()]
     if len(failed):
         raise ValueError(f"{len(failed)} posters could not be scored, e.g. {failed.iloc[0]['movie_id']}: "

@@ -70,6 +70,18 @@ class EnsembleNet(nn.Module):
             logits.append(z)
         return torch.cat(hidden, dim=1), torch.stack(logits).mean(dim=0)
 
+    def branch_logits(self, images: torch.Tensor, objects: torch.Tensor | None = None,
+                      metadata: torch.Tensor | None = None, pooled: bool = False) -> dict[str, torch.Tensor]:
+        """The members' mean poster logits and mean side corrections (unscaled): the mean of sums is the
+        sum of means, so a correction weight fitted on these applies to every member alike."""
+        if pooled:
+            raise ValueError("an ensemble takes images: its members' backbones differ in their top stages")
+        shared = self.config.shared_stages
+        trunk = self.members[0].backbone.forward_stages(images, 0, shared) if shared else images
+        parts = [member.branch_logits(member.backbone.forward_stages(trunk, shared), objects, metadata, pooled=True)
+                 for member in self.members]
+        return {name: torch.stack([p[name] for p in parts]).mean(dim=0) for name in parts[0]}
+
     def embed(self, images: torch.Tensor, objects: torch.Tensor | None = None,
               metadata: torch.Tensor | None = None) -> torch.Tensor:
         return self.embed_and_logits(images, objects, metadata)[0]

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from posterfusion.features.object_encoding import ObjectEncoding
+from posterfusion.locations import Location
 from posterfusion.models.backbones import backbone_class, create_backbone
 
 
@@ -77,6 +78,16 @@ class ModelConfig(BaseModel):
                                    "statistics); None: when the weights are pretrained")
     object_encoding: ObjectEncoding = Field("bag", description="what the object branch reads of the detections: "
                                             "bag (per class: count, confidence, area) or layout (bag + where)")
+    poster_from: str | None = Field(None, description="residual fusion: a trained `cnn` bundle (path or URI) whose "
+                                    "poster path (backbone, hidden layer, classifier) this network keeps as is, "
+                                    "frozen; only the side branches train, so a poster without side inputs is "
+                                    "ranked exactly as that bundle ranks it")
+
+    @field_validator("poster_from")
+    @classmethod
+    def _readable_anywhere(cls, value: str | None) -> str | None:
+        """A local path made absolute: the Ray Train workers read it from their own working directories."""
+        return None if value is None else str(Location.parse(value).absolute())
 
     @property
     def size(self) -> int:
@@ -109,6 +120,11 @@ class FusionConfig(ModelConfig):
                                           "any (residual fusion gates its correction by it)")
     object_presence: int | None = Field(None, ge=0, description="the object-vector entry that is 0 when nothing "
                                         "was detected (residual fusion gates its correction by it)")
+    poster_version: str | None = Field(None, description="the version (content hash) of the poster_from bundle "
+                                       "whose poster path was kept")
+    correction_scale: dict[Literal["objects", "metadata"], float] | None = Field(
+        None, description="residual fusion: each side correction's weight, fitted on validation after training "
+        "(0 where validation did not support that input); None: every correction as trained (weight 1)")
 
     @property
     def embedding_dim(self) -> int:
@@ -125,6 +141,9 @@ class FusionConfig(ModelConfig):
                                           or (self.uses_objects and self.object_presence is None)):
             raise ValueError("residual fusion needs metadata_presence / object_presence: what says a side input "
                              "is there")
+        if self.poster_from and (self.fusion != "residual" or not (self.uses_objects or self.uses_metadata)):
+            raise ValueError("model.poster_from keeps a cnn bundle's poster path under side corrections: it needs "
+                             "fusion 'residual' and a variant with side inputs")
         if VARIANTS[self.variant].metadata == "flags" and not self.metadata_flags:
             raise ValueError("variant 'flags-only' needs metadata_flags (the encoder's flag columns)")
         if any(not 0 <= i < self.metadata_dim for i in self.metadata_flags):
@@ -163,7 +182,9 @@ class FusionNet(nn.Module):
     features and that input; a missing input (no metadata, no detected object) adds exactly 0, so
     such a poster is scored exactly as the poster-only path scores it. Training (``split=True``)
     gives the poster-only logits and the summed correction apart, so the loss can train the
-    poster path as a CNN-only model and the corrections on top of it.
+    poster path as a CNN-only model and the corrections on top of it. With ``poster_from`` the
+    poster path is a trained ``cnn`` bundle's (:meth:`keep_poster_path`), frozen and without
+    dropout, so only the corrections learn and a poster without side inputs gets that bundle's logits.
 
     Inputs a variant does not use are ignored, so callers may always pass everything.
     """
@@ -199,7 +220,23 @@ class FusionNet(nn.Module):
                         nn.Dropout(config.dropout), nn.Linear(config.hidden // 2, config.num_genres))
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
+        if config.poster_from:
+            for part in self.poster_path():
+                part.requires_grad_(False)
         self.train()
+
+    def poster_path(self) -> list[nn.Module]:
+        """The modules that map a poster to its poster-only logits (the whole ``cnn`` variant)."""
+        return [self.backbone, self.dropout, self.hidden, self.classifier]
+
+    def keep_poster_path(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the poster path from a ``cnn`` network's state dict; every one of its tensors must be there."""
+        prefixes = ("backbone.", "hidden.", "classifier.")
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        missing = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+        if missing:
+            raise ValueError(f"the poster bundle's network differs from this one's poster path: {missing[:3]}")
+        self.load_state_dict({k: state[k] for k in own}, strict=False)
 
     def _metadata_columns(self) -> list[int]:
         if VARIANTS[self.config.variant].metadata == "flags":
@@ -215,9 +252,12 @@ class FusionNet(nn.Module):
         return self.config.uses_metadata
 
     def train(self, mode: bool = True) -> FusionNet:
-        """A frozen backbone stays in eval mode; so do its BatchNorms under ``freeze_bn``."""
+        """A frozen backbone stays in eval mode, a kept poster path too; so do its BatchNorms under ``freeze_bn``."""
         super().train(mode)
-        if self.config.freeze_backbone:
+        if self.config.poster_from:
+            for part in self.poster_path():
+                part.eval()
+        elif self.config.freeze_backbone:
             self.backbone.eval()
         elif self.config.freeze_bn:
             for module in self.backbone.modules():
@@ -250,16 +290,15 @@ class FusionNet(nn.Module):
         """Pooled CNN features (+ side inputs) → (penultimate ``(N, hidden)``, logits, residual correction).
 
         For ``residual`` fusion the logits are the poster path's and the correction (zero where no
-        side input is present) is what the side inputs add; for the others the correction is None.
+        side input is present) is what the side inputs add, each at its ``correction_scale``; for
+        the others the correction is None.
         """
         sides = self._sides(features, objects, metadata)
         if self.residual:
             hidden = self.hidden(self.dropout(features))
-            # the poster path's features enter each correction detached: only the poster-only loss shapes them
-            correction = sum((present * self.corrections[name](torch.cat([hidden.detach(), projected], dim=1))
-                              for name, (projected, present) in sides.items()),
-                             torch.zeros(len(features), self.config.num_genres, device=features.device,
-                                         dtype=features.dtype))
+            branches = self._corrections(hidden, sides)
+            zero = torch.zeros(len(features), self.config.num_genres, device=features.device, dtype=features.dtype)
+            correction = residual_logits(branches | {"poster": zero}, self.config.correction_scale)
             return hidden, self.classifier(self.dropout(hidden)), correction
         projections = [projected for projected, _ in sides.values()]
         if self.gate is not None:
@@ -267,6 +306,23 @@ class FusionNet(nn.Module):
             projections = [side * gates[:, i : i + 1] for i, side in enumerate(projections)]
         hidden = self.hidden(self.dropout(torch.cat([features, *projections], dim=1)))
         return hidden, self.classifier(self.dropout(hidden)), None
+
+    def _corrections(self, hidden: torch.Tensor, sides: dict) -> dict[str, torch.Tensor]:
+        # the poster path's features enter each correction detached: only the poster-only loss shapes them
+        return {name: present * self.corrections[name](torch.cat([hidden.detach(), projected], dim=1))
+                for name, (projected, present) in sides.items()}
+
+    def branch_logits(self, inputs: torch.Tensor, objects: torch.Tensor | None = None,
+                      metadata: torch.Tensor | None = None, pooled: bool = False) -> dict[str, torch.Tensor]:
+        """Residual fusion's parts: the poster path's logits (``poster``) and each side input's correction as
+        trained (unscaled, zero where that input is missing). What validation fits ``correction_scale`` on;
+        :func:`residual_logits` puts them together."""
+        if not self.residual:
+            raise ValueError("branch logits exist for residual fusion only")
+        features = inputs if pooled else self.backbone(inputs)
+        hidden = self.hidden(self.dropout(features))
+        return {"poster": self.classifier(self.dropout(hidden)),
+                **self._corrections(hidden, self._sides(features, objects, metadata))}
 
     def features_to_outputs(self, features: torch.Tensor, objects: torch.Tensor | None = None,
                             metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,3 +369,16 @@ class FusionNet(nn.Module):
         if side.dim() != 2 or side.shape[1] != dim or side.shape[0] != features.shape[0]:
             raise ValueError(f"{name} features must have shape ({features.shape[0]}, {dim}), got {tuple(side.shape)}")
         return side.to(features.dtype)
+
+
+def residual_logits(branches: dict, scale: dict[str, float] | None = None):
+    """The poster path's logits plus each side correction at its weight (1 where ``scale`` names none).
+
+    ``branches`` as :meth:`FusionNet.branch_logits` gives them (tensors or arrays alike).
+    """
+    scale = scale or {}
+    total = branches["poster"]
+    for name, correction in branches.items():
+        if name != "poster":
+            total = total + scale.get(name, 1.0) * correction
+    return total

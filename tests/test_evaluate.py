@@ -99,14 +99,23 @@ def _poster(trained, movie_id):
     return table.loc[movie_id, "poster"]
 
 
-def test_cached_object_features_and_fresh_detection_score_alike(trained, fused_evaluation):
+def test_cached_object_features_and_fresh_detection_score_alike(trained, fused_evaluation, monkeypatch):
+    """The cached run scored its dozen posters in the driver; this one detects afresh in Ray Data actors,
+    as a split over one actor's share is scored: both give the same probabilities."""
+    from posterfusion.jobs import evaluate
+    from posterfusion.models import inference
+
+    monkeypatch.setattr(evaluate, "ROWS_PER_MODEL_ACTOR", 0)
+    through_actors = []
+    monkeypatch.setattr(inference, "predict_dataset", lambda *a, _real=inference.predict_dataset, **k: (
+        through_actors.append(k["rows"]) or _real(*a, **k)))
     fresh = run_evaluate(EvaluateConfig(model=bundle(trained, "fused"), catalogue=trained / "catalogue",
                                         out=trained / "e2", baselines=False, n_boot=0))  # no features: detected
     cached, detected = (pd.read_parquet(trained / run / "predictions.parquet") for run in ("eval", "e2"))
     model = [c for c in cached.columns if c.startswith("model:")]
     assert model and list(cached["movie_id"]) == list(detected["movie_id"])
     np.testing.assert_allclose(cached[model].to_numpy(), detected[model].to_numpy(), atol=1e-4)
-    assert fused_evaluation["posters"] == fresh["posters"]
+    assert fused_evaluation["posters"] == fresh["posters"] == through_actors[0] and len(through_actors) == 1
 
 
 def test_another_labelled_source_is_evaluated_on_the_genres_both_sides_know(trained, shared_data, tmp_path):

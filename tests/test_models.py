@@ -230,6 +230,54 @@ def test_residual_training_shapes_the_poster_path_by_its_own_loss_alone():
     assert fused.corrections["metadata"][0].weight.grad.abs().sum() > 0  # the correction does learn
 
 
+def test_a_side_correction_weighed_to_zero_leaves_the_poster_path_and_the_others_as_they_are():
+    """``correction_scale`` (fitted on validation after training) weighs each side input's correction;
+    ``branch_logits`` gives the parts it is fitted on, and they add up to what the network says."""
+    from posterfusion.models.fusion import residual_logits
+
+    model = model_for("fused", "residual").eval()
+    images, objects, metadata = inputs()
+    with torch.no_grad():
+        parts = model.branch_logits(images, objects, metadata)
+        assert set(parts) == {"poster", "objects", "metadata"} and parts["objects"].abs().sum() > 0
+        torch.testing.assert_close(residual_logits(parts), model(images, objects, metadata))
+        weighed = build_model(model.config.model_copy(update={"correction_scale": {"objects": 0.0, "metadata": 0.5}}))
+        weighed.load_state_dict(model.state_dict())  # a weight is configuration, not a parameter
+        torch.testing.assert_close(weighed.eval()(images, objects, metadata),
+                                   parts["poster"] + 0.5 * parts["metadata"])
+    with pytest.raises(ValueError, match="residual fusion only"):
+        model_for("fused", "concat").branch_logits(images, objects, metadata)
+
+
+def test_a_kept_poster_path_is_the_cnn_networks_own_frozen_and_without_dropout_while_the_corrections_learn():
+    """``poster_from``: the poster path is a trained ``cnn`` network's, so a poster without side inputs gets
+    exactly its logits, in training (no dropout there) as in scoring; only the side branches get gradients."""
+    from posterfusion.jobs.train.loop import fusion_loss
+
+    cnn = model_for("cnn", "residual").eval()
+    with torch.no_grad():
+        cnn.classifier.bias.add_(0.3)  # "trained": not what a fresh network holds
+    kept = model_for("fused", "residual", poster_from="models/cnn-s0")
+    kept.keep_poster_path(cnn.state_dict())
+    images, objects, metadata = inputs()
+    objects, metadata = _absent(objects, metadata, [0])
+    kept.train()
+    poster, correction = kept(images, objects, metadata, split=True)
+    torch.testing.assert_close(poster, cnn(images), rtol=0, atol=0)
+    assert correction[0].abs().sum() == 0 and correction[1:].abs().sum() > 0
+    fusion_loss(torch.nn.BCEWithLogitsLoss(), poster, correction, torch.ones(3, G)).backward()
+    for name, parameter in kept.named_parameters():
+        poster_path = name.startswith(("backbone.", "hidden.", "classifier."))
+        assert parameter.requires_grad != poster_path and (parameter.grad is None) == poster_path, name
+    with torch.no_grad():
+        torch.testing.assert_close(kept.eval()(images, objects, metadata)[0], cnn(images)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="poster path"):
+        other = build_model(FusionConfig(backbone="keras_cnn", variant="cnn", num_genres=G, hidden=8))
+        model_for("fused", "residual", poster_from="x").keep_poster_path(other.state_dict())
+    with pytest.raises(ValueError, match="fusion 'residual'"):
+        model_for("fused", "concat", poster_from="models/cnn-s0")
+
+
 def test_object_vectors_are_standardised_with_training_statistics_stored_in_the_weights():
     model = model_for("cnn+objects").eval()
     images, objects, _ = inputs()
@@ -404,6 +452,22 @@ def test_an_ensemble_runs_its_shared_stages_once_and_averages_what_its_members_w
     assert torch.allclose(logits, expected, atol=1e-5)
     assert not calls  # the second member's copy of the shared stages never ran
     assert hidden.shape == (3, 2 * config.hidden) and config.model_copy(update={"members": 2}).embedding_dim == 512
+
+
+def test_an_ensemble_weighs_its_members_mean_corrections_as_it_averages_their_logits():
+    from posterfusion.models.ensemble import EnsembleNet
+    from posterfusion.models.fusion import residual_logits
+
+    config = model_for("fused", "residual").config.model_copy(update={"members": 2})
+    ensemble = EnsembleNet(config, load_weights=False).eval()
+    images, objects, metadata = inputs()
+    with torch.no_grad():
+        parts = ensemble.branch_logits(images, objects, metadata)
+        torch.testing.assert_close(residual_logits(parts), ensemble(images, objects, metadata))
+        scale = {"objects": 0.25, "metadata": 0.0}
+        weighed = EnsembleNet(config.model_copy(update={"correction_scale": scale}), load_weights=False).eval()
+        weighed.load_state_dict(ensemble.state_dict())
+        torch.testing.assert_close(weighed(images, objects, metadata), residual_logits(parts, scale))
 
 
 def test_an_ensemble_refuses_members_that_differ_where_it_says_they_share():

@@ -218,10 +218,12 @@ def test_seed_recipes_of_three_vocabularies_stand_in_one_comparison_tracked_as_o
 
 
 @pytest.mark.slow
-def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(seed_comparison, tmp_path, capsys):
+def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(seed_comparison, tmp_path, capsys,
+                                                                             monkeypatch):
     """A copy of the comparison's seed-keras-cnn bundle: the same settings reuse it, another epoch count retrains it."""
     import shutil
 
+    from posterfusion.jobs import compare
     from posterfusion.jobs.compare import CompareConfig, ensure_bundles
 
     compared, _ = seed_comparison
@@ -232,11 +234,74 @@ def test_compare_reuses_a_current_bundle_and_retrains_a_stale_one_saying_why(see
     capsys.readouterr()
     ensure_bundles(config)  # the same settings: the bundle is reused
     assert (bundle / "model.safetensors").stat().st_mtime_ns == first and "stale" not in capsys.readouterr().out
+    retrained = []  # the retraining itself is run_train's, tested on its own: here, what compare hands it
+    monkeypatch.setattr(compare, "run_train", lambda train: retrained.append(train) or {})
+    monkeypatch.setattr(compare, "format_train_summary", lambda summary: "trained")
     ensure_bundles(config.model_copy(update={"train": config.train | {"optim": {"epochs": 2, "batch_size": 16}}}))
     assert "is stale: trained with other settings (optim.epochs); retraining it" in capsys.readouterr().out
-    assert json.loads((bundle / "config.json").read_text())["train"]["optim"]["epochs"] == 2
+    assert [(str(t.run.out), t.optim.epochs, t.recipe) for t in retrained] == [(str(bundle), 2, "seed-keras-cnn")]
     with pytest.raises(ValidationError, match="epoch"):
         CompareConfig(catalogue=bundle, out=bundle, models=bundle, train={"optim": {"epoch": 2}})
+
+
+def test_compare_retrains_a_residual_bundle_whose_side_corrections_were_never_weighed(monkeypatch):
+    """A fused bundle trained before ``optim.correction_scales`` existed scores with every correction at 1:
+    not what training makes now, though its recorded settings match (a new setting reads as its default)."""
+    from types import SimpleNamespace
+
+    from posterfusion.jobs import compare
+    from posterfusion.jobs.compare import stale_reason
+    from posterfusion.models.bundle import FORMAT_VERSION
+    from posterfusion.models.fusion import FusionConfig
+
+    train = TrainConfig()
+    network = FusionConfig(variant="fused", fusion="residual", num_genres=3, object_dim=4, metadata_dim=5,
+                           metadata_presence=0, object_presence=0)
+    recorded = train.model_dump(mode="json")
+    older = recorded | {"optim": {k: v for k, v in recorded["optim"].items() if k != "correction_scales"}}
+
+    def bundle(model, settings):
+        return SimpleNamespace(config=SimpleNamespace(format_version=FORMAT_VERSION, model=model, train=settings,
+                                                      catalogue={"fingerprint": "f"}))
+
+    monkeypatch.setattr(compare, "catalogue_identity", lambda _: {"fingerprint": "f"})  # the same catalogue
+    assert "never weighed on validation" in stale_reason(bundle(network, older), train)
+    weighed = network.model_copy(update={"correction_scale": {"objects": 0.5, "metadata": 1.0}})
+    assert stale_reason(bundle(weighed, recorded), train) is None
+
+
+def test_compare_can_train_side_corrections_on_each_seeds_cnn_bundle_and_retrains_them_when_it_changes(
+        tmp_path, monkeypatch):
+    """``--poster-from-cnn``: the cnn entries come first, each other variant keeps the same seed's cnn bundle as its
+    poster path (in a folder of its own), and is stale once that bundle's version is no longer the one it kept."""
+    from types import SimpleNamespace
+
+    from posterfusion.jobs import compare
+    from posterfusion.jobs.compare import CompareConfig, entries, entry_config, stale_reason
+    from posterfusion.models.bundle import FORMAT_VERSION
+
+    config = CompareConfig(catalogue=tmp_path, out=tmp_path / "out", models=tmp_path / "models", recipes=["frozen"],
+                           variants=["fused", "cnn"], seeds=[0, 1], poster_from_cnn=True)
+    todo = entries(config)
+    assert [(e.variant, e.seed, e.bundle.name) for e in todo] == [
+        ("cnn", 0, "cnn-s0"), ("cnn", 1, "cnn-s1"), ("fused", 0, "fused_on_cnn-s0"), ("fused", 1, "fused_on_cnn-s1")]
+    trains = [entry_config(config, e) for e in todo]
+    assert [t.model.poster_from for t in trains] == [None, None, *(str(tmp_path / "models" / "frozen" / f"cnn-s{s}")
+                                                                   for s in (0, 1))]
+    with pytest.raises(ValueError, match="name --variant cnn too"):
+        CompareConfig(catalogue=tmp_path, out=tmp_path, models=tmp_path, variants=["fused"], poster_from_cnn=True)
+
+    train = trains[2]
+    network = SimpleNamespace(poster_from=train.model.poster_from, poster_version="v1", fusion="residual",
+                              uses_objects=True, uses_metadata=True, correction_scale={"objects": 0.0})
+    kept = SimpleNamespace(config=SimpleNamespace(format_version=FORMAT_VERSION, model=network,
+                                                  train=train.model_dump(mode="json"), catalogue={"fingerprint": "f"}))
+    monkeypatch.setattr(compare, "catalogue_identity", lambda _: {"fingerprint": "f"})
+    monkeypatch.setattr(compare, "bundle_exists", lambda _: True)
+    monkeypatch.setattr(compare, "load_bundle", lambda _: SimpleNamespace(version="v1"))
+    assert stale_reason(kept, train) is None
+    monkeypatch.setattr(compare, "load_bundle", lambda _: SimpleNamespace(version="v2"))  # cnn-s0 retrained
+    assert "the cnn bundle whose poster path it keeps" in stale_reason(kept, train)
 
 
 def test_the_demo_opts_into_training_from_scratch_itself_when_the_weights_are_missing(tmp_path, monkeypatch, capsys):

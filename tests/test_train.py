@@ -136,6 +136,7 @@ def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_so
     frame = frame[frame["split"] == "val"]
     scored = predictor.score(_posters(prepared / "catalogue", frame["movie_id"]), frame, embed=True)
     labels = predictor.vocabulary.encode_many(frame["genres"])
+    assert "correction_scale" not in summary  # cnn: no side corrections to weigh
     assert macro_auc(labels, scored.probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
     assert scored.embeddings.shape == (len(frame), 2 * config["hidden"])
 
@@ -189,7 +190,9 @@ def test_the_fused_bundle_reads_both_side_inputs_and_reproduces_its_validation_a
     vectors = cached.loc[list(zip(frame["movie_id"], frame["poster_sha256"], strict=True)), "objects"].to_list()
     scored = predictor.score(_posters(prepared / "catalogue", frame["movie_id"]), frame, vectors)
     labels = predictor.vocabulary.encode_many(frame["genres"])
-    assert macro_auc(labels, scored.probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
+    weighed = summary["correction_scale"]  # the side corrections at their fitted weights: what the bundle says
+    assert weighed["val_macro_auc_as_trained"] == pytest.approx(summary["best"]["val_macro_auc"], abs=1e-4)
+    assert macro_auc(labels, scored.probabilities) == pytest.approx(weighed["val_macro_auc"], abs=0.01)
     assert not (bundle / "model.pt").exists() and (bundle / "calibration.json").is_file()
 
 
@@ -200,6 +203,9 @@ def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str, size:
 
     config = json.loads((bundle / "config.json").read_text())
     assert config["model"]["variant"] == variant and config["train"]["model"]["variant"] == variant
+    weights = config["model"]["correction_scale"] or {}  # a side input weighed to 0 on validation is not read
+    reads_metadata = VARIANTS[variant].metadata == "full" and weights.get("metadata", 1.0) > 0
+    reads_objects = VARIANTS[variant].objects and weights.get("objects", 1.0) > 0
     assert config["model"]["fusion"] == fusion
     assert config["model"]["image_size"] == size and "image_size" not in config  # in the network's config, once
     assert (config["detector_id"] is not None) == VARIANTS[variant].objects
@@ -213,10 +219,10 @@ def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str, size:
     rich = [{"runtime": 150.0, "budget": 2e8, "language": "English", "year": 2010}] * 4
     with_meta, without = probabilities(rich), probabilities([None] * 4)
     same_flags = probabilities([{"runtime": 80.0, "budget": 1e5, "language": "French", "year": 1950}] * 4)
-    assert (not np.allclose(with_meta, without)) == (VARIANTS[variant].metadata != "none")
-    assert np.allclose(with_meta, same_flags) == (VARIANTS[variant].metadata in ("none", "flags"))
-    if VARIANTS[variant].objects:
-        assert not np.allclose(probabilities(rich, [v + 1 for v in objects]), with_meta)
+    flags_read = VARIANTS[variant].metadata == "flags" and weights.get("metadata", 1.0) > 0
+    assert (not np.allclose(with_meta, without)) == (reads_metadata or flags_read)
+    assert (not np.allclose(with_meta, same_flags)) == reads_metadata
+    assert (not np.allclose(probabilities(rich, [v + 1 for v in objects]), with_meta)) == reads_objects
     return predictor
 
 
@@ -227,6 +233,62 @@ def _posters(catalogue, ids) -> list[bytes]:
     table = catalogue_files(catalogue).dataset().to_table(columns=["movie_id", "poster"])
     by_id = dict(zip(table["movie_id"].to_pylist(), table["poster"].to_pylist(), strict=True))
     return [by_id[i] for i in ids]
+
+
+def test_side_corrections_on_the_cnn_bundles_poster_path_leave_a_poster_without_side_inputs_ranked_as_cnn(
+        quick_bundles):
+    """``model.poster_from``: the session's quick ``cnn`` bundle is the fused model's poster path, kept as it was
+    through Ray Train (frozen, recorded by version); without side inputs the Predictor ranks the validation posters
+    exactly as the ``cnn`` bundle does, per genre. A bundle that is not one ``cnn`` network is refused first."""
+    from posterfusion.errors import UserValueError
+    from posterfusion.jobs.evaluate import load_split_frame
+    from posterfusion.jobs.train.recipes import resolve
+    from posterfusion.models.bundle import load_bundle
+    from posterfusion.models.metrics import _auc_per_genre as per_genre_auc
+    from posterfusion.models.predictor import Predictor
+
+    from support import QUICK
+
+    root, cnn = quick_bundles, quick_bundles / "models" / "quick" / "cnn-s0"
+
+    def fused(poster_from, name):
+        model = QUICK["model"] | {"variant": "fused", "poster_from": str(poster_from)}
+        return resolve("quick", {**QUICK, "model": model, "optim": QUICK["optim"] | {"epochs": 1},
+                                 "data": {"catalogue": root / "catalogue", "features": root / "features"},
+                                 "run": {"out": root / name / "bundle", "storage_path": root / name / "ray_results"}},
+                       from_scratch=True)
+
+    with pytest.raises(UserValueError, match="its variant is 'fused', not 'cnn'"):
+        run_train(fused(root / "models" / "quick" / "fused-s0", "on-fused"))
+    run_train(fused(cnn, "on-cnn"))
+    kept, source = load_bundle(root / "on-cnn" / "bundle"), load_bundle(cnn)
+    assert kept.config.model.poster_from == str(cnn) and kept.config.model.poster_version == source.version
+    theirs, ours = source.state_dict(), kept.state_dict()
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)  # the whole poster path, unchanged
+    frame = load_split_frame(root / "catalogue", "val")
+    posters, nothing = _posters(root / "catalogue", frame["movie_id"]), list(np.zeros((len(frame), 3 * 80 + 2)))
+    labels = source.vocabulary.encode_many(frame["genres"])
+    alone = [Predictor(bundle, detect=False, precision="off").score(posters, [None] * len(frame), nothing)
+             for bundle in (cnn, root / "on-cnn" / "bundle")]
+    np.testing.assert_allclose(per_genre_auc(labels, alone[1].probabilities),
+                               per_genre_auc(labels, alone[0].probabilities), rtol=0, atol=1e-9)
+
+
+def test_a_side_correction_validation_does_not_support_is_weighed_down_and_one_it_supports_is_kept():
+    """After training, each residual correction gets the weight under which validation ranks best."""
+    from posterfusion.jobs.train.finish import fit_correction_scale
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((400, 5)) < 0.3).astype(np.float32)
+    signal = labels - 0.3
+    branches = {"poster": signal + rng.normal(0, 1.0, labels.shape),      # a fair poster path
+                "objects": rng.normal(0, 2.0, labels.shape),              # noise: it only hurts
+                "metadata": signal + rng.normal(0, 1.0, labels.shape)}    # a second, independent view
+    chosen, said = fit_correction_scale(branches, labels, [0.0, 0.5, 1.0])
+    assert chosen == {"objects": 0.0, "metadata": 1.0}
+    assert said["val_macro_auc"] > said["val_macro_auc_as_trained"] and said["val_macro_auc"] > said[
+        "val_macro_auc_poster_alone"]
+    assert fit_correction_scale(branches, labels, [1.0])[0] == {"objects": 1.0, "metadata": 1.0}  # as trained
 
 
 def test_metadata_dropout_blanks_whole_metadata_blocks_with_the_no_metadata_encoding():

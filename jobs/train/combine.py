@@ -28,12 +28,13 @@ def soup(args: WorkerArgs, datasets: dict, warm_path: str, members: list[dict]) 
     chosen, current = [members[0]], members[0]
     for member in members[1:]:
         candidate = average_states([m["state"] for m in [*chosen, member]])
-        record, logits, labels = validate_model(_loaded(training_model(args), candidate), args, datasets["val"])
+        record, logits, labels, branches = validate_model(_loaded(training_model(args), candidate), args,
+                                                          datasets["val"])
         say(f"[train] soup of seeds {[m['seed'] for m in [*chosen, member]]}: val macro AUC "
             f"{record['val_macro_auc']:.4f} (so far {current['best']['val_macro_auc']:.4f})")
         if record["val_macro_auc"] > current["best"]["val_macro_auc"]:
             chosen.append(member)
-            current = {"state": candidate, "logits": logits, "labels": labels,
+            current = {"state": candidate, "logits": logits, "labels": labels, "branches": branches,
                        "best": record | {"epoch": f"soup of {len(chosen)}", "phase": "soup"}}
     return current | {"history": members[0]["history"], "run_path": warm_path,
                       "members": {"combine": "soup", "chosen": [m["seed"] for m in chosen],
@@ -50,11 +51,12 @@ def ensemble(args: WorkerArgs, datasets: dict, warm_path: str, members: list[dic
     network = single.model_copy(update={"members": len(members),
                                         "shared_stages": members_shared_stages(single, states)})
     model = _loaded(EnsembleNet(network, load_weights=False), ensemble_state(states))
-    record, logits, labels = validate_model(model.to(memory_format=torch.channels_last), args, datasets["val"])
+    record, logits, labels, branches = validate_model(model.to(memory_format=torch.channels_last), args,
+                                                      datasets["val"])
     alone = ", ".join(f"{m['best']['val_macro_auc']:.4f}" for m in members)
     say(f"[train] ensemble of seeds {[m['seed'] for m in members]} ({network.shared_stages} backbone stages "
         f"shared): val macro AUC {record['val_macro_auc']:.4f} (members alone {alone})")
-    return {"state": model.state_dict(), "logits": logits, "labels": labels, "network": network,
+    return {"state": model.state_dict(), "logits": logits, "labels": labels, "branches": branches, "network": network,
             "best": record | {"epoch": f"ensemble of {len(members)}", "phase": "ensemble"},
             "history": members[0]["history"], "run_path": warm_path,
             "members": {"combine": "ensemble", "chosen": [m["seed"] for m in members],

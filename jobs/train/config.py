@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.objects import DetectorConfig
@@ -58,6 +58,9 @@ class OptimConfig(BaseModel):
     metadata_dropout: float = Field(0.0, ge=0, le=1, description="share of training samples seen without metadata")
     metadata_field_dropout: float = Field(0.0, ge=0, le=1, description="chance that each field a training sample "
                                           "has is blanked on its own (a client may send only a year)")
+    correction_scales: list[NonNegativeFloat] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="residual "
+                                           "fusion: the weights each side correction may get, chosen after training "
+                                           "by validation macro ROC-AUC ([1.0]: as trained)")
     augment: bool = Field(True, description="random crops, flips and light colour jitter while fine-tuning")
     amp: Amp = Field("auto", description="autocast: auto | off | bf16 | fp16")
 
@@ -148,6 +151,13 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _a_kept_poster_path_is_one_network(self) -> TrainConfig:
+        """A kept poster path is one network's; members would each fine-tune it (it is frozen)."""
+        if self.model.poster_from and self.combine.members > 1:
+            raise ValueError("model.poster_from keeps one cnn network's poster path frozen: set combine.members 1")
+        return self
+
+    @model_validator(mode="after")
     def _only_what_the_variant_reads(self) -> TrainConfig:
         """A variant without objects reads no features: record none, so equal runs have equal configs."""
         if not self.model.uses_objects and (self.data.features or self.data.detector):
@@ -182,6 +192,7 @@ class DataFacts(BaseModel):
     missing_metadata: list[float] = Field(description="the encoding of 'no metadata' (metadata dropout)")
     object_mean: list[float]
     object_std: list[float]
+    poster_version: str | None = Field(None, description="the version of the model.poster_from bundle, as read")
 
 
 class WorkerPlan(BaseModel):
@@ -209,7 +220,8 @@ def network_config(config: TrainConfig, facts: DataFacts) -> FusionConfig:
                         num_genres=len(facts.genres), object_dim=facts.object_dim,
                         metadata_dim=facts.metadata_dim, metadata_flags=facts.metadata_flags,
                         metadata_presence=facts.metadata_presence, object_presence=facts.object_presence,
-                        freeze_backbone=config.optim.mode == "frozen",
+                        freeze_backbone=config.optim.mode == "frozen" or model.poster_from is not None,
+                        poster_version=facts.poster_version,
                         freeze_bn=model.weights != "none" if model.freeze_bn is None else model.freeze_bn)
 
 

@@ -33,6 +33,7 @@ from posterfusion.features.objects import (
 from posterfusion.features.presets import decode_poster
 from posterfusion.features.vocab import GenreVocabulary
 from posterfusion.jobs.train.config import DataFacts, TrainConfig
+from posterfusion.models.bundle import load_bundle
 from posterfusion.models.frozen import BackboneFeaturesConfig, ensure_backbone_features, load_backbone_features
 
 
@@ -134,7 +135,31 @@ def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
                      pos_weight=pos_weights(labels, config.optim.pos_weight_cap),
                      label_prior=labels.mean(axis=0).tolist(),
                      missing_metadata=data.encoder.transform_records([None])[0].tolist(),
-                     object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist())
+                     object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist(),
+                     poster_version=poster_bundle_version(config, data.vocabulary.genres))
+
+
+def poster_bundle_version(config: TrainConfig, genres: list[str]) -> str | None:
+    """The version of ``model.poster_from``'s bundle, once it is known to fit this run (else one clear error).
+
+    It must be one ``cnn`` network of the same backbone, input size, hidden width and genres; with
+    head epochs (stored features of the starting weights) its backbone must be those weights, frozen.
+    """
+    if not (source := config.model.poster_from):
+        return None
+    bundle, model = load_bundle(source), config.model
+    theirs = bundle.config.model
+    checks = [(theirs.variant == "cnn", f"its variant is {theirs.variant!r}, not 'cnn'"),
+              (theirs.members == 1, f"it is an ensemble of {theirs.members} networks"),
+              (theirs.backbone == model.backbone, f"backbone {theirs.backbone!r} (this run: {model.backbone!r})"),
+              (theirs.size == model.size, f"image size {theirs.size} (this run: {model.size})"),
+              (theirs.hidden == model.hidden, f"hidden width {theirs.hidden} (this run: {model.hidden})"),
+              (bundle.genres == genres, "it predicts other genres than this catalogue's"),
+              (not config.optim.head_epochs or (theirs.freeze_backbone and theirs.weights == model.weights),
+               f"its backbone is not the frozen {model.weights!r} that this run's stored features come from")]
+    if problems := [message for fine, message in checks if not fine]:
+        raise UserValueError(f"model.poster_from {source}: {'; '.join(problems)}")
+    return bundle.version
 
 
 def pos_weights(labels: np.ndarray, cap: float) -> list[float]:

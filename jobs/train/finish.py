@@ -1,4 +1,10 @@
-"""After training: calibrate on the best validation logits, tune thresholds, write the bundle, summarise.
+"""After training: weigh the side corrections, calibrate on the best validation logits, tune thresholds, write
+the bundle, summarise.
+
+Residual fusion's side corrections (objects, metadata) are trained on top of the poster path; each
+then gets the weight from ``optim.correction_scales`` under which the validation logits rank best
+(macro ROC-AUC; a tie keeps the larger weight), so an input whose correction validation does not
+support is weighed down, to 0 if need be, and a poster is then scored as the poster path scores it.
 
 The calibration (:mod:`posterfusion.models.calibration`) first undoes the loss's ``pos_weight``
 shift, then fits a per-genre Platt scaling; thresholds are tuned on the calibrated probabilities,
@@ -7,19 +13,40 @@ so the Predictor's probabilities and its decisions both come from the bundle alo
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from posterfusion.features.catalogue import catalogue_identity
 from posterfusion.jobs.train.config import DataFacts, TrainConfig, network_config
 from posterfusion.models.bundle import BundleConfig, save_bundle
 from posterfusion.models.calibration import Calibration, expected_calibration_error
-from posterfusion.models.metrics import main_genre_auc, ranking_metrics, tune_thresholds
+from posterfusion.models.fusion import residual_logits
+from posterfusion.models.metrics import macro_auc, main_genre_auc, ranking_metrics, tune_thresholds
 
 
 def calibrate(logits: np.ndarray, labels: np.ndarray, facts: DataFacts):
     """(the calibration fitted on validation logits, after undoing the loss's pos_weight shift; their probabilities)."""
     calibration = Calibration.fit(logits, labels, np.log(np.asarray(facts.pos_weight)))
     return calibration, calibration.probabilities(logits)
+
+
+def fit_correction_scale(branches: dict[str, np.ndarray], labels: np.ndarray,
+                         grid: list[float]) -> tuple[dict[str, float], dict]:
+    """(each side correction's weight, what validation said): every combination of ``grid`` weights.
+
+    ``branches``: the poster path's validation logits and each side input's correction
+    (:meth:`~posterfusion.models.fusion.FusionNet.branch_logits`).
+    """
+    names = [name for name in branches if name != "poster"]
+    weights = sorted(set(grid), reverse=True)
+    scored = {combo: macro_auc(labels, residual_logits(branches, dict(zip(names, combo, strict=True))))
+              for combo in itertools.product(weights, repeat=len(names))}
+    best = max(scored, key=scored.get)  # the first maximum: larger weights come first
+    chosen = dict(zip(names, best, strict=True))
+    return chosen, {"chosen": chosen, "val_macro_auc": scored[best],
+                    "val_macro_auc_as_trained": macro_auc(labels, residual_logits(branches)),
+                    "val_macro_auc_poster_alone": macro_auc(labels, branches["poster"])}
 
 
 def validation_summary(labels: np.ndarray, probabilities: np.ndarray, facts: DataFacts) -> dict:
@@ -36,6 +63,12 @@ def validation_summary(labels: np.ndarray, probabilities: np.ndarray, facts: Dat
 def write_bundle(config: TrainConfig, facts: DataFacts, data, trained: dict, seconds: float) -> dict:
     """The bundle of the trained model (``trained``: its state, best validation logits, history); the summary."""
     logits, labels, history = trained["logits"], trained["labels"], trained["history"]
+    network = trained.get("network") or network_config(config, facts)
+    weighed = None
+    if trained.get("branches"):
+        scale, weighed = fit_correction_scale(trained["branches"], labels, config.optim.correction_scales)
+        network = network.model_copy(update={"correction_scale": scale})
+        logits = residual_logits(trained["branches"], scale)
     calibration, calibrated = calibrate(logits, labels, facts)
     thresholds = dict(zip(facts.genres, tune_thresholds(labels, calibrated).tolist(), strict=True))
     metrics = {"best": trained["best"], "history": history, "seconds": round(seconds, 1),
@@ -44,7 +77,9 @@ def write_bundle(config: TrainConfig, facts: DataFacts, data, trained: dict, sec
                "skipped": data.skipped}
     if "members" in trained:
         metrics["members"] = trained["members"]
-    bundle = BundleConfig(model=trained.get("network") or network_config(config, facts), detector=data.detector,
+    if weighed:
+        metrics["correction_scale"] = weighed
+    bundle = BundleConfig(model=network, detector=data.detector,
                           detector_id=data.detector_id, recipe=config.recipe, train=config.model_dump(mode="json"),
                           catalogue=catalogue_identity(config.data.catalogue))
     save_bundle(config.run.out, config=bundle, state_dict=trained["state"], vocabulary=data.vocabulary,
@@ -65,5 +100,15 @@ def format_train_summary(summary: dict) -> str:
         f"{model['roc_auc_main6']:.3f}), hit@3 {model['hit@3']:.3f} "
         f"(label prior {prior['hit@3']:.3f}), top-n {model['top_n_ratio']:.3f} (prior {prior['top_n_ratio']:.3f}), "
         f"ECE {model['ece']:.3f}" + (f"; skipped {skipped}" if skipped else ""),
+        *_weights_line(summary.get("correction_scale")),
         *[f"  note: {note}" for note in summary.get("notes", [])],
     ])
+
+
+def _weights_line(weighed: dict | None) -> list[str]:
+    if not weighed:
+        return []
+    chosen = ", ".join(f"{name} {weight:g}" for name, weight in weighed["chosen"].items())
+    return [f"  side corrections weighed on validation: {chosen} (val macro ROC-AUC {weighed['val_macro_auc']:.4f}; "
+            f"as trained {weighed['val_macro_auc_as_trained']:.4f}, poster alone "
+            f"{weighed['val_macro_auc_poster_alone']:.4f})"]

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from posterfusion.jobs.train.config import WorkerArgs, network_config
+from posterfusion.models.bundle import load_bundle
+from posterfusion.models.fusion import residual_logits
 from posterfusion.models.hardware import autocast
 from posterfusion.models.metrics import hit_at_k, macro_auc, micro_auc, top_n_ratio
 from posterfusion.models.network import build_model, input_preset
@@ -53,20 +55,21 @@ def train_loop(raw: dict) -> None:
         train_loss, seen = train_epoch(model, optimizer, scheduler, scaler, loss_fn, args, device, phase, epoch, train)
         trained = time.perf_counter()
         val = _batches("val_features" if phase == "head" else "val", args, device, shuffle=False)
-        metrics, logits, labels = validate(model, loss_fn, args, device, phase, val)
+        metrics, logits, labels, branches = validate(model, loss_fn, args, device, phase, val)
         record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, **metrics,
                   "lr": scheduler.get_last_lr()[-1],
                   "samples_per_s": seen * context.get_world_size() / (trained - started),  # training alone
                   "train_seconds": trained - started, "seconds": time.perf_counter() - started}
         last_phase = epoch > optim.head_epochs or optim.head_epochs == optim.epochs
         state = _advance(state, record, last_phase)
-        _report(model, optimizer, scheduler, scaler, state, context, logits, labels)
+        _report(model, optimizer, scheduler, scaler, state, context, logits, labels, branches)
         if state["bad_epochs"] >= optim.patience:
             break
 
 
 def training_model(args: WorkerArgs):
-    """The network as training starts it: object statistics set, only the trained stages with gradients.
+    """The network as training starts it: object statistics set, a kept poster path loaded, only the trained
+    stages with gradients.
 
     In channels-last memory: the convolution layout oneDNN and cuDNN are fastest in (with bf16,
     2.8× the fp32 contiguous fine-tuning speed of MobileNetV2 on this project's CPU, measured).
@@ -74,6 +77,12 @@ def training_model(args: WorkerArgs):
     network = network_config(args.config, args.facts)
     model = build_model(network).to(memory_format=torch.channels_last)
     model.set_object_statistics(args.facts.object_mean, args.facts.object_std)
+    if network.poster_from:  # checked on the driver (data.poster_bundle_version); read here, a URI too
+        poster = load_bundle(network.poster_from)
+        if poster.version != network.poster_version:
+            raise RuntimeError(f"{network.poster_from} changed while this run started (version {poster.version}, "
+                               f"checked {network.poster_version})")
+        model.keep_poster_path(poster.state_dict())
     if not network.freeze_backbone:
         model.backbone.train_last_stages(args.config.optim.train_stages)
     return model
@@ -241,37 +250,46 @@ def fusion_loss(loss_fn, logits, correction, labels):
 def validate(model, loss_fn, args: WorkerArgs, device, phase: str, batches):
     """Validation on this worker's shard, gathered so every worker computes the same metrics.
 
-    Returns the metrics and the raw (uncalibrated) logits with their labels: the driver fits the
-    calibration on the best epoch's.
+    Returns the metrics, the raw (uncalibrated) logits with their labels, and for residual fusion
+    the logits' parts (:meth:`~posterfusion.models.fusion.FusionNet.branch_logits`; else empty):
+    the driver fits the side corrections' weights and the calibration on the best epoch's.
     """
     preset = input_preset(args.config.model, "eval")
+    net = unwrap(model)
+    residual = net.config.fusion == "residual" and (net.uses_objects or net.uses_metadata)
     model.eval()
-    logits_out, labels, loss_sum = [], [], 0.0
+    gathered, loss_sum = {}, 0.0
     with torch.inference_mode():
         for batch in batches:
             objects, metadata = batch_side_inputs(model, batch, args, train=False)
             inputs = _inputs(batch, phase, preset, train=False)
             with autocast(device, args.config.optim.amp if phase == "full" else "off"):
-                logits = model(inputs, objects, metadata, pooled=phase == "head").float()
+                if residual:
+                    parts = {k: v.float() for k, v in net.branch_logits(inputs, objects, metadata,
+                                                                        pooled=phase == "head").items()}
+                    logits = residual_logits(parts, net.config.correction_scale)
+                else:
+                    parts, logits = {}, model(inputs, objects, metadata, pooled=phase == "head").float()
             loss_sum += float(loss_fn(logits, batch["labels"])) * len(logits)
-            logits_out.append(logits.cpu().numpy())
-            labels.append(batch["labels"].cpu().numpy())
-    y, z, loss_sum = _gather(labels, logits_out, loss_sum)
+            for name, value in {"logits": logits, "labels": batch["labels"], **parts}.items():
+                gathered.setdefault(name, []).append(value.cpu().numpy())
+    arrays, loss_sum = _gather(gathered, loss_sum)
+    y, z = arrays.pop("labels"), arrays.pop("logits")
     adjusted = 1 / (1 + np.exp(-(z - np.log(np.asarray(args.facts.pos_weight)))))
     return ({"val_loss": loss_sum / max(len(y), 1), "val_macro_auc": macro_auc(y, z), "val_micro_auc": micro_auc(y, z),
-             "val_hit@3": hit_at_k(y, adjusted, 3), "val_top_n_ratio": top_n_ratio(y, adjusted)}, z, y)
+             "val_hit@3": hit_at_k(y, adjusted, 3), "val_top_n_ratio": top_n_ratio(y, adjusted)}, z, y, arrays)
 
 
-def _gather(labels: list, logits: list, loss_sum: float):
-    local = (np.concatenate(labels) if labels else np.zeros((0, 0)), np.concatenate(logits) if logits else None,
-             loss_sum)
+def _gather(parts: dict[str, list], loss_sum: float) -> tuple[dict[str, np.ndarray], float]:
+    """Each named array concatenated over this worker's batches, then over every worker's (rank order)."""
+    local = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    parts = [p for p in parts if p[1] is not None]
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            sum(p[2] for p in parts))
+        return local, loss_sum
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (local, loss_sum))
+    shards = [shard for shard, _ in everyone if shard]
+    return ({name: np.concatenate([shard[name] for shard in shards]) for name in shards[0]},
+            sum(total for _, total in everyone))
 
 
 def _advance(state: dict, record: dict, last_phase: bool) -> dict:
@@ -284,7 +302,8 @@ def _advance(state: dict, record: dict, last_phase: bool) -> dict:
     }
 
 
-def _report(model, optimizer, scheduler, scaler, state: dict, context, logits: np.ndarray, labels: np.ndarray) -> None:
+def _report(model, optimizer, scheduler, scaler, state: dict, context, logits: np.ndarray, labels: np.ndarray,
+            branches: dict[str, np.ndarray]) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (all state needed to resume + validation logits)."""
     record = state["history"][-1]
     if context.get_world_rank() != 0:
@@ -298,5 +317,6 @@ def _report(model, optimizer, scheduler, scaler, state: dict, context, logits: n
         torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **saved},
                    Path(directory) / "state.pt")
-        np.savez(Path(directory) / "validation.npz", logits=logits, labels=labels)
+        np.savez(Path(directory) / "validation.npz", logits=logits, labels=labels,
+                 **{f"branch_{name}": value for name, value in branches.items()})
         ray.train.report(dict(record), checkpoint=ray.train.Checkpoint.from_directory(directory))
