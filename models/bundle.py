@@ -96,6 +96,17 @@ class Bundle:
 
         return load_file(str(self.path / "model.safetensors"))
 
+    def network_state(self, member: int = 0) -> dict:
+        """One network's state dict, as a :class:`~posterfusion.models.fusion.FusionNet` holds it: member
+        ``member`` of an ensemble (stored whole as ``members.{i}.…``), else the bundle's one network."""
+        state = self.state_dict()
+        if self.config.model.members == 1:
+            return state
+        if not 0 <= member < self.config.model.members:
+            raise ValueError(f"{self.location} has {self.config.model.members} networks, no member {member}")
+        prefix = f"members.{member}."
+        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())
 

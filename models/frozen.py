@@ -34,7 +34,8 @@ BACKBONE_FEATURES_SCHEMA = pa.schema([
 
 
 class BackboneFeaturesConfig(BaseModel):
-    """Which features: a backbone, its starting weights and the image size it sees."""
+    """Which features: a backbone, its starting weights and the image size it sees — or, for side
+    corrections trained on a kept poster path whose backbone was fine-tuned, that trained network's own."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,11 +43,34 @@ class BackboneFeaturesConfig(BaseModel):
     weights: str
     image_size: int = Field(ge=16)
     batch_size: int = Field(32, ge=1)
+    bundle: str | None = Field(None, description="a trained bundle whose backbone (as trained) gives the features")
+    bundle_version: str | None = Field(None, description="that bundle's version, as checked on the driver")
+    member: int = Field(0, ge=0, description="which network of an ensemble bundle")
 
     def key(self) -> str:
         from posterfusion.models.backbones import weights_id
 
+        if self.bundle:
+            return f"{self.backbone}-bundle-{self.bundle_version}-m{self.member}-{self.image_size}px"
         return f"{self.backbone}-{weights_id(self.weights)}-{self.image_size}px"
+
+    def create(self):
+        """The backbone that computes these features, in eval mode."""
+        from posterfusion.models.backbones import create_backbone
+
+        if not self.bundle:
+            return create_backbone(self.backbone, self.weights).eval()
+        from posterfusion.models.bundle import load_bundle
+
+        bundle = load_bundle(self.bundle)
+        if bundle.version != self.bundle_version:
+            raise RuntimeError(f"{self.bundle} changed since it was checked (version {bundle.version}, "
+                               f"checked {self.bundle_version})")
+        state = bundle.network_state(self.member)
+        backbone = create_backbone(self.backbone, "none")
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                  if k.startswith("backbone.")})
+        return backbone.eval()
 
 
 def backbone_store(cache: Path | Location, config: BackboneFeaturesConfig):
@@ -63,11 +87,10 @@ class BackboneFeaturizer:
     def __init__(self, config: BackboneFeaturesConfig, threads: int = 1):
         import torch
 
-        from posterfusion.models.backbones import create_backbone
         from posterfusion.models.fusion import ModelConfig
         from posterfusion.models.network import input_preset
 
-        self.backbone = create_backbone(config.backbone, config.weights).eval().to(memory_format=torch.channels_last)
+        self.backbone = config.create().to(memory_format=torch.channels_last)
         self.preset = input_preset(ModelConfig(backbone=config.backbone, image_size=config.image_size))
         self.size = config.image_size
         torch.set_num_threads(threads)

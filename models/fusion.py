@@ -81,7 +81,8 @@ class ModelConfig(BaseModel):
     poster_from: str | None = Field(None, description="residual fusion: a trained `cnn` bundle (path or URI) whose "
                                     "poster path (backbone, hidden layer, classifier) this network keeps as is, "
                                     "frozen; only the side branches train, so a poster without side inputs is "
-                                    "ranked exactly as that bundle ranks it")
+                                    "ranked exactly as that bundle ranks it (an ensemble's: member i keeps its "
+                                    "member i)")
 
     @field_validator("poster_from")
     @classmethod

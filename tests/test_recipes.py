@@ -111,6 +111,11 @@ def test_the_rules_tying_settings_together_are_the_trees_own():
                    check_weights=False).combine.members == 1
     with pytest.raises(UserValueError, match="pass --features"):
         resolve("quality", {"data": {"catalogue": "c"}, "run": {"out": "o"}}, check_weights=False).check_ready()
+    kept = resolve("quality", {"model": {"poster_from": "m/cnn-s0"}}, check_weights=False)  # a frozen poster path:
+    assert (kept.optim.mode, kept.optim.head_epochs, kept.combine.members) == ("frozen", 16, 3)  # heads only
+    assert any("model.poster_from" in note for note in kept.notes)
+    with pytest.raises(ValidationError, match=r"combine\.method ensemble"):
+        resolve("quality", {"model": {"poster_from": "m/cnn-s0"}, "combine": {"method": "soup"}}, check_weights=False)
 
 
 def test_a_recipes_description_is_generated_from_its_settings():
@@ -288,6 +293,11 @@ def test_compare_can_train_side_corrections_on_each_seeds_cnn_bundle_and_retrain
     trains = [entry_config(config, e) for e in todo]
     assert [t.model.poster_from for t in trains] == [None, None, *(str(tmp_path / "models" / "frozen" / f"cnn-s{s}")
                                                                    for s in (0, 1))]
+    ensembles = CompareConfig(catalogue=tmp_path, out=tmp_path, models=tmp_path, recipes=["quality"],
+                              variants=["cnn", "fused"], poster_from_cnn=True)
+    fused = entry_config(ensembles, entries(ensembles)[1])  # member i keeps the cnn ensemble's network i
+    assert (fused.combine.members, fused.optim.mode, fused.model.poster_from) == (3, "frozen", str(tmp_path / "quality"
+                                                                                                 / "cnn-s0"))
     with pytest.raises(ValueError, match="name --variant cnn too"):
         CompareConfig(catalogue=tmp_path, out=tmp_path, models=tmp_path, variants=["fused"], poster_from_cnn=True)
 

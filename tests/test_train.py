@@ -100,13 +100,11 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint(two_workers):
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5]  # the resumed state's history: each once
 
 
-def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_soup(prepared, monkeypatch):
-    """Two members share the head warm-up, then fine-tune apart; the bundle is their ensemble, the
-    frozen stages shared. The same members, handed to the soup, give the greedy soup of them."""
+@pytest.fixture(scope="module")
+def members(prepared):
+    """A two-member ``cnn`` ensemble trained once: (its configuration, summary, the soup of the same members).
+    The mechanics, not a good model: a few epochs on 64 training posters."""
     from posterfusion.jobs.train import combine, run
-    from posterfusion.jobs.train.data import load_labelled
-    from posterfusion.models.metrics import macro_auc
-    from posterfusion.models.predictor import Predictor
 
     soups = []
 
@@ -114,12 +112,24 @@ def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_so
         soups.append(combine.soup(*args))
         return combine.ensemble(*args)
 
-    monkeypatch.setattr(run, "ensemble", ensemble_and_soup)
-    members_config = small(prepared, "members", model=MOBILENET | {"variant": "cnn"}, run={"seed": 3},
-                           optim={"epochs": 3, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3,
-                                  "amp": "off"},  # as the Predictor below: bf16 reorders near-ties
-                           combine={"members": 2}, data={"limit": 64})  # the mechanics, not a good model
-    summary = run_train(members_config)
+    config = small(prepared, "members", model=MOBILENET | {"variant": "cnn"}, run={"seed": 3},
+                   optim={"epochs": 3, "warmup_epochs": 2, "train_stages": 2, "backbone_lr": 1e-3,
+                          "amp": "off"},  # as the Predictor below: bf16 reorders near-ties
+                   combine={"members": 2}, data={"limit": 64})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "ensemble", ensemble_and_soup)
+        summary = run_train(config)
+    return config, summary, soups[0]
+
+
+def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_soup(prepared, members):
+    """Two members share the head warm-up, then fine-tune apart; the bundle is their ensemble, the
+    frozen stages shared. The same members, handed to the soup, give the greedy soup of them."""
+    from posterfusion.jobs.train.data import load_labelled
+    from posterfusion.models.metrics import macro_auc
+    from posterfusion.models.predictor import Predictor
+
+    members_config, summary, soup_summary = members
     runs = summary["members"]["runs"]
     assert summary["members"]["combine"] == "ensemble" and [m["seed"] for m in runs] == [3, 1003]
     histories = [m["history"] for m in runs]
@@ -140,11 +150,11 @@ def test_members_fine_tune_from_one_warm_up_and_combine_into_an_ensemble_or_a_so
     assert macro_auc(labels, scored.probabilities) == pytest.approx(summary["best"]["val_macro_auc"], abs=0.01)
     assert scored.embeddings.shape == (len(frame), 2 * config["hidden"])
 
-    soup = soups[0]["members"]
+    soup = soup_summary["members"]
     best = max(runs, key=lambda m: m["best"]["val_macro_auc"])
     assert soup["chosen"][0] == best["seed"]  # the best member first; the other only if averaging gains
-    assert soups[0]["best"]["val_macro_auc"] >= best["best"]["val_macro_auc"]
-    assert (soups[0]["best"]["phase"] == "soup") == (len(soup["chosen"]) == 2)
+    assert soup_summary["best"]["val_macro_auc"] >= best["best"]["val_macro_auc"]
+    assert (soup_summary["best"]["phase"] == "soup") == (len(soup["chosen"]) == 2)
 
 
 def test_a_soup_averages_float_weights_and_keeps_integer_buffers():
@@ -224,6 +234,36 @@ def _reads_exactly_its_inputs(prepared, bundle, variant: str, fusion: str, size:
     assert (not np.allclose(with_meta, same_flags)) == reads_metadata
     assert (not np.allclose(probabilities(rich, [v + 1 for v in objects]), with_meta)) == reads_objects
     return predictor
+
+
+def test_side_corrections_on_an_ensembles_poster_path_keep_each_members_network_and_its_ranking(prepared, members):
+    """``model.poster_from`` an ensemble: member i trains its side corrections on the ensemble's network i, on
+    that fine-tuned network's own stored features (no warm-up to share); the bundle is an ensemble again, every
+    poster-path tensor the ``cnn`` ensemble's, so without side inputs it ranks each genre as that ensemble."""
+    from posterfusion.jobs.evaluate import load_split_frame
+    from posterfusion.models.bundle import load_bundle
+    from posterfusion.models.metrics import _auc_per_genre as per_genre_auc
+    from posterfusion.models.predictor import Predictor
+
+    cnn = members[0].run.out
+    config = small(prepared, "members-kept", model=MOBILENET | {"variant": "fused", "fusion": "residual",
+                                                                 "poster_from": str(cnn)},
+                   run={"seed": 3}, optim={"epochs": 2, "amp": "off"}, combine={"members": 2}, data={"limit": 64})
+    assert config.optim.mode == "frozen" and config.optim.head_epochs == 2
+    summary = run_train(config)
+    assert [m["seed"] for m in summary["members"]["runs"]] == [3, 1003]
+    assert all([h["phase"] for h in m["history"]] == ["head", "head"] for m in summary["members"]["runs"])
+    kept, source = load_bundle(config.run.out), load_bundle(cnn)
+    assert (kept.config.model.members, kept.config.model.shared_stages) == (2, source.config.model.shared_stages)
+    theirs, ours = source.state_dict(), kept.state_dict()
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)  # both members' poster paths, unchanged
+    frame = load_split_frame(prepared / "catalogue", "val")
+    posters, nothing = _posters(prepared / "catalogue", frame["movie_id"]), list(np.zeros((len(frame), 3 * 80 + 2)))
+    labels = source.vocabulary.encode_many(frame["genres"])
+    alone = [Predictor(bundle, detect=False, precision="off").score(posters, [None] * len(frame), nothing)
+             for bundle in (cnn, config.run.out)]
+    np.testing.assert_allclose(per_genre_auc(labels, alone[1].probabilities),
+                               per_genre_auc(labels, alone[0].probabilities), rtol=0, atol=1e-9)
 
 
 def _posters(catalogue, ids) -> list[bytes]:

@@ -133,28 +133,36 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _stored_features_need_fixed_weights(self) -> TrainConfig:
-        """Head epochs train on features extracted once; a random backbone would differ in every process."""
-        if self.model.weights == "none" and self.optim.head_epochs:
+        """Head epochs train on features extracted once; a random backbone would differ in every process
+        (a kept poster path's backbone is a trained bundle's: fixed)."""
+        if self.model.weights == "none" and self.optim.head_epochs and not self.model.poster_from:
             raise ValueError("frozen mode and head warm-up train on stored backbone features, which need "
                              "pretrained weights (model.weights FILE or imagenet); from scratch, use optim.mode "
                              "finetune with optim.warmup_epochs 0")
         return self
 
     @model_validator(mode="after")
-    def _members_need_a_shared_warm_up(self) -> TrainConfig:
-        """Members start from one warmed-up head: weights average well only between runs that left one
-        starting point, and an ensemble's members share the stages that checkpoint froze."""
-        if self.combine.members > 1 and not (self.optim.mode == "finetune"
-                                             and 0 < self.optim.warmup_epochs < self.optim.epochs):
-            raise ValueError("combine.members > 1 fine-tune from one warmed-up head: they need optim.mode "
-                             "finetune and 0 < optim.warmup_epochs < optim.epochs (or set combine.members 1)")
+    def _a_kept_poster_path_trains_heads_only(self) -> TrainConfig:
+        """A kept poster path is frozen, so nothing would fine-tune: every epoch trains the side corrections on
+        stored features of its backbone (optim.mode frozen, said in the notes)."""
+        if self.model.poster_from and self.optim.mode != "frozen":
+            self.optim = self.optim.model_copy(update={"mode": "frozen"})
+            self.notes = [*self.notes, "model.poster_from keeps a frozen poster path: optim.mode frozen (every "
+                          "epoch trains the side corrections on stored features)"]
+        if self.model.poster_from and self.combine.members > 1 and self.combine.method != "ensemble":
+            raise ValueError("model.poster_from with combine.members > 1 keeps each member's poster path: "
+                             "combine.method ensemble")
         return self
 
     @model_validator(mode="after")
-    def _a_kept_poster_path_is_one_network(self) -> TrainConfig:
-        """A kept poster path is one network's; members would each fine-tune it (it is frozen)."""
-        if self.model.poster_from and self.combine.members > 1:
-            raise ValueError("model.poster_from keeps one cnn network's poster path frozen: set combine.members 1")
+    def _members_need_a_shared_warm_up(self) -> TrainConfig:
+        """Members start from one warmed-up head: weights average well only between runs that left one
+        starting point, and an ensemble's members share the stages that checkpoint froze. With a kept poster
+        path, member i keeps that ensemble's member i instead (their shared stages are its)."""
+        if self.combine.members > 1 and not self.model.poster_from and not (
+                self.optim.mode == "finetune" and 0 < self.optim.warmup_epochs < self.optim.epochs):
+            raise ValueError("combine.members > 1 fine-tune from one warmed-up head: they need optim.mode "
+                             "finetune and 0 < optim.warmup_epochs < optim.epochs (or set combine.members 1)")
         return self
 
     @model_validator(mode="after")
@@ -201,6 +209,7 @@ class WorkerPlan(BaseModel):
     seed: int
     stop_after: int | None = Field(None, description="stop after this epoch (the members' shared head warm-up)")
     start_from: str | None = Field(None, description="checkpoint to continue from (a member: the warm-up's)")
+    poster_member: int = Field(0, ge=0, description="which network of an ensemble model.poster_from this run keeps")
     threads: int = Field(1, ge=1, description="torch threads per worker")
     log_level: str = Field("WARNING", description="the workers' root logger (Ray Train sets it to INFO)")
 

@@ -142,24 +142,36 @@ def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
 def poster_bundle_version(config: TrainConfig, genres: list[str]) -> str | None:
     """The version of ``model.poster_from``'s bundle, once it is known to fit this run (else one clear error).
 
-    It must be one ``cnn`` network of the same backbone, input size, hidden width and genres; with
-    head epochs (stored features of the starting weights) its backbone must be those weights, frozen.
+    It must be a ``cnn`` bundle of the same backbone, input size, hidden width and genres, with as many
+    networks as this run has members (member i keeps its network i).
     """
     if not (source := config.model.poster_from):
         return None
     bundle, model = load_bundle(source), config.model
     theirs = bundle.config.model
+    members = config.combine.members
     checks = [(theirs.variant == "cnn", f"its variant is {theirs.variant!r}, not 'cnn'"),
-              (theirs.members == 1, f"it is an ensemble of {theirs.members} networks"),
+              (theirs.members == members, f"it holds {theirs.members} network(s), this run combine.members {members}"),
               (theirs.backbone == model.backbone, f"backbone {theirs.backbone!r} (this run: {model.backbone!r})"),
               (theirs.size == model.size, f"image size {theirs.size} (this run: {model.size})"),
               (theirs.hidden == model.hidden, f"hidden width {theirs.hidden} (this run: {model.hidden})"),
-              (bundle.genres == genres, "it predicts other genres than this catalogue's"),
-              (not config.optim.head_epochs or (theirs.freeze_backbone and theirs.weights == model.weights),
-               f"its backbone is not the frozen {model.weights!r} that this run's stored features come from")]
+              (bundle.genres == genres, "it predicts other genres than this catalogue's")]
     if problems := [message for fine, message in checks if not fine]:
         raise UserValueError(f"model.poster_from {source}: {'; '.join(problems)}")
     return bundle.version
+
+
+def backbone_features(config: TrainConfig, poster_version: str | None, member: int = 0) -> BackboneFeaturesConfig:
+    """The stored features head epochs read: the starting weights' — or, under a kept poster path whose
+    backbone trained, that network's own (member ``member`` of an ensemble), extracted once per bundle version."""
+    model = config.model
+    start = BackboneFeaturesConfig(backbone=model.backbone, weights=model.weights, image_size=model.size)
+    if not model.poster_from:
+        return start
+    theirs = load_bundle(model.poster_from).config.model
+    if theirs.freeze_backbone and theirs.weights == model.weights:
+        return start  # its backbone is the starting weights: the same features, stored already
+    return start.model_copy(update={"bundle": model.poster_from, "bundle_version": poster_version, "member": member})
 
 
 def pos_weights(labels: np.ndarray, cap: float) -> list[float]:
@@ -168,10 +180,9 @@ def pos_weights(labels: np.ndarray, cap: float) -> list[float]:
     return np.clip((len(labels) - positives) / np.maximum(positives, 1), 1.0, cap).tolist()
 
 
-def feature_datasets(config: TrainConfig, data: Prepared) -> dict:
+def feature_datasets(config: TrainConfig, data: Prepared, facts: DataFacts, member: int = 0) -> dict:
     """Ray Datasets of stored backbone features (plain + flipped) and side inputs, per split."""
-    features = BackboneFeaturesConfig(backbone=config.model.backbone, weights=config.model.weights,
-                                      image_size=config.model.size)
+    features = backbone_features(config, facts.poster_version, member)
     cache = config.data.cache_dir
     done = ensure_backbone_features(config.data.catalogue, cache, features)
     print(f"[train] backbone features {done['key']}: {done['computed']} extracted, "

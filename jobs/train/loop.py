@@ -82,7 +82,7 @@ def training_model(args: WorkerArgs):
         if poster.version != network.poster_version:
             raise RuntimeError(f"{network.poster_from} changed while this run started (version {poster.version}, "
                                f"checked {network.poster_version})")
-        model.keep_poster_path(poster.state_dict())
+        model.keep_poster_path(poster.network_state(args.plan.poster_member))
     if not network.freeze_backbone:
         model.backbone.train_last_stages(args.config.optim.train_stages)
     return model

@@ -5,7 +5,9 @@ frozen backbone's features (a fresh head's large gradients would otherwise wreck
 filters), then the network trains with the backbone at a lower rate (``optim.backbone_lr``) and
 the warmed-up head at ``optim.finetune_head_lr``, on augmented posters. ``optim.mode frozen``
 stops after the first phase. With ``combine.members N`` the head warms up once and N runs
-fine-tune from that checkpoint (:mod:`.combine` makes them one bundle).
+fine-tune from that checkpoint (:mod:`.combine` makes them one bundle). Under a kept poster path
+(``model.poster_from``) nothing fine-tunes: only side corrections train, on stored features, one run per
+network of that bundle (:func:`kept_members`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from posterfusion.cluster.console import train_logging_level
 from posterfusion.jobs.tracking import tracked
 from posterfusion.jobs.train.combine import ensemble, soup
 from posterfusion.jobs.train.config import DataFacts, TrainConfig, WorkerArgs, WorkerPlan
-from posterfusion.jobs.train.data import data_facts, feature_datasets, image_datasets, prepare
+from posterfusion.jobs.train.data import Prepared, data_facts, feature_datasets, image_datasets, prepare
 from posterfusion.jobs.train.finish import write_bundle
 from posterfusion.jobs.train.loop import train_loop
 from posterfusion.locations import Location
@@ -53,17 +55,19 @@ def _train(config: TrainConfig) -> dict:
     check_outputs(config)
     data = prepare(config)
     facts = data_facts(config, data)
-    optim = config.optim
-    datasets = feature_datasets(config, data) if optim.head_epochs else {}
-    if optim.head_epochs < optim.epochs:
+    optim, members, kept = config.optim, config.combine.members, config.model.poster_from is not None
+    datasets = feature_datasets(config, data, facts) if optim.head_epochs else {}
+    if optim.head_epochs < optim.epochs or (kept and members > 1):  # an ensemble validates on the posters
         datasets |= image_datasets(config, data)
-    if config.combine.members == 1:
+    args = WorkerArgs(config=config, facts=facts, plan=plan(config))
+    if members == 1:
         result = fit(config, facts, plan(config), datasets)
         trained = best_of(result) | {"run_path": run_location(config, result.path)}
+    elif kept:
+        trained = ensemble(args, datasets, *kept_members(config, facts, data))
     else:
         combine = soup if config.combine.method == "soup" else ensemble
-        trained = combine(WorkerArgs(config=config, facts=facts, plan=plan(config)), datasets,
-                          *train_members(config, facts, datasets))
+        trained = combine(args, datasets, *train_members(config, facts, datasets))
     return write_bundle(config, facts, data, trained, time.perf_counter() - started)
 
 
@@ -159,6 +163,20 @@ def train_members(config: TrainConfig, facts: DataFacts, datasets: dict) -> tupl
         result = fit(config, facts, plan(config, seed=seed, start_from=start), datasets)
         members.append(best_of(result) | {"seed": seed, "run_path": run_location(config, result.path)})
     return run_location(config, warm.path), members
+
+
+def kept_members(config: TrainConfig, facts: DataFacts, data: Prepared) -> tuple[str, list[dict]]:
+    """Side corrections on an ensemble's kept poster path: member i trains them on network i of
+    ``model.poster_from`` (frozen), on that network's own stored features, with seed ``seed + 1000·i``;
+    there is nothing to warm up. Returns the first member's run path and the members, as
+    :func:`train_members` does."""
+    members = []
+    for i in range(config.combine.members):
+        seed = config.run.seed + 1000 * i
+        own = feature_datasets(config, data, facts, member=i)  # all a run of head epochs reads
+        result = fit(config, facts, plan(config, seed=seed, poster_member=i), own)
+        members.append(best_of(result) | {"seed": seed, "run_path": run_location(config, result.path)})
+    return members[0]["run_path"], members
 
 
 def run_location(config: TrainConfig, path: str) -> str:
