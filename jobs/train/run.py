@@ -55,15 +55,16 @@ def _train(config: TrainConfig) -> dict:
     check_outputs(config)
     data = prepare(config)
     facts = data_facts(config, data)
-    optim, members, kept = config.optim, config.combine.members, config.model.poster_from is not None
-    datasets = feature_datasets(config, data, facts) if optim.head_epochs else {}
-    if optim.head_epochs < optim.epochs or (kept and members > 1):  # an ensemble validates on the posters
+    optim, members = config.optim, config.combine.members
+    kept_ensemble = config.model.poster_from is not None and members > 1  # each member reads its own features
+    datasets = feature_datasets(config, data, facts) if optim.head_epochs and not kept_ensemble else {}
+    if optim.head_epochs < optim.epochs or kept_ensemble:  # an ensemble validates on the posters
         datasets |= image_datasets(config, data)
     args = WorkerArgs(config=config, facts=facts, plan=plan(config))
     if members == 1:
         result = fit(config, facts, plan(config), datasets)
         trained = best_of(result) | {"run_path": run_location(config, result.path)}
-    elif kept:
+    elif kept_ensemble:
         trained = ensemble(args, datasets, *kept_members(config, facts, data))
     else:
         combine = soup if config.combine.method == "soup" else ensemble
