@@ -61,14 +61,18 @@ class EnsembleNet(nn.Module):
     def embed_and_logits(self, images: torch.Tensor, objects: torch.Tensor | None = None,
                          metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(members' penultimate features concatenated, their mean logits); the shared stages run once."""
-        shared = self.config.shared_stages
-        trunk = self.members[0].backbone.forward_stages(images, 0, shared) if shared else images
         hidden, logits = [], []
-        for member in self.members:
-            h, z = member.features_to_outputs(member.backbone.forward_stages(trunk, shared), objects, metadata)
+        for member, pooled in zip(self.members, self.member_features(images), strict=True):
+            h, z = member.features_to_outputs(pooled, objects, metadata)
             hidden.append(h)
             logits.append(z)
         return torch.cat(hidden, dim=1), torch.stack(logits).mean(dim=0)
+
+    def member_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's pooled backbone features; the stages they share run once, for all of them."""
+        shared = self.config.shared_stages
+        trunk = self.members[0].backbone.forward_stages(images, 0, shared) if shared else images
+        return [member.backbone.forward_stages(trunk, shared) for member in self.members]
 
     def branch_logits(self, images: torch.Tensor, objects: torch.Tensor | None = None,
                       metadata: torch.Tensor | None = None, pooled: bool = False) -> dict[str, torch.Tensor]:
@@ -76,10 +80,8 @@ class EnsembleNet(nn.Module):
         sum of means, so a correction weight fitted on these applies to every member alike."""
         if pooled:
             raise ValueError("an ensemble takes images: its members' backbones differ in their top stages")
-        shared = self.config.shared_stages
-        trunk = self.members[0].backbone.forward_stages(images, 0, shared) if shared else images
-        parts = [member.branch_logits(member.backbone.forward_stages(trunk, shared), objects, metadata, pooled=True)
-                 for member in self.members]
+        parts = [member.branch_logits(pooled, objects, metadata, pooled=True)
+                 for member, pooled in zip(self.members, self.member_features(images), strict=True)]
         return {name: torch.stack([p[name] for p in parts]).mean(dim=0) for name in parts[0]}
 
     def embed(self, images: torch.Tensor, objects: torch.Tensor | None = None,
