@@ -113,20 +113,22 @@ def entries(config: CompareConfig) -> list[Entry]:
             for seed in config.seeds:
                 parts = [recipe] * (len(config.recipes) > 1) + [variant] + [f"s{seed}"] * (len(config.seeds) > 1)
                 out.append(Entry(recipe=recipe, variant=variant, seed=seed, name="/".join(parts),
-                                 bundle=config.models / recipe / f"{bundle_name(config, variant)}-s{seed}"))
+                                 bundle=bundle_path(config, recipe, variant, seed)))
     return out
 
 
-def bundle_name(config: CompareConfig, variant: str) -> str:
-    """An entry's folder name: the variant's, ``_on_cnn`` added where its poster path is the cnn bundle's."""
-    return variant.replace("+", "_") + ("_on_cnn" if config.poster_from_cnn and variant != "cnn" else "")
+def bundle_path(config: CompareConfig, recipe: str, variant: str, seed: int) -> Location:
+    """An entry's bundle: ``MODELS/<recipe>/<variant>-s<seed>``, ``_on_cnn`` added to the variant where its
+    poster path is the cnn bundle's."""
+    name = variant.replace("+", "_") + ("_on_cnn" if config.poster_from_cnn and variant != "cnn" else "")
+    return config.models / recipe / f"{name}-s{seed}"
 
 
 def entry_config(config: CompareConfig, entry: Entry) -> TrainConfig:
     """The training configuration of one entry: its recipe, the shared overrides, its variant and seed."""
     features = str(config.features) if config.features and VARIANTS[entry.variant].objects else None
     kept = config.poster_from_cnn and entry.variant != "cnn"
-    poster = {"poster_from": str(config.models / entry.recipe / f"cnn-s{entry.seed}")} if kept else {}
+    poster = {"poster_from": str(bundle_path(config, entry.recipe, "cnn", entry.seed))} if kept else {}
     own = {"model": {"variant": entry.variant, **poster},
            "data": {"catalogue": str(config.catalogue), "features": features},
            "run": {"seed": entry.seed, "out": str(entry.bundle), "storage_path": str(config.models / "ray_results")}}
