@@ -1,10 +1,11 @@
 """What a bundle costs to score with, bundles side by side in one run (e.g. one network against an ensemble).
 
 For each bundle, on the same catalogue posters: the network alone (decoded, preset images in
-batches: ``embed_and_logits``) and the Predictor's whole ``score`` (decode, metadata, network,
-calibration), both in posters/s with every thread of the machine, and the ratio to the first
-bundle. Object vectors are zeros (the network's cost does not depend on their values, and the
-detector is the same for every bundle: ``benchmarks/detector_throughput.py`` measures it).
+batches, with the posters' own encoded metadata: a routed bundle runs one of its networks per
+poster by it) and the Predictor's whole ``score`` (decode, metadata, network, calibration), both
+in posters/s with every thread of the machine, and the ratio to the first bundle. Object vectors
+are zeros (the network's cost does not depend on their values, and the detector is the same for
+every bundle: ``benchmarks/detector_throughput.py`` measures it).
 
     python benchmarks/model_cost.py --model runs/a --model runs/b --catalogue C --posters 512
 """
@@ -30,6 +31,7 @@ def measure(model: Path, posters: list[bytes], frame, batch_size: int, device: s
     import numpy as np
     import torch
 
+    from posterfusion.features.metadata import FIELDS as META_FIELDS
     from posterfusion.features.presets import image_to_tensor
     from posterfusion.models.hardware import autocast
     from posterfusion.models.predictor import Predictor
@@ -44,19 +46,21 @@ def measure(model: Path, posters: list[bytes], frame, batch_size: int, device: s
             predictor.score(posters[part], frame.iloc[part], objects=objects)
 
     images = [predictor._decode(posters[part], [None] * len(posters[part])) for part in batches]
-    tensors = [torch.stack([image_to_tensor(im, predictor.config.image_size) for im in batch]) for batch in images]
+    tensors = [torch.stack([image_to_tensor(im, predictor.config.model.size) for im in batch]) for batch in images]
+    encoded = torch.as_tensor(predictor.encoder.transform(frame.reset_index(drop=True)))
     config = predictor.config.model
 
     def network_all() -> None:
         with torch.inference_mode(), autocast(predictor.device, predictor.precision):
-            for batch in tensors:
+            for part, batch in zip(batches, tensors, strict=True):
                 objects = torch.zeros(len(batch), config.object_dim) if config.uses_objects else None
-                metadata = torch.zeros(len(batch), config.metadata_dim) if config.uses_metadata else None
+                metadata = encoded[part] if predictor.model.uses_metadata else None  # a routed bundle routes by it
                 inputs = predictor.preset(batch.to(predictor.device)).contiguous(memory_format=torch.channels_last)
-                predictor.model.embed_and_logits(inputs, objects, metadata)
+                predictor.model(inputs, objects, metadata)
 
     network_all()  # warm-up: oneDNN picks its kernels on the first batches
     return {"model": str(model), "members": predictor.config.model.members,
+            "with_metadata": float(frame[list(META_FIELDS)].notna().any(axis=1).mean()),
             "shared_stages": predictor.config.model.shared_stages,
             "network": len(posters) / best_time(network_all, repeats),
             "score": len(posters) / best_time(score_all, repeats)}
@@ -83,7 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     posters, frame = read_posters(args.catalogue, args.posters)
     results = [measure(m, posters, frame, args.batch_size, args.device, args.repeats) for m in args.model]
-    print(f"{len(posters)} posters, batch {args.batch_size}, best of {args.repeats}")
+    print(f"{len(posters)} posters ({results[0]['with_metadata']:.0%} with metadata), batch {args.batch_size}, "
+          f"best of {args.repeats}")
     print(f"{'bundle':<44} {'members':>7} {'shared':>6} {'network/s':>10} {'ratio':>6} {'score/s':>8} {'ratio':>6}")
     first = results[0]
     for r in results:

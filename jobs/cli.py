@@ -23,10 +23,11 @@ from posterfusion.jobs.cli_options import Address, DetectorWeights, FromScratch,
 from posterfusion.jobs.cli_options import check as _check
 from posterfusion.jobs.cli_options import cluster as _cluster
 from posterfusion.jobs.cli_options import given as _given
+from posterfusion.jobs.cli_options import present_local_token as _present_local_token
+from posterfusion.jobs.cli_options import stop_on_signals as _stop_on_signals
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Movie genres from posters, objects and metadata, on Ray.")
-
 
 
 @app.callback()
@@ -215,6 +216,8 @@ def compare(
     from_scratch: FromScratch = False,
     set_: Sets = None,
     poster_from_cnn: Annotated[bool, typer.Option(help="Side-input variants keep the cnn's poster path.")] = False,
+    route_by_metadata: Annotated[bool, typer.Option(help="Variants reading metadata are routed with the cnn "
+                                                         "(posterfusion route).")] = False,
     on: Annotated[str | None, typer.Option(help="Score on another labelled catalogue (use --split all).")] = None,
     split: Annotated[str | None, typer.Option(help="test (default) | val | all.")] = None,
     n_boot: Annotated[int | None, typer.Option(help="Bootstrap resamples.")] = None,
@@ -226,7 +229,8 @@ def compare(
     from posterfusion.jobs.train.config import parse_sets
 
     config = CompareConfig(catalogue=catalogue, out=out, models=models, from_scratch=from_scratch,
-                           poster_from_cnn=poster_from_cnn, train=parse_sets(set_ or []),
+                           poster_from_cnn=poster_from_cnn, route_by_metadata=route_by_metadata,
+                           train=parse_sets(set_ or []),
                            **_given(recipes=recipe or None, variants=variant or None, seeds=seed or None,
                                     features=features, n_boot=n_boot, on=on, split=split))
     check_entries(config)  # every entry's configuration and weights, before any Ray starts
@@ -235,6 +239,29 @@ def compare(
         result = run_compare(config)
     typer.echo(markdown(result, []))
     typer.echo(f"compare: report in {out}/report.md and report.html")
+
+
+@app.command()
+def route(
+    cnn: Annotated[str, typer.Option(help="A `cnn` bundle (a directory or a URI).")],
+    side: Annotated[str, typer.Option(help="A bundle reading metadata (fused, cnn+metadata, flags-only), same "
+                                           "catalogue and genres.")],
+    out: Annotated[str, typer.Option(help="The routed bundle (a directory or a URI).")],
+    catalogue: Annotated[str | None, typer.Option(help="Whose validation split chooses (default: the side "
+                                                       "bundle's training catalogue).")] = None,
+    features: Annotated[str | None, typer.Option(help="Cached object features to reuse.")] = None,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """One bundle scoring posters with metadata by the network validation chose for them, the rest by the other."""
+    from posterfusion.jobs.route import RouteConfig, format_route_summary, run_route
+
+    config = RouteConfig(cnn=cnn, side=side, out=out, **_given(catalogue=catalogue, features=features))
+    _check(catalogue=catalogue, stores=[out])
+    config.check()
+    with _cluster(address, num_cpus):
+        summary = run_route(config)
+    typer.echo(format_route_summary(summary))
 
 
 @app.command()
@@ -316,20 +343,6 @@ def predict(
             typer.echo(format_prediction(path, prediction))
 
 
-def _interrupted(signum, frame) -> None:
-    """SIGTERM or SIGINT: a clean stop. Ray's own SIGTERM handler aborts with a stack dump, and a SIGINT sent
-    to the process (``kill -INT``) did not stop it (measured: still serving after 18 s)."""
-    raise KeyboardInterrupt
-
-
-def stop_on_signals() -> None:
-    """Both stop signals end ``posterfusion serve`` the way Ctrl-C at its terminal does."""
-    import signal
-
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, _interrupted)
-
-
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Model bundle: a directory or a URI each replica loads it from.")],
@@ -373,7 +386,7 @@ def serve(
                 raise UserValueError("the cluster does not run Serve's direct ingress: start it with "
                                      "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment")
             typer.echo(f"each replica directly (no proxy hop): {', '.join(replicas)}")
-        stop_on_signals()  # a service manager's stop, or kill -INT: the same clean shutdown as Ctrl-C
+        _stop_on_signals()  # a service manager's stop, or kill -INT: the same clean shutdown as Ctrl-C
         try:
             while True:
                 time.sleep(3600)
@@ -381,25 +394,6 @@ def serve(
             from ray import serve as ray_serve
 
             ray_serve.shutdown()
-
-
-def _present_local_token(address: str | None) -> None:
-    """Attach to a loopback Ray with the token posterfusion keeps under its Ray HOME (``cluster/local.py``).
-
-    ``posterfusion serve``'s local Ray asks every driver for that token; a second process on this
-    machine (``deploy``) presents it unless its environment names one. Set before Ray is imported:
-    Ray reads these once.
-    """
-    import os
-
-    from posterfusion.cluster.local import state_dir
-
-    token = state_dir() / "ray-home" / ".ray" / "auth_token"
-    host = (address or os.environ.get("RAY_ADDRESS", "")).split("://")[-1].rsplit(":", 1)[0]
-    named = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if (host.startswith("127.") or host == "localhost") and token.is_file() and not named:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
 
 
 @app.command()

@@ -5,6 +5,8 @@ An *entry* is one trained bundle: a recipe (``quality``, ``seed-densenet``, …)
 trains the entries that have no bundle yet (``MODELS/<recipe>/<variant>-s<seed>``), retrains —
 and says so — a bundle trained with other settings or on another catalogue (it would be
 silently stale; settings newer than a bundle count at their defaults, so old bundles stay),
+routes, with ``--route-by-metadata``, each variant reading metadata with the same seed's ``cnn``
+(:mod:`posterfusion.jobs.route`: one bundle, each slice scored by the network validation chose),
 scores every entry on the same test posters with its own calibration and thresholds, and writes
 one report: ``report.md``/``.html``, ``metrics.json`` and plots.
 
@@ -77,6 +79,10 @@ class CompareConfig(BaseModel):
                                   "seed's `cnn` bundle as its poster path (model.poster_from; trained after it, "
                                   "in MODELS/<recipe>/<variant>_on_cnn-s<seed>): without side inputs it ranks "
                                   "exactly as `cnn`")
+    route_by_metadata: bool = Field(False, description="every variant that reads metadata is scored as a routed "
+                                    "bundle (`posterfusion route`): its own bundle where validation shows it "
+                                    "better than the same recipe and seed's `cnn` bundle, that cnn bundle elsewhere "
+                                    "(in MODELS/<recipe>/<variant>_routed-s<seed>)")
     split: str = "test"
     on: Location | None = Field(None, description="score the entries on another labelled catalogue (another "
                                 "source; with split 'all'), on the genres both sides know; default: --catalogue")
@@ -93,7 +99,16 @@ class CompareConfig(BaseModel):
     def _kept_poster_path_needs_cnn(self) -> CompareConfig:
         if self.poster_from_cnn and "cnn" not in (self.variants or []):
             raise ValueError("--poster-from-cnn keeps the cnn bundle's poster path: name --variant cnn too")
+        if self.route_by_metadata and "cnn" not in (self.variants or []):
+            raise ValueError("--route-by-metadata routes between each variant and the cnn bundle: name --variant "
+                             "cnn too")
+        if self.route_by_metadata and self.poster_from_cnn:
+            raise ValueError("choose one of --poster-from-cnn and --route-by-metadata")
         return self
+
+    def routed(self, variant: str) -> bool:
+        """Whether ``variant``'s entries are routed bundles."""
+        return self.route_by_metadata and VARIANTS[variant].metadata != "none"
 
 
 class Entry(BaseModel):
@@ -102,6 +117,7 @@ class Entry(BaseModel):
     seed: int
     name: str
     bundle: Location
+    source: Location | None = Field(None, description="a routed entry's own trained bundle (routed with the cnn's)")
 
 
 def entries(config: CompareConfig) -> list[Entry]:
@@ -109,18 +125,22 @@ def entries(config: CompareConfig) -> list[Entry]:
     out = []
     for recipe in config.recipes:
         variants = config.variants or [get_recipe(recipe).resolved().model.variant]
-        for variant in sorted(variants, key=lambda v: v != "cnn") if config.poster_from_cnn else variants:
+        cnn_first = config.poster_from_cnn or config.route_by_metadata
+        for variant in sorted(variants, key=lambda v: v != "cnn") if cnn_first else variants:
             for seed in config.seeds:
                 parts = [recipe] * (len(config.recipes) > 1) + [variant] + [f"s{seed}"] * (len(config.seeds) > 1)
+                routed = config.routed(variant)
                 out.append(Entry(recipe=recipe, variant=variant, seed=seed, name="/".join(parts),
-                                 bundle=bundle_path(config, recipe, variant, seed)))
+                                 bundle=bundle_path(config, recipe, variant, seed, routed=routed),
+                                 source=bundle_path(config, recipe, variant, seed) if routed else None))
     return out
 
 
-def bundle_path(config: CompareConfig, recipe: str, variant: str, seed: int) -> Location:
-    """An entry's bundle: ``MODELS/<recipe>/<variant>-s<seed>``, ``_on_cnn`` added to the variant where its
-    poster path is the cnn bundle's."""
+def bundle_path(config: CompareConfig, recipe: str, variant: str, seed: int, routed: bool = False) -> Location:
+    """A bundle of an entry: ``MODELS/<recipe>/<variant>-s<seed>``, ``_on_cnn`` added to the variant where its
+    poster path is the cnn bundle's, ``_routed`` to a routed bundle's (the one trained is the plain name)."""
     name = variant.replace("+", "_") + ("_on_cnn" if config.poster_from_cnn and variant != "cnn" else "")
+    name += "_routed" if routed else ""
     return config.models / recipe / f"{name}-s{seed}"
 
 
@@ -131,7 +151,8 @@ def entry_config(config: CompareConfig, entry: Entry) -> TrainConfig:
     poster = {"poster_from": str(bundle_path(config, entry.recipe, "cnn", entry.seed))} if kept else {}
     own = {"model": {"variant": entry.variant, **poster},
            "data": {"catalogue": str(config.catalogue), "features": features},
-           "run": {"seed": entry.seed, "out": str(entry.bundle), "storage_path": str(config.models / "ray_results")}}
+           "run": {"seed": entry.seed, "out": str(entry.source or entry.bundle),
+                   "storage_path": str(config.models / "ray_results")}}
     return resolve(entry.recipe, merge(config.train, own), from_scratch=config.from_scratch)
 
 
@@ -173,14 +194,34 @@ def ensure_bundles(config: CompareConfig) -> list[Entry]:
     """Train the entries without a bundle, and retrain stale ones (saying why)."""
     todo = entries(config)
     for entry, train in zip(todo, check_entries(config), strict=True):
-        if bundle_exists(entry.bundle):
-            reason = stale_reason(load_bundle(entry.bundle), train)
+        trained = entry.source or entry.bundle
+        if bundle_exists(trained):
+            reason = stale_reason(load_bundle(trained), train)
             if reason is None:
                 continue
-            print(f"[compare] {entry.bundle} is stale: {reason}; retraining it", flush=True)
+            print(f"[compare] {trained} is stale: {reason}; retraining it", flush=True)
         summary = run_train(train)
         print("[compare] " + format_train_summary(summary).replace("\n", "\n[compare] "), flush=True)
+    for entry in todo:
+        if entry.source is not None:
+            ensure_routed(config, entry)
     return todo
+
+
+def ensure_routed(config: CompareConfig, entry: Entry) -> None:
+    """Route a routed entry's bundle from its own and the cnn's, unless one routed from both as they are now exists."""
+    from posterfusion.jobs.route import RouteConfig, format_route_summary, run_route
+
+    cnn = bundle_path(config, entry.recipe, "cnn", entry.seed)
+    if bundle_exists(entry.bundle):
+        sources = load_bundle(entry.bundle).config.model.routing.sources
+        if all(sources[name]["version"] == load_bundle(where).version
+               for name, where in (("cnn", cnn), ("side", entry.source))):
+            return
+        print(f"[compare] {entry.bundle} is stale: a bundle it routes between was retrained; routing again", flush=True)
+    summary = run_route(RouteConfig(cnn=cnn, side=entry.source, out=entry.bundle, catalogue=config.catalogue,
+                                    features=config.features))
+    print("[compare] " + format_route_summary(summary).replace("\n", "\n[compare] "), flush=True)
 
 
 def run_compare(config: CompareConfig) -> dict:

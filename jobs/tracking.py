@@ -1,4 +1,5 @@
-"""Every ``train``, ``evaluate`` and ``compare`` run recorded in MLflow, so researchers compare runs in a tracker.
+"""Every ``train``, ``route``, ``evaluate`` and ``compare`` run recorded in MLflow: researchers compare runs in a
+tracker.
 
 Logged from the driver, never from a Ray worker, so it works the same with outputs in object
 storage and on several nodes. The store is ``MLFLOW_TRACKING_URI`` when set (a tracking server, a

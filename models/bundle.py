@@ -99,6 +99,8 @@ class Bundle:
     def network_state(self, member: int = 0) -> dict:
         """One network's state dict, as a :class:`~posterfusion.models.fusion.FusionNet` holds it: member
         ``member`` of an ensemble (stored whole as ``members.{i}.…``), else the bundle's one network."""
+        if self.config.model.routing is not None:
+            raise ValueError(f"{self.location} routes posters between two networks: name one of its sources")
         state = self.state_dict()
         if self.config.model.members == 1:
             return state

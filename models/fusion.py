@@ -31,6 +31,7 @@ from torch import nn
 from posterfusion.features.object_encoding import ObjectEncoding
 from posterfusion.locations import Location
 from posterfusion.models.backbones import backbone_class, create_backbone
+from posterfusion.models.calibration import Calibration
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,15 @@ class FusionConfig(ModelConfig):
     correction_scale: dict[Literal["objects", "metadata"], float] | None = Field(
         None, description="residual fusion: each side correction's weight, fitted on validation after training "
         "(0 where validation did not support that input); None: every correction as trained (weight 1)")
+    routing: Routing | None = Field(None, description="a routed bundle (`posterfusion route`): this network "
+                                    "beside a `cnn` network, each poster scored by the one validation chose for "
+                                    "its slice (with / without metadata)")
 
     @property
     def embedding_dim(self) -> int:
-        """Width of the representation similarity search reads: each member's hidden layer, side by side."""
-        return self.hidden * self.members
+        """Width of the representation similarity search reads: each member's hidden layer, side by side
+        (a routed bundle's: its cnn network's, the same space for every poster)."""
+        return self.routing.cnn.embedding_dim if self.routing else self.hidden * self.members
 
     @model_validator(mode="after")
     def _inputs_match_variant(self) -> FusionConfig:
@@ -149,6 +154,43 @@ class FusionConfig(ModelConfig):
             raise ValueError("variant 'flags-only' needs metadata_flags (the encoder's flag columns)")
         if any(not 0 <= i < self.metadata_dim for i in self.metadata_flags):
             raise ValueError(f"metadata_flags must index the {self.metadata_dim} metadata columns")
+        if self.routing and not (self.uses_metadata and self.routing.presence < self.metadata_dim):
+            raise ValueError("routing by metadata needs a network that reads metadata (and its presence column)")
+        if self.routing and (self.routing.cnn.size, self.routing.cnn.backbone) != (self.size, self.backbone):
+            raise ValueError("a routed bundle's two networks see one input: the same backbone and image size")
+        return self
+
+
+SLICES = ("with_metadata", "without_metadata")
+Slice = Literal["with_metadata", "without_metadata"]
+
+
+class Routing(BaseModel):
+    """What a routed bundle adds to its side-input network: a ``cnn`` network, and per slice of posters (with
+    any metadata field / without any) which of the two scores it and the calibration fitted on that slice.
+
+    Why: a side-input model trained on a catalogue where most posters have metadata can rank posters
+    without any worse than the CNN alone does, and on another source most posters have none. Which
+    network a slice gets is chosen on validation (macro ROC-AUC on that slice), never on the test split.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cnn: FusionConfig = Field(description="the poster-only network")
+    presence: int = Field(ge=0, description="the metadata column that is 1 when a poster has any metadata")
+    routes: dict[Slice, Literal["cnn", "side"]] = Field(description="which network scores each slice")
+    calibration: dict[Slice, Calibration] = Field(description="per slice, raw logits of its network → "
+                                                  "calibrated logits (the network's own calibration, then a "
+                                                  "Platt step fitted on that slice's validation posters)")
+    sources: dict[Literal["cnn", "side"], dict[str, str]] = Field(
+        description="each network's bundle: where it was read and its version")
+
+    @model_validator(mode="after")
+    def _every_slice(self) -> Routing:
+        if set(self.routes) != set(SLICES) or set(self.calibration) != set(SLICES):
+            raise ValueError(f"a routing names a network and a calibration for each of {SLICES}")
+        if self.cnn.variant != "cnn" or self.cnn.routing is not None:
+            raise ValueError("a routing's poster-only network is a plain `cnn` network")
         return self
 
 

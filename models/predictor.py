@@ -159,7 +159,7 @@ class Predictor:
         good = [i for i in range(n) if errors[i] is None]
         if good:
             hidden, logits = self._forward([images[i] for i in good], meta[good],
-                                           vectors[good] if vectors is not None else None)
+                                           vectors[good] if vectors is not None else None, embed)
             probabilities[good] = self.calibration.probabilities(logits)
             if embed:
                 embeddings[good] = hidden
@@ -233,8 +233,11 @@ class Predictor:
                 vectors[i] = encode_objects(result, classes, encoding)
         return vectors, found, sources
 
-    def _forward(self, images: list, metadata: np.ndarray, objects: np.ndarray | None):
-        """(unit-length hidden features, raw logits) for decoded images, in one batch."""
+    def _forward(self, images: list, metadata: np.ndarray, objects: np.ndarray | None, embed: bool):
+        """(unit-length hidden features or None, raw logits) for decoded images, in one batch.
+
+        Without ``embed`` only the logits are computed: a routed network then runs one of its two
+        networks per poster, where its embeddings need its cnn network on every poster."""
         import torch
 
         from posterfusion.features.presets import image_to_tensor
@@ -242,15 +245,15 @@ class Predictor:
 
         batch = torch.stack([image_to_tensor(image, self.config.model.size) for image in images])
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        inputs = (self.preset(batch),
+                  torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
+                  torch.as_tensor(metadata, device=self.device) if self.model.uses_metadata else None)
         with torch.inference_mode(), autocast(self.device, self.precision):
-            hidden, logits = self.model.embed_and_logits(
-                self.preset(batch),
-                torch.as_tensor(objects, device=self.device) if self.model.uses_objects else None,
-                torch.as_tensor(metadata, device=self.device) if self.model.uses_metadata else None,
-            )
-            logits = logits.float()
+            if not embed:
+                return None, self.model(*inputs).float().cpu().numpy()
+            hidden, logits = self.model.embed_and_logits(*inputs)
             unit = torch.nn.functional.normalize(hidden.float(), dim=1)
-        return unit.cpu().numpy(), logits.cpu().numpy()
+        return unit.cpu().numpy(), logits.float().cpu().numpy()
 
     # --- predictions for people -------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from posterfusion.errors import UserValueError
-from posterfusion.jobs import cli
+from posterfusion.jobs import cli, cli_options
 
 from support import cli_main
 
@@ -106,7 +106,7 @@ def test_both_stop_signals_stop_the_service_as_ctrl_c_does():
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        cli.stop_on_signals()
+        cli_options.stop_on_signals()
         for stop in saved:
             with pytest.raises(KeyboardInterrupt):
                 signal.raise_signal(stop)

@@ -487,3 +487,67 @@ def test_a_backbone_split_into_its_stages_gives_its_own_features():
         assert torch.allclose(backbone.forward_stages(backbone.forward_stages(x, 0, 3), 3), backbone(x), atol=1e-5)
     with pytest.raises(ValueError, match="cannot run part of its stages"):
         create_backbone("resnet34").forward_stages(x, 0, 2)  # its stages() leave out relu and max-pool
+
+
+def _routed(routes: dict[str, str]):
+    """A routed network of two small networks (side: fused, concat) with a distinct calibration per slice."""
+    from posterfusion.models.calibration import Calibration
+    from posterfusion.models.fusion import Routing
+
+    side = model_for("fused")
+    cnn_config = FusionConfig(backbone="keras_cnn", variant="cnn", num_genres=G, hidden=16)
+    calibration = {"with_metadata": Calibration(shift=[0.5] * G, scale=[2.0] * G, bias=[0.1] * G),
+                   "without_metadata": Calibration(shift=[-0.2] * G, scale=[0.5] * G, bias=[-1.0] * G)}
+    routing = Routing(cnn=cnn_config, presence=PRESENCE["metadata_presence"], routes=routes, calibration=calibration,
+                      sources={"cnn": {"bundle": "c", "version": "1"}, "side": {"bundle": "s", "version": "2"}})
+    routed = build_model(side.config.model_copy(update={"routing": routing}))
+    torch.manual_seed(1)
+    cnn = build_model(cnn_config)
+    routed.side.load_state_dict(side.state_dict())
+    routed.cnn.load_state_dict(cnn.state_dict())
+    return routed.eval(), side.eval(), cnn.eval(), calibration
+
+
+def test_a_routed_network_scores_each_poster_by_its_slices_network_and_calibration():
+    """Posters with metadata get the side network's logits under the with-metadata calibration, the others the
+    cnn's under theirs — exactly what each network alone says; embeddings are the cnn's for every poster."""
+    routed, side, cnn, calibration = _routed({"with_metadata": "side", "without_metadata": "cnn"})
+    images, objects, metadata = inputs(4)
+    metadata[:, PRESENCE["metadata_presence"]] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    with torch.no_grad():
+        logits = routed(images, objects, metadata)
+        hidden, again = routed.embed_and_logits(images, objects, metadata)
+        alone = {"side": side(images, objects, metadata), "cnn": cnn(images)}
+        expected = torch.empty_like(logits)
+        for rows, name, network in (([0, 2], "with_metadata", "side"), ([1, 3], "without_metadata", "cnn")):
+            expected[rows] = torch.from_numpy(calibration[name].logits(alone[network][rows].numpy())).float()
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(again, logits)
+        torch.testing.assert_close(hidden, cnn.embed(images))
+    assert routed.config.embedding_dim == 16 and routed.uses_metadata
+    assert set(routed.state_dict()) == {f"side.{k}" for k in side.state_dict()} | {f"cnn.{k}" for k in cnn.state_dict()}
+
+
+def test_a_routed_network_runs_only_the_networks_its_posters_need():
+    routed, *_ = _routed({"with_metadata": "side", "without_metadata": "cnn"})
+    images, objects, metadata = inputs(3)
+    metadata[:, PRESENCE["metadata_presence"]] = 0.0  # no poster has metadata: the side network is never asked
+
+    def never(*args, **kwargs):
+        raise AssertionError("the side network ran for posters routed to the cnn")
+
+    routed.side.forward = never
+    with torch.no_grad():
+        assert routed(images, objects, metadata).shape == (3, G)
+    with pytest.raises(ValueError, match="metadata vector"):
+        routed(images, objects, None)
+
+
+def test_a_routing_names_every_slice_and_a_plain_cnn_of_the_same_input():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="each of"):
+        _routed({"with_metadata": "side"})
+    routed, *_ = _routed({"with_metadata": "cnn", "without_metadata": "cnn"})
+    with pytest.raises(ValidationError, match="same backbone and image size"):
+        FusionConfig.model_validate(routed.config.model_dump() | {"image_size": 96})
