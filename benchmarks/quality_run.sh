@@ -6,6 +6,8 @@
 #   4. the frozen-backbone baseline fine-tuning must beat: quality vs frozen, cnn and fused, seed 0
 #   5. compare the seed systems' recipes (CNN-only, as those systems were) side by side
 #   6. evaluate the quality cnn and fused bundles on the MovieGenre source they never saw
+#   7. the routed fused (posterfusion route: the fused network where validation shows it better, the cnn
+#      elsewhere) beside cnn, per slice, on the test split and on the MovieGenre source
 # Usage: benchmarks/quality_run.sh [WORK_DIR]     (env: SEEDS="0 1", SHARED=../shared, BIN=.venv/bin)
 # Bundles already in WORK_DIR/models are reused when their settings and catalogue still match
 # (compare refuses stale ones), so a stopped run continues where it stopped.
@@ -30,6 +32,7 @@ if [ ! -d "$work/moviegenre" ]; then
     --metadata "$shared/data/metadata/tmdb_movies_metadata_subset.csv"
 fi
 "$bin/posterfusion" features --catalogue "$work/catalogue" --out "$work/features" --detector "$detector"
+"$bin/posterfusion" features --catalogue "$work/moviegenre" --out "$work/features" --detector "$detector"
 
 "$bin/posterfusion" compare --catalogue "$work/catalogue" --features "$work/features" --models "$work/models" \
   --recipe quality --variant cnn --variant cnn+objects --variant cnn+metadata --variant fused --variant flags-only \
@@ -46,3 +49,8 @@ for variant in cnn fused; do
   "$bin/posterfusion" evaluate --model "$work/models/quality/$variant-s0" --catalogue "$work/moviegenre" \
     --split all --out "$work/moviegenre-$variant"
 done
+
+routed=(--catalogue "$work/catalogue" --features "$work/features" --models "$work/models" --recipe quality
+        --variant cnn --variant fused "${seeds[@]}" --route-by-metadata)
+"$bin/posterfusion" compare "${routed[@]}" --out "$work/compare-routed"
+"$bin/posterfusion" compare "${routed[@]}" --on "$work/moviegenre" --split all --out "$work/compare-routed-mg"
