@@ -86,6 +86,26 @@ def test_a_routed_bundle_ranks_each_slice_exactly_as_the_network_it_was_routed_t
 
 
 @pytest.mark.slow
+def test_an_online_request_with_only_a_year_is_scored_by_the_network_of_posters_with_metadata(routed):
+    """The route reads the encoder's presence flag: any one field makes a poster one "with metadata"; none (or
+    an empty record) one without, for which the side network never runs. Embeddings are the cnn's either way."""
+    from posterfusion.features.catalogue import catalogue_files
+    from posterfusion.models.predictor import Predictor
+
+    root, out, _ = routed
+    poster = catalogue_files(root / "catalogue").dataset().head(1, columns=["poster"])["poster"][0].as_py()
+    predictor, calls = Predictor(out), []
+    side = predictor.model.side.forward
+    predictor.model.side.forward = lambda *args, **kwargs: calls.append(1) or side(*args, **kwargs)
+    without = [predictor.predict_one(poster, record).probabilities for record in (None, {})]
+    assert not calls and without[0] == without[1]
+    with_year = predictor.predict_one(poster, {"year": 1994}).probabilities
+    assert calls and with_year != without[0]
+    np.testing.assert_allclose(predictor.embed_one(poster, {"year": 1994}),
+                               Predictor(bundle(root, "cnn")).embed_one(poster), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_route_refuses_bundles_that_cannot_share_an_input_or_a_label_space(quick_bundles, tmp_path):
     with pytest.raises(UserValueError, match="reads no metadata to route by"):
         run_route(RouteConfig(cnn=bundle(quick_bundles, "cnn"), side=bundle(quick_bundles, "cnn"), out=tmp_path / "x"))
