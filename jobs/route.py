@@ -63,6 +63,8 @@ def run_route(config: RouteConfig) -> dict:
         summary = _route(config)
         run.metrics({"routing": summary["routing"], "validation": summary["validation"],
                      "seconds": summary["seconds"]})
+        for name, verdict in summary["routing"].items():
+            run.tag(f"posterfusion.route.{name}", verdict["route"])
     return summary
 
 

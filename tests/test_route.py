@@ -130,6 +130,8 @@ def test_the_route_command_refuses_them_in_one_line_before_ray_starts(quick_bund
 @pytest.mark.slow
 def test_compare_routes_each_metadata_variant_with_its_seeds_cnn_and_reuses_a_current_routing(
         routed, tmp_path, capsys, monkeypatch):
+    from mlflow import MlflowClient
+
     from posterfusion.jobs.compare import CompareConfig, run_compare
 
     root, _, _ = routed
@@ -143,6 +145,15 @@ def test_compare_routes_each_metadata_variant_with_its_seeds_cnn_and_reuses_a_cu
     assert entries["fused"]["source"].endswith("quick/fused-s0")
     assert "fused - cnn" in result["groups"][0]["paired"]
     assert "[compare] route:" in capsys.readouterr().out  # the routing's summary, said
+    client = MlflowClient()  # the routing is a run of its own, nested in the comparison's
+    experiment = client.get_experiment_by_name("posterfusion")
+    parent = client.search_runs([experiment.experiment_id], f"tags.`posterfusion.report` = '{config.out}'")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    routes = [run for run in children if run.data.tags["posterfusion.kind"] == "route"]
+    assert len(routes) == 1 and routes[0].data.tags["posterfusion.bundle"] == entries["fused"]["bundle"]
+    assert "routing.with_metadata.posters" in routes[0].data.metrics
+    assert {routes[0].data.tags[f"posterfusion.route.{name}"] for name in ("with_metadata", "without_metadata")} <= {
+        "cnn", "side"}
     monkeypatch.setattr(routing, "run_route", _never)  # both sources unchanged: the routed bundle is reused
     run_compare(CompareConfig.model_validate(config.model_dump() | {"out": str(tmp_path / "again")}))
     assert "[compare] route:" not in capsys.readouterr().out
