@@ -106,6 +106,26 @@ def test_an_online_request_with_only_a_year_is_scored_by_the_network_of_posters_
 
 
 @pytest.mark.slow
+def test_bundles_in_a_bucket_are_routed_into_the_bucket(quick_bundles, s3_endpoint):
+    """Both sources read from object storage (moto's S3 on loopback), the routed bundle published there whole."""
+    from posterfusion.locations import Location
+    from posterfusion.models.bundle import load_bundle
+    from posterfusion.models.predictor import Predictor
+
+    from s3server import new_bucket
+
+    models = Location.parse(f"s3://{new_bucket()}/models")
+    for variant in ("cnn", "fused"):
+        (models / variant).publish_dir(bundle(quick_bundles, variant))
+    summary = run_route(RouteConfig(cnn=models / "cnn", side=models / "fused", out=models / "routed",
+                                    features=quick_bundles / "features", n_boot=20))
+    routed = load_bundle(models / "routed")
+    assert summary["bundle"] == str(models / "routed") and routed.config.model.routing.sources["cnn"]["bundle"] == str(
+        models / "cnn")
+    assert Predictor(str(models / "routed")).genres == routed.genres
+
+
+@pytest.mark.slow
 def test_route_refuses_bundles_that_cannot_share_an_input_or_a_label_space(quick_bundles, tmp_path):
     with pytest.raises(UserValueError, match="reads no metadata to route by"):
         run_route(RouteConfig(cnn=bundle(quick_bundles, "cnn"), side=bundle(quick_bundles, "cnn"), out=tmp_path / "x"))
