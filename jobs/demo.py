@@ -50,7 +50,8 @@ def run_demo(config: DemoConfig) -> dict:
     typer.echo(f"  posterfusion serve --model {bundle}    # then open http://127.0.0.1:8000/ and upload a poster")
     typer.echo(f"  posterfusion compare --catalogue {catalogue} --models {config.work / 'models'} "
                f"--out {config.work / 'compare'} --recipe {config.recipe} --variant cnn "
-               + (f"--variant fused --features {features}" if detector else "--variant cnn+metadata"))
+               + (f"--variant fused --features {features}" if detector else "--variant cnn+metadata")
+               + " --route-by-metadata   # each slice by the network validation shows better")
     return {"catalogue": str(catalogue), "bundle": str(bundle), "predictions": str(predictions)}
 
 
