@@ -214,11 +214,12 @@ def ensure_routed(config: CompareConfig, entry: Entry) -> None:
 
     cnn = bundle_path(config, entry.recipe, "cnn", entry.seed)
     if bundle_exists(entry.bundle):
-        sources = load_bundle(entry.bundle).config.model.routing.sources
-        if all(sources[name]["version"] == load_bundle(where).version
-               for name, where in (("cnn", cnn), ("side", entry.source))):
+        routing = load_bundle(entry.bundle).config.model.routing  # None: a plain bundle where a routed one belongs
+        if routing and all(routing.sources[name]["version"] == load_bundle(where).version
+                           for name, where in (("cnn", cnn), ("side", entry.source))):
             return
-        print(f"[compare] {entry.bundle} is stale: a bundle it routes between was retrained; routing again", flush=True)
+        print(f"[compare] {entry.bundle} is stale: not routed from the bundles as they are now; routing again",
+              flush=True)
     summary = run_route(RouteConfig(cnn=cnn, side=entry.source, out=entry.bundle, catalogue=config.catalogue,
                                     features=config.features))
     print("[compare] " + format_route_summary(summary).replace("\n", "\n[compare] "), flush=True)
