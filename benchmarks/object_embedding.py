@@ -99,11 +99,12 @@ def inputs(frame, catalogue: Path, features: Path) -> dict[str, np.ndarray]:
     cached = backbone_store(catalogue / "cache", BackboneFeaturesConfig(
         backbone="mobilenet_v2", weights="mobilenet_v2_imagenet.safetensors", image_size=224))
     poster = cached.latest(["poster_sha256", "features"])["features"]
-    bags = load_object_features(features, detector_id(recorded_detector(features)))["objects"]
+    stored = load_object_features(features, detector_id(recorded_detector(features)))
     keys = list(zip(frame["movie_id"], frame["poster_sha256"], strict=True))
     encoder = MetadataEncoder.fit(frame[frame["split"] == "train"])
     return {"poster": np.stack(poster.loc[frame["poster_sha256"]].to_list()),
-            "metadata": encoder.transform(frame), "bag": np.stack(bags.loc[keys].to_list())}
+            "metadata": encoder.transform(frame), "bag": np.stack(stored["objects"].loc[keys].to_list()),
+            "detected": stored["detections"].loc[keys].map(len).to_numpy() > 0}
 
 
 DECAYS = (1e-3, 1e-2, 1e-1, 1.0)  # the head's weight decay, chosen per candidate by 3-fold CV on training
@@ -204,9 +205,8 @@ def main() -> None:
             np.save(args.cache, blocks["embedding"])
     train = (frame["split"] == "train").to_numpy()
     results = {name: scores(blocks, parts, train, labels) for name, parts in CANDIDATES.items()}
-    val = frame[~train]
     present = blocks["metadata"][~train][:, -1] > 0.5  # the encoder's last column: has_metadata
-    detected = np.array([len(d) > 0 for d in _detections(args.features, val)])
+    detected = blocks["detected"][~train]
     slices = {"with metadata": present, "without metadata": ~present,
               "with objects": detected, "without objects": ~detected}
     report(results, labels[~train], vocabulary.genres, slices)
@@ -225,13 +225,6 @@ def timed_embeddings(posters: list[bytes], args) -> np.ndarray:
     embedding = np.concatenate([embedding, yolo_embeddings(posters[args.cost_posters:], args.imgsz)])
     print(f"YOLO embeddings of {len(posters)} posters: {time.perf_counter() - started:.0f} s, {embedding.shape[1]}-d")
     return embedding
-
-
-def _detections(features: Path, frame) -> list:
-    from posterfusion.features.objects import detector_id, load_object_features, recorded_detector
-
-    stored = load_object_features(features, detector_id(recorded_detector(features)))["detections"]
-    return stored.loc[list(zip(frame["movie_id"], frame["poster_sha256"], strict=True))].to_list()
 
 
 if __name__ == "__main__":

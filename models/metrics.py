@@ -304,6 +304,11 @@ def scorable_genres(labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero((positives > 0) & (positives < len(labels)))
 
 
+def auc_per_genre(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each genre's ROC-AUC (NaN where a genre has no positive or no negative)."""
+    return _auc_per_genre(*_as_arrays(labels, scores))
+
+
 def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Mean ROC-AUC over the genres where it is defined (NaN if none is)."""
     return _nanmean(_auc_per_genre(*_as_arrays(labels, scores)))

@@ -64,7 +64,7 @@ def routed(quick_bundles, tmp_path_factory):
 def test_a_routed_bundle_ranks_each_slice_exactly_as_the_network_it_was_routed_to(routed):
     from posterfusion.jobs.evaluate import EvaluateConfig, load_split_frame, model_scores
     from posterfusion.models.bundle import load_bundle
-    from posterfusion.models.metrics import _auc_per_genre
+    from posterfusion.models.metrics import auc_per_genre
 
     root, out, summary = routed
     assert {k: v["route"] for k, v in summary["routing"].items()} == {"with_metadata": "side",
@@ -80,7 +80,7 @@ def test_a_routed_bundle_ranks_each_slice_exactly_as_the_network_it_was_routed_t
     present = frame["has_metadata"].to_numpy()
     assert present.any() and (~present).any()
     for rows, network in ((present, "side"), (~present, "cnn")):
-        ours, theirs = (_auc_per_genre(labels[rows], score[n][rows]) for n in ("routed", network))
+        ours, theirs = (auc_per_genre(labels[rows], score[n][rows]) for n in ("routed", network))
         np.testing.assert_allclose(ours, theirs, atol=1e-9)  # per genre, within the slice: the same ranking
         assert not np.allclose(score["routed"][rows], score["side" if network == "cnn" else "cnn"][rows])
 

@@ -242,7 +242,7 @@ def test_side_corrections_on_an_ensembles_poster_path_keep_each_members_network_
     poster-path tensor the ``cnn`` ensemble's, so without side inputs it ranks each genre as that ensemble."""
     from posterfusion.jobs.evaluate import load_split_frame
     from posterfusion.models.bundle import load_bundle
-    from posterfusion.models.metrics import _auc_per_genre as per_genre_auc
+    from posterfusion.models.metrics import auc_per_genre as per_genre_auc
     from posterfusion.models.predictor import Predictor
 
     cnn = members[0].run.out
@@ -284,7 +284,7 @@ def test_side_corrections_on_the_cnn_bundles_poster_path_leave_a_poster_without_
     from posterfusion.jobs.evaluate import load_split_frame
     from posterfusion.jobs.train.recipes import resolve
     from posterfusion.models.bundle import load_bundle
-    from posterfusion.models.metrics import _auc_per_genre as per_genre_auc
+    from posterfusion.models.metrics import auc_per_genre as per_genre_auc
     from posterfusion.models.predictor import Predictor
 
     from support import QUICK
