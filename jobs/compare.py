@@ -175,7 +175,8 @@ def stale_reason(bundle: Bundle, train: TrainConfig) -> str | None:
     now = flat(train.model_dump(mode="json"))
     # a setting newer than the bundle was, when it was trained, at its default
     then = flat(TrainConfig().model_dump(mode="json")) | flat(bundle.config.train)
-    changed = sorted(k for k in now if not k.startswith(IGNORED) and then.get(k) != now[k])
+    unread = () if train.model.text_words else ("model.metadata_text",)  # a variant reading no overview
+    changed = sorted(k for k in now if not k.startswith(IGNORED + unread) and then.get(k) != now[k])
     if changed:
         return f"trained with other settings ({', '.join(changed)})"
     model = bundle.config.model

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from posterfusion.errors import UserValueError
-from posterfusion.features.metadata import FIELDS
+from posterfusion.features.metadata import INPUT_FIELDS as FIELDS
 from posterfusion.locations import Location, ParquetFiles
 from posterfusion.models.bundle import load_bundle
 from posterfusion.models.inference import CachedObjects, object_vectors

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.cluster import ROWS_PER_MODEL_ACTOR
-from posterfusion.features.metadata import FIELDS as META_COLUMNS
+from posterfusion.features.metadata import INPUT_FIELDS as META_COLUMNS
 from posterfusion.jobs.slices import detected_objects, slice_masks, slice_report, slice_tables
 from posterfusion.jobs.tracking import tracked
 from posterfusion.locations import Location

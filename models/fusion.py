@@ -75,6 +75,9 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     object_proj: int = Field(64, ge=1, description="width the object vector is projected to")
     metadata_proj: int = Field(32, ge=1, description="width the metadata vector is projected to")
+    metadata_text: int = Field(0, ge=0, description="words of a poster's overview the metadata branch reads (TF-IDF "
+                               "over the training split's most frequent words; residual fusion adds a linear "
+                               "correction over them); 0: the overview is not read")
     freeze_bn: bool | None = Field(None, description="backbone BatchNorms stay in eval mode (pretrained "
                                    "statistics); None: when the weights are pretrained")
     object_encoding: ObjectEncoding = Field("bag", description="what the object branch reads of the detections: "
@@ -104,6 +107,12 @@ class ModelConfig(BaseModel):
     def uses_metadata(self) -> bool:
         return VARIANTS[self.variant].metadata != "none"
 
+    @property
+    def text_words(self) -> int:
+        """How many overview words the metadata encoder keeps: ``metadata_text`` for a variant reading all of
+        the metadata, 0 for one reading none or its flags only."""
+        return self.metadata_text if VARIANTS[self.variant].metadata == "full" else 0
+
 
 class FusionConfig(ModelConfig):
     """The network as built: the user's :class:`ModelConfig` plus what the training data decided."""
@@ -120,6 +129,8 @@ class FusionConfig(ModelConfig):
                                "were frozen while the members fine-tuned): run once per batch")
     metadata_presence: int | None = Field(None, ge=0, description="the metadata column that says a poster has "
                                           "any (residual fusion gates its correction by it)")
+    text_span: tuple[int, int] | None = Field(None, description="[start, stop) of the metadata columns holding the "
+                                              "overview's TF-IDF weights (residual fusion: a linear text correction)")
     object_presence: int | None = Field(None, ge=0, description="the object-vector entry that is 0 when nothing "
                                         "was detected (residual fusion gates its correction by it)")
     poster_version: str | None = Field(None, description="the version (content hash) of the poster_from bundle "
@@ -154,6 +165,8 @@ class FusionConfig(ModelConfig):
             raise ValueError("variant 'flags-only' needs metadata_flags (the encoder's flag columns)")
         if any(not 0 <= i < self.metadata_dim for i in self.metadata_flags):
             raise ValueError(f"metadata_flags must index the {self.metadata_dim} metadata columns")
+        if self.text_span and not (0 <= self.text_span[0] < self.text_span[1] <= self.metadata_dim):
+            raise ValueError(f"text_span must lie within the {self.metadata_dim} metadata columns")
         if self.routing and not (self.uses_metadata and self.routing.presence < self.metadata_dim):
             raise ValueError("routing by metadata needs a network that reads metadata (and its presence column)")
         if self.routing and (self.routing.cnn.size, self.routing.cnn.backbone) != (self.size, self.backbone):
@@ -261,6 +274,10 @@ class FusionNet(nn.Module):
                     self.corrections[name] = nn.Sequential(
                         nn.Linear(config.hidden + proj, config.hidden // 2), nn.ReLU(inplace=True),
                         nn.Dropout(config.dropout), nn.Linear(config.hidden // 2, config.num_genres))
+        self.text_correction = None
+        if self.residual and config.uses_metadata and config.text_span:
+            # no bias: an overview without a known word (or none at all) adds exactly 0
+            self.text_correction = nn.Linear(config.text_span[1] - config.text_span[0], config.num_genres, bias=False)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         if config.poster_from:
@@ -339,7 +356,7 @@ class FusionNet(nn.Module):
         sides = self._sides(features, objects, metadata)
         if self.residual:
             hidden = self.hidden(self.dropout(features))
-            branches = self._corrections(hidden, sides)
+            branches = self._corrections(hidden, sides, metadata)
             zero = torch.zeros(len(features), self.config.num_genres, device=features.device, dtype=features.dtype)
             correction = residual_logits(branches | {"poster": zero}, self.config.correction_scale)
             return hidden, self.classifier(self.dropout(hidden)), correction
@@ -350,10 +367,16 @@ class FusionNet(nn.Module):
         hidden = self.hidden(self.dropout(torch.cat([features, *projections], dim=1)))
         return hidden, self.classifier(self.dropout(hidden)), None
 
-    def _corrections(self, hidden: torch.Tensor, sides: dict) -> dict[str, torch.Tensor]:
+    def _corrections(self, hidden: torch.Tensor, sides: dict, metadata: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
         # the poster path's features enter each correction detached: only the poster-only loss shapes them
-        return {name: present * self.corrections[name](torch.cat([hidden.detach(), projected], dim=1))
-                for name, (projected, present) in sides.items()}
+        out = {name: present * self.corrections[name](torch.cat([hidden.detach(), projected], dim=1))
+               for name, (projected, present) in sides.items()}
+        if self.text_correction is not None and "metadata" in out:
+            start, stop = self.config.text_span
+            words = metadata[:, start:stop].to(hidden.dtype)  # a linear model of the overview, read as is
+            out["metadata"] = out["metadata"] + sides["metadata"][1] * self.text_correction(words)
+        return out
 
     def branch_logits(self, inputs: torch.Tensor, objects: torch.Tensor | None = None,
                       metadata: torch.Tensor | None = None, pooled: bool = False) -> dict[str, torch.Tensor]:
@@ -365,7 +388,7 @@ class FusionNet(nn.Module):
         features = inputs if pooled else self.backbone(inputs)
         hidden = self.hidden(self.dropout(features))
         return {"poster": self.classifier(self.dropout(hidden)),
-                **self._corrections(hidden, self._sides(features, objects, metadata))}
+                **self._corrections(hidden, self._sides(features, objects, metadata), metadata)}
 
     def features_to_outputs(self, features: torch.Tensor, objects: torch.Tensor | None = None,
                             metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

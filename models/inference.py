@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from posterfusion.errors import UserValueError
-from posterfusion.features.metadata import FIELDS
+from posterfusion.features.metadata import INPUT_FIELDS as FIELDS
 from posterfusion.locations import Location
 
 PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]

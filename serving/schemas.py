@@ -9,7 +9,7 @@ class MovieMetadata(BaseModel):
     """Optional movie metadata sent with a poster. Every field may be left out (most posters have none).
 
     Ranges are those a real movie can have; anything else is a client bug answered 422, not
-    a value to encode. The field names are the metadata encoder's (``features.metadata.FIELDS``).
+    a value to encode. The field names are the metadata encoder's (``features.metadata.INPUT_FIELDS``).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -24,6 +24,7 @@ class MovieMetadata(BaseModel):
     content_rating: str | None = Field(None, min_length=1, max_length=32)
     language: str | None = Field(None, min_length=1, max_length=64)
     country: str | None = Field(None, min_length=1, max_length=64)
+    overview: str | None = Field(None, min_length=1, max_length=5000, description="the plot in a few sentences")
 
 
 class GenreScore(BaseModel):

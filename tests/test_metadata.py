@@ -100,12 +100,12 @@ def test_transform_records_matches_the_frame_path_and_checks_its_input():
 
 
 def test_every_list_of_metadata_fields_derives_from_one_source():
-    """The encoder's FIELDS, the catalogue schema, the readers' dtypes and the API's model agree."""
+    """The encoder's INPUT_FIELDS, the catalogue schema, the readers' dtypes and the API's model agree."""
     from posterfusion.features.catalogue import CATALOGUE_SCHEMA, METADATA_SCHEMA
-    from posterfusion.features.metadata import FIELDS
+    from posterfusion.features.metadata import INPUT_FIELDS
     from posterfusion.features.sources import metadata_dtypes
     from posterfusion.serving.schemas import MovieMetadata
 
-    assert set(FIELDS) <= set(METADATA_SCHEMA.names) <= set(CATALOGUE_SCHEMA.names)
+    assert set(INPUT_FIELDS) == set(METADATA_SCHEMA.names) and set(METADATA_SCHEMA.names) <= set(CATALOGUE_SCHEMA.names)
     assert set(metadata_dtypes()) == {"title", *METADATA_SCHEMA.names}
-    assert set(MovieMetadata.model_fields) == set(FIELDS)
+    assert set(MovieMetadata.model_fields) == set(INPUT_FIELDS)

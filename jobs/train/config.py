@@ -193,6 +193,7 @@ class DataFacts(BaseModel):
     metadata_presence: int = Field(description="the metadata column that is 1 when a poster has any")
     metadata_fields: list[tuple[list[int], int]] = Field(description="per metadata field: its value columns and "
                                                          "its missing flag (per-field dropout)")
+    text_span: tuple[int, int] | None = Field(None, description="the metadata columns of the overview's words")
     object_presence: int | None = Field(description="the object-vector entry that is 0 when nothing was detected")
     train_rows: int
     pos_weight: list[float] = Field(description="per-genre loss weight (neg/pos, capped)")
@@ -229,6 +230,7 @@ def network_config(config: TrainConfig, facts: DataFacts) -> FusionConfig:
                         num_genres=len(facts.genres), object_dim=facts.object_dim,
                         metadata_dim=facts.metadata_dim, metadata_flags=facts.metadata_flags,
                         metadata_presence=facts.metadata_presence, object_presence=facts.object_presence,
+                        text_span=facts.text_span,
                         freeze_backbone=config.optim.mode == "frozen" or model.poster_from is not None,
                         poster_version=facts.poster_version,
                         freeze_bn=model.weights != "none" if model.freeze_bn is None else model.freeze_bn)

@@ -20,7 +20,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.features.metadata import FIELDS as META_COLUMNS
+from posterfusion.features.metadata import INPUT_FIELDS as META_COLUMNS
 from posterfusion.features.metadata import MetadataEncoder
 from posterfusion.features.object_encoding import classes_of_bag, encode_objects, presence_entry
 from posterfusion.features.objects import (
@@ -68,7 +68,7 @@ def prepare(config: TrainConfig) -> Prepared:
     if unlabelled.any():  # e.g. only N/A, or a genre the vocabulary keeps no trace of
         frame = frame[~unlabelled].reset_index(drop=True)
         objects = objects[~unlabelled] if objects is not None else None
-    encoder = MetadataEncoder.fit(frame[frame["split"] == "train"])
+    encoder = MetadataEncoder.fit(frame[frame["split"] == "train"], text_words=config.model.text_words)
     sides = {"labels": vocabulary.encode_many(frame["genres"]), "metadata": encoder.transform(frame),
              "objects": objects if objects is not None else np.zeros((len(frame), 1), np.float32)}
     return Prepared(frame=frame, vocabulary=vocabulary, encoder=encoder, sides=sides,
@@ -126,9 +126,10 @@ def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
     names = data.encoder.feature_names()
     flags = [i for i, name in enumerate(names) if name.endswith("_missing") or name == "has_metadata"]
     fields = [([i for i, name in enumerate(names) if name == field or name.startswith(f"{field}=")],
-               names.index(f"{field}_missing")) for field in META_COLUMNS]
+               names.index(f"{field}_missing")) for field in data.encoder.fields]
     return DataFacts(genres=data.vocabulary.genres, object_dim=data.object_dim, metadata_dim=data.encoder.dim,
                      metadata_flags=flags, metadata_presence=names.index("has_metadata"), metadata_fields=fields,
+                     text_span=data.encoder.text_span,
                      object_presence=presence_entry(data.object_dim, config.model.object_encoding)
                      if data.object_dim else None,
                      train_rows=int(train.sum()),
