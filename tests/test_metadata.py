@@ -109,3 +109,44 @@ def test_every_list_of_metadata_fields_derives_from_one_source():
     assert set(INPUT_FIELDS) == set(METADATA_SCHEMA.names) and set(METADATA_SCHEMA.names) <= set(CATALOGUE_SCHEMA.names)
     assert set(metadata_dtypes()) == {"title", *METADATA_SCHEMA.names}
     assert set(MovieMetadata.model_fields) == set(INPUT_FIELDS)
+
+
+OVERVIEWS = pd.DataFrame({
+    "year": [1990, 2000, None, None, 2010],
+    "overview": ["A detective hunts a killer.", "Aliens invade a small town.", "The detective and the aliens.",
+                 None, "   "],
+})
+
+
+def test_an_overview_is_read_as_unit_length_tfidf_words_of_the_training_vocabulary():
+    """Words seen in training only; a row without an overview (or only blanks) has zeros and its missing flag."""
+    encoder = MetadataEncoder.fit(OVERVIEWS, text_words=50)
+    names, encoded = encoder.feature_names(), encoder.transform(OVERVIEWS)
+    start, stop = encoder.text_span
+    assert names[start:stop] == [f"overview={w}" for w in encoder.text["overview"].words]
+    assert "detective" in encoder.text["overview"].words and "the" not in encoder.text["overview"].words
+    words = encoded[:, start:stop]
+    np.testing.assert_allclose(np.linalg.norm(words[:3], axis=1), 1.0, rtol=1e-6)
+    assert not words[3:].any()
+    np.testing.assert_array_equal(encoded[:, names.index("overview_missing")], [0, 0, 0, 1, 1])
+    unseen = encoder.transform(pd.DataFrame({"overview": ["Zombies everywhere."]}))
+    assert not unseen[0, start:stop].any() and unseen[0, names.index("has_metadata")] == 1  # it has an overview
+    detective = encoder.text["overview"].words.index("detective")
+    assert words[0, detective] > 0 and words[1, detective] == 0
+
+
+def test_an_encoder_without_text_encodes_as_before_and_a_request_with_only_an_overview_has_metadata():
+    """Bundles fitted before the overview existed load and encode unchanged; the overview is a field of its own."""
+    plain, worded = MetadataEncoder.fit(OVERVIEWS), MetadataEncoder.fit(OVERVIEWS, text_words=50)
+    assert plain.text == {} and plain.text_span is None and "overview_missing" not in plain.feature_names()
+    saved = plain.model_dump(mode="json")
+    del saved["text"]  # as an encoder saved before text was read
+    np.testing.assert_array_equal(MetadataEncoder.model_validate(saved).transform(OVERVIEWS), plain.transform(OVERVIEWS))
+    only = worded.transform_records([{"overview": "A killer detective."}, None])
+    names = worded.feature_names()
+    assert only[0, names.index("has_metadata")] == 1 and only[0, names.index("year_missing")] == 1
+    assert only[1, names.index("has_metadata")] == 0 and not only[1, slice(*worded.text_span)].any()
+    assert plain.transform_records([{"overview": "A killer detective."}])[0, plain.feature_names().index(
+        "has_metadata")] == 0  # an encoder that reads no text: an overview alone is no metadata to it
+    with pytest.raises(ValueError, match="overview"):
+        worded.transform_records([{"overview": 3}])

@@ -551,3 +551,29 @@ def test_a_routing_names_every_slice_and_a_plain_cnn_of_the_same_input():
     routed, *_ = _routed({"with_metadata": "cnn", "without_metadata": "cnn"})
     with pytest.raises(ValidationError, match="same backbone and image size"):
         FusionConfig.model_validate(routed.config.model_dump() | {"image_size": 96})
+
+
+def test_residual_text_correction_adds_exactly_nothing_without_an_overview_word():
+    """The overview's linear correction has no bias: a poster without an overview (or metadata) keeps its logits."""
+    from posterfusion.models.fusion import FusionConfig, FusionNet
+
+    dim, span = 12, (2, 8)
+    config = FusionConfig(variant="cnn+metadata", fusion="residual", num_genres=3, metadata_dim=dim,
+                          metadata_presence=dim - 1, text_span=span, backbone="keras_cnn", image_size=32)
+    net = FusionNet(config, load_weights=False).eval()
+    assert net.text_correction is not None and net.text_correction.bias is None
+    torch.nn.init.normal_(net.text_correction.weight)
+    images, metadata = torch.randn(2, 3, 32, 32), torch.zeros(2, dim)
+    metadata[:, dim - 1] = 1.0  # both have metadata; the second an overview word too
+    worded = metadata.clone()
+    worded[1, 3] = 1.0
+    with torch.no_grad():
+        plain, read = net(images, None, metadata), net(images, None, worded)
+        nothing = net(images, None, torch.zeros(2, dim))
+        poster = net.branch_logits(images, None, worded)["poster"]
+    torch.testing.assert_close(read[0], plain[0])
+    assert not torch.allclose(read[1], plain[1])
+    torch.testing.assert_close(nothing, poster)  # no metadata at all: the poster path alone
+    with pytest.raises(ValueError, match="text_span"):
+        FusionConfig(variant="cnn+metadata", fusion="residual", num_genres=3, metadata_dim=dim,
+                     metadata_presence=0, text_span=(4, 20))

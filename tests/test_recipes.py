@@ -326,3 +326,28 @@ def test_the_demo_opts_into_training_from_scratch_itself_when_the_weights_are_mi
     monkeypatch.setenv("POSTERFUSION_WEIGHTS", str(REPO.parent / "shared" / "weights"))
     assert training_config(DemoConfig(), tmp_path / "c", tmp_path / "f", tmp_path / "m").model.weights != "none"
     assert capsys.readouterr().out == ""  # the weights are there: nothing to say
+
+
+def test_the_overview_vocabulary_makes_a_metadata_bundle_stale_and_leaves_a_cnn_bundle_current(monkeypatch):
+    """``model.metadata_text`` changes what a variant reading metadata learns, not what a ``cnn`` learns: a cnn
+    bundle trained before it stays current (no pointless retraining), a fused one is retrained."""
+    from types import SimpleNamespace
+
+    from posterfusion.jobs import compare
+    from posterfusion.jobs.compare import stale_reason
+    from posterfusion.models.bundle import FORMAT_VERSION
+    from posterfusion.models.fusion import FusionConfig
+
+    def bundle(variant: str, settings: dict):
+        network = FusionConfig(variant=variant, num_genres=3, metadata_dim=5 if variant != "cnn" else 0,
+                               metadata_flags=[4] if variant == "flags-only" else [])
+        return SimpleNamespace(config=SimpleNamespace(format_version=FORMAT_VERSION, model=network, train=settings,
+                                                      catalogue={"fingerprint": "f"}))
+
+    monkeypatch.setattr(compare, "catalogue_identity", lambda _: {"fingerprint": "f"})
+    for variant, stale in (("cnn", False), ("flags-only", False), ("cnn+metadata", True)):
+        before = TrainConfig.model_validate({"model": {"variant": variant}})
+        now = TrainConfig.model_validate({"model": {"variant": variant, "metadata_text": 2000}})
+        reason = stale_reason(bundle(variant, before.model_dump(mode="json")), now)
+        assert (reason is not None) == stale, (variant, reason)
+        assert stale is False or "model.metadata_text" in reason

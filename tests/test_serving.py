@@ -100,7 +100,8 @@ def test_a_poster_gets_probabilities_top3_genres_and_objects(service, bundle):
 
 def test_metadata_is_used_when_given(service, bundle):
     poster = noisy_jpeg_bytes(2)
-    meta = {"year": 1985, "runtime": 95.0, "imdb_score": 7.1, "language": "English"}
+    meta = {"year": 1985, "runtime": 95.0, "imdb_score": 7.1, "language": "English",
+            "overview": "A detective hunts a killer through the city."}
     response = post(f"{service}/v1/predict", files=poster_file(poster), data={"metadata": json.dumps(meta)})
     assert response.status_code == 200, response.text
     predictor = Predictor(bundle)
@@ -134,6 +135,8 @@ BAD_REQUESTS = {
                                     422, "invalid_metadata"),
     "metadata of the wrong type": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"runtime": "long"}'}),
                                    422, "invalid_metadata"),
+    "an overview that is not text": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"overview": 7}'}),
+                                     422, "invalid_metadata"),
     "unknown metadata field": (dict(files=poster_file(jpeg_bytes()), data={"metadata": '{"genre": "Drama"}'}),
                                422, "invalid_metadata"),
     "garbled multipart": (dict(content=b"--x\r\nContent-Disposition: form-data; name=\"poster\"\r\n\r\nabc",
