@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
@@ -75,9 +76,9 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     object_proj: int = Field(64, ge=1, description="width the object vector is projected to")
     metadata_proj: int = Field(32, ge=1, description="width the metadata vector is projected to")
-    metadata_text: int = Field(0, ge=0, description="words of a poster's overview the metadata branch reads (TF-IDF "
-                               "over the training split's most frequent words; residual fusion adds a linear "
-                               "correction over them); 0: the overview is not read")
+    metadata_text: int = Field(0, ge=0, description="words of a poster's overview read (TF-IDF over the training "
+                               "split's most frequent words; residual fusion adds a linear text correction fitted "
+                               "on the training split and weighed on validation); 0: the overview is not read")
     freeze_bn: bool | None = Field(None, description="backbone BatchNorms stay in eval mode (pretrained "
                                    "statistics); None: when the weights are pretrained")
     object_encoding: ObjectEncoding = Field("bag", description="what the object branch reads of the detections: "
@@ -130,12 +131,13 @@ class FusionConfig(ModelConfig):
     metadata_presence: int | None = Field(None, ge=0, description="the metadata column that says a poster has "
                                           "any (residual fusion gates its correction by it)")
     text_span: tuple[int, int] | None = Field(None, description="[start, stop) of the metadata columns holding the "
-                                              "overview's TF-IDF weights (residual fusion: a linear text correction)")
+                                              "overview's TF-IDF weights: the text correction reads them, the "
+                                              "metadata branch the other columns")
     object_presence: int | None = Field(None, ge=0, description="the object-vector entry that is 0 when nothing "
                                         "was detected (residual fusion gates its correction by it)")
     poster_version: str | None = Field(None, description="the version (content hash) of the poster_from bundle "
                                        "whose poster path was kept")
-    correction_scale: dict[Literal["objects", "metadata"], float] | None = Field(
+    correction_scale: dict[Literal["objects", "metadata", "text"], float] | None = Field(
         None, description="residual fusion: each side correction's weight, fitted on validation after training "
         "(0 where validation did not support that input); None: every correction as trained (weight 1)")
     routing: Routing | None = Field(None, description="a routed bundle (`posterfusion route`): this network "
@@ -172,6 +174,28 @@ class FusionConfig(ModelConfig):
         if self.routing and (self.routing.cnn.size, self.routing.cnn.backbone) != (self.size, self.backbone):
             raise ValueError("a routed bundle's two networks see one input: the same backbone and image size")
         return self
+
+
+TEXT_C = 4.0  # inverse L2 strength of the text model: the validation probe's one setting (benchmarks/overview_probe.py)
+
+
+def fit_text_weights(words: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``(genres, words)`` weights of one logistic model per genre on the training posters that have words.
+
+    Why a model of its own rather than a trained layer: read inside the network and fine-tuned with it, the
+    overview's evidence faded (validation: +0.003 macro on one seed, −0.008 on the other, against +0.05 for
+    this linear model added to the same network's logits). The intercepts are left out: the correction is
+    the words' evidence only, exactly 0 for a poster without one.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    rows = words.any(axis=1)
+    weights = np.zeros((labels.shape[1], words.shape[1]))
+    for genre in range(labels.shape[1]):
+        y = labels[rows, genre]
+        if 0 < y.sum() < len(y):
+            weights[genre] = LogisticRegression(C=TEXT_C, max_iter=2000).fit(words[rows], y).coef_[0]
+    return weights
 
 
 SLICES = ("with_metadata", "without_metadata")
@@ -276,8 +300,11 @@ class FusionNet(nn.Module):
                         nn.Dropout(config.dropout), nn.Linear(config.hidden // 2, config.num_genres))
         self.text_correction = None
         if self.residual and config.uses_metadata and config.text_span:
-            # no bias: an overview without a known word (or none at all) adds exactly 0
+            # fitted on the driver before training (set_text_weights), never trained here; no bias: an
+            # overview without a known word (or none at all) adds exactly 0
             self.text_correction = nn.Linear(config.text_span[1] - config.text_span[0], config.num_genres, bias=False)
+            nn.init.zeros_(self.text_correction.weight)
+            self.text_correction.requires_grad_(False)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
         if config.poster_from:
@@ -301,7 +328,13 @@ class FusionNet(nn.Module):
     def _metadata_columns(self) -> list[int]:
         if VARIANTS[self.config.variant].metadata == "flags":
             return list(self.config.metadata_flags)
-        return list(range(self.config.metadata_dim))
+        start, stop = self.config.text_span or (0, 0)  # the overview's words go to the text correction
+        return [i for i in range(self.config.metadata_dim) if not start <= i < stop]
+
+    def set_text_weights(self, weights) -> None:
+        """The text correction's ``(genres, words)`` weights, fitted on the training split (a no-op without one)."""
+        if self.text_correction is not None and weights is not None:
+            self.text_correction.weight.copy_(torch.as_tensor(weights, dtype=self.text_correction.weight.dtype))
 
     @property
     def uses_objects(self) -> bool:
@@ -346,17 +379,21 @@ class FusionNet(nn.Module):
         return sides
 
     def outputs(self, features: torch.Tensor, objects: torch.Tensor | None = None,
-                metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                metadata: torch.Tensor | None = None, text: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pooled CNN features (+ side inputs) → (penultimate ``(N, hidden)``, logits, residual correction).
 
         For ``residual`` fusion the logits are the poster path's and the correction (zero where no
         side input is present) is what the side inputs add, each at its ``correction_scale``; for
-        the others the correction is None.
+        the others the correction is None. ``text=False`` (training) leaves the overview's correction
+        out: it was fitted on the training posters, so on them it would claim more than it knows.
         """
         sides = self._sides(features, objects, metadata)
         if self.residual:
             hidden = self.hidden(self.dropout(features))
             branches = self._corrections(hidden, sides, metadata)
+            if not text:  # training: the text correction was fitted on these very posters
+                branches.pop("text", None)
             zero = torch.zeros(len(features), self.config.num_genres, device=features.device, dtype=features.dtype)
             correction = residual_logits(branches | {"poster": zero}, self.config.correction_scale)
             return hidden, self.classifier(self.dropout(hidden)), correction
@@ -374,8 +411,7 @@ class FusionNet(nn.Module):
                for name, (projected, present) in sides.items()}
         if self.text_correction is not None and "metadata" in out:
             start, stop = self.config.text_span
-            words = metadata[:, start:stop].to(hidden.dtype)  # a linear model of the overview, read as is
-            out["metadata"] = out["metadata"] + sides["metadata"][1] * self.text_correction(words)
+            out["text"] = sides["metadata"][1] * self.text_correction(metadata[:, start:stop].to(hidden.dtype))
         return out
 
     def branch_logits(self, inputs: torch.Tensor, objects: torch.Tensor | None = None,
@@ -424,7 +460,8 @@ class FusionNet(nn.Module):
         epochs train on stored features, through this same forward so DDP syncs their gradients).
         ``split=True`` (training): (the poster path's logits, the side inputs' correction or None).
         """
-        _, logits, correction = self.outputs(inputs if pooled else self.backbone(inputs), objects, metadata)
+        _, logits, correction = self.outputs(inputs if pooled else self.backbone(inputs), objects, metadata,
+                                             text=not split)
         if split:
             return logits, correction
         return logits if correction is None else logits + correction

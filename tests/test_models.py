@@ -6,6 +6,7 @@ resolve to torchvision's weights enum.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -553,27 +554,37 @@ def test_a_routing_names_every_slice_and_a_plain_cnn_of_the_same_input():
         FusionConfig.model_validate(routed.config.model_dump() | {"image_size": 96})
 
 
-def test_residual_text_correction_adds_exactly_nothing_without_an_overview_word():
-    """The overview's linear correction has no bias: a poster without an overview (or metadata) keeps its logits."""
-    from posterfusion.models.fusion import FusionConfig, FusionNet
+def test_the_overview_correction_is_its_own_branch_fitted_not_trained_and_nothing_without_a_word():
+    """The words' correction: a branch of its own (weighed on validation like the others), no gradient, no bias
+    (a poster without an overview word keeps its logits), left out of the training forward (fitted on those
+    posters); the metadata branch reads every column but the words."""
+    from posterfusion.models.fusion import FusionConfig, FusionNet, fit_text_weights
 
     dim, span = 12, (2, 8)
     config = FusionConfig(variant="cnn+metadata", fusion="residual", num_genres=3, metadata_dim=dim,
                           metadata_presence=dim - 1, text_span=span, backbone="keras_cnn", image_size=32)
     net = FusionNet(config, load_weights=False).eval()
-    assert net.text_correction is not None and net.text_correction.bias is None
-    torch.nn.init.normal_(net.text_correction.weight)
+    assert net.text_correction.bias is None and not net.text_correction.weight.requires_grad
+    assert net.metadata_columns.tolist() == [0, 1, 8, 9, 10, 11]
+    rng = np.random.default_rng(0)
+    words, labels = rng.random((40, 6)) * (rng.random((40, 6)) < 0.4), rng.random((40, 3)) < 0.5
+    labels[:, 0] = words[:, 1] > 0.2  # genre 0 follows word 1
+    fitted = fit_text_weights(words, labels)
+    assert fitted.shape == (3, 6) and fitted[0, 1] == fitted[0].max() > 0
+    net.set_text_weights(fitted)
     images, metadata = torch.randn(2, 3, 32, 32), torch.zeros(2, dim)
     metadata[:, dim - 1] = 1.0  # both have metadata; the second an overview word too
-    worded = metadata.clone()
-    worded[1, 3] = 1.0
+    metadata[1, 3] = 1.0
     with torch.no_grad():
-        plain, read = net(images, None, metadata), net(images, None, worded)
+        parts = net.branch_logits(images, None, metadata)
+        trained, correction = net(images, None, metadata, split=True)
         nothing = net(images, None, torch.zeros(2, dim))
-        poster = net.branch_logits(images, None, worded)["poster"]
-    torch.testing.assert_close(read[0], plain[0])
-    assert not torch.allclose(read[1], plain[1])
-    torch.testing.assert_close(nothing, poster)  # no metadata at all: the poster path alone
+    assert set(parts) == {"poster", "metadata", "text"}
+    torch.testing.assert_close(parts["text"][0], torch.zeros(3))
+    torch.testing.assert_close(parts["text"][1], torch.as_tensor(fitted[:, 1], dtype=torch.float32))
+    torch.testing.assert_close(net(images, None, metadata), parts["poster"] + parts["metadata"] + parts["text"])
+    torch.testing.assert_close(trained + correction, parts["poster"] + parts["metadata"])  # training: no words
+    torch.testing.assert_close(nothing, parts["poster"])  # no metadata at all: the poster path alone
     with pytest.raises(ValueError, match="text_span"):
         FusionConfig(variant="cnn+metadata", fusion="residual", num_genres=3, metadata_dim=dim,
                      metadata_presence=0, text_span=(4, 20))

@@ -121,7 +121,11 @@ def test_the_rules_tying_settings_together_are_the_trees_own():
 def test_a_recipes_description_is_generated_from_its_settings():
     assert describe(RECIPES["quality"].resolved()) == (
         "mobilenet_v2 (mobilenet_v2_imagenet.safetensors) at 224 px, fused (residual fusion); 12 head epochs on frozen "
-        "features, then 3 runs of 4 epochs fine-tuning the last 2 stages, kept as an ensemble; metadata dropout 0.3")
+        "features, then 3 runs of 4 epochs fine-tuning the last 2 stages, kept as an ensemble; metadata dropout 0.3; "
+        "the overview through 2,000 words")
+    cnn = RECIPES["quality"].resolved().model_copy(deep=True)
+    cnn.model.variant = "cnn"
+    assert "overview" not in describe(cnn)  # a variant reading no metadata reads no overview either
     assert "genres: Drama, Comedy, Romance, Thriller, Horror, Action" in RECIPES["seed-resnet50"].summary()
 
 

@@ -194,6 +194,8 @@ class DataFacts(BaseModel):
     metadata_fields: list[tuple[list[int], int]] = Field(description="per metadata field: its value columns and "
                                                          "its missing flag (per-field dropout)")
     text_span: tuple[int, int] | None = Field(None, description="the metadata columns of the overview's words")
+    text_weights: list[list[float]] | None = Field(None, description="the text correction (genres × words), fitted "
+                                                   "on the training split's overviews")
     object_presence: int | None = Field(description="the object-vector entry that is 0 when nothing was detected")
     train_rows: int
     pos_weight: list[float] = Field(description="per-genre loss weight (neg/pos, capped)")

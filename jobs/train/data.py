@@ -35,6 +35,7 @@ from posterfusion.features.vocab import GenreVocabulary
 from posterfusion.jobs.train.config import DataFacts, TrainConfig
 from posterfusion.models.bundle import load_bundle
 from posterfusion.models.frozen import BackboneFeaturesConfig, ensure_backbone_features, load_backbone_features
+from posterfusion.models.fusion import fit_text_weights
 
 
 class Prepared(BaseModel):
@@ -129,7 +130,7 @@ def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
                names.index(f"{field}_missing")) for field in data.encoder.fields]
     return DataFacts(genres=data.vocabulary.genres, object_dim=data.object_dim, metadata_dim=data.encoder.dim,
                      metadata_flags=flags, metadata_presence=names.index("has_metadata"), metadata_fields=fields,
-                     text_span=data.encoder.text_span,
+                     text_span=data.encoder.text_span, text_weights=text_weights(config, data, train),
                      object_presence=presence_entry(data.object_dim, config.model.object_encoding)
                      if data.object_dim else None,
                      train_rows=int(train.sum()),
@@ -138,6 +139,15 @@ def data_facts(config: TrainConfig, data: Prepared) -> DataFacts:
                      missing_metadata=data.encoder.transform_records([None])[0].tolist(),
                      object_mean=objects.mean(axis=0).tolist(), object_std=objects.std(axis=0).tolist(),
                      poster_version=poster_bundle_version(config, data.vocabulary.genres))
+
+
+def text_weights(config: TrainConfig, data: Prepared, train: np.ndarray) -> list[list[float]] | None:
+    """The overview's linear correction, fitted on the training split (residual fusion reading words only)."""
+    span = data.encoder.text_span
+    if span is None or config.model.fusion != "residual":
+        return None
+    words = data.sides["metadata"][train][:, span[0]:span[1]]
+    return fit_text_weights(words, data.sides["labels"][train]).tolist()
 
 
 def poster_bundle_version(config: TrainConfig, genres: list[str]) -> str | None:

@@ -77,6 +77,7 @@ def training_model(args: WorkerArgs):
     network = network_config(args.config, args.facts)
     model = build_model(network).to(memory_format=torch.channels_last)
     model.set_object_statistics(args.facts.object_mean, args.facts.object_std)
+    model.set_text_weights(args.facts.text_weights)
     if network.poster_from:  # checked on the driver (data.poster_bundle_version); read here, a URI too
         poster = load_bundle(network.poster_from)
         if poster.version != network.poster_version:
