@@ -409,3 +409,57 @@ def test_the_head_continues_fine_tuning_at_its_own_peak_rate_and_the_backbone_wa
     assert max(backbone(s) for s in range(200, 400)) == pytest.approx(1.0)  # backbone_lr at its peak
     same = args({"warmup_epochs": 2, "epochs": 4, "lr": 1e-3, "finetune_head_lr": 1e-3})
     assert max(lr_schedules(same, 100)[1](s) for s in range(200, 400)) == pytest.approx(1.0)
+
+
+WORDS = {"Drama": "a family torn apart", "Comedy": "a hilarious mixup", "Action": "explosive chase",
+         "Horror": "a haunted house", "Romance": "falls in love", "Sci-Fi": "an alien planet",
+         "Animation": "a cartoon kingdom", "Documentary": "true archival footage"}
+
+
+@pytest.mark.slow
+def test_the_overviews_words_are_fitted_on_training_weighed_on_validation_and_served(prepared, tmp_path):
+    """A catalogue whose TMDb file gives most posters an overview that names its genres: training fits the text
+    model on the training split, validation gives its correction a weight > 0, and the bundle's Predictor scores
+    validation as training measured it — an overview changes a poster's scores, none leaves it as without."""
+    import csv
+
+    import pandas as pd
+
+    from posterfusion.jobs.evaluate import load_split_frame
+    from posterfusion.jobs.ingest import IngestConfig, run_ingest
+    from posterfusion.models.metrics import macro_auc
+    from posterfusion.models.predictor import Predictor
+
+    labels = pd.read_csv(prepared / "sample" / "train.csv")
+    rng = np.random.default_rng(3)
+    tmdb = tmp_path / "tmdb.csv"
+    with open(tmdb, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["imdb_id", "title", "overview"])
+        for movie_id, genres in zip(labels["Id"], labels["Genre"], strict=True):
+            if rng.random() < 0.7:
+                told = [WORDS[g] for g in WORDS if g in genres]
+                writer.writerow([movie_id, movie_id, " and ".join([*told, "a story"]) + "."])
+    run_ingest(IngestConfig(sources=[f"multilabel:{prepared / 'sample'}"], metadata=[tmdb], out=tmp_path / "cat"))
+    config = small(prepared, "words", model={"variant": "cnn+metadata", "fusion": "residual", "metadata_text": 50},
+                   data={"catalogue": tmp_path / "cat", "features": None, "detector": None})
+    summary = run_train(config)
+    bundle = config.run.out
+    network = json.loads((bundle / "config.json").read_text())["model"]
+    assert network["text_span"] and summary["correction_scale"]["chosen"]["text"] > 0
+    weighed = summary["correction_scale"]
+    assert weighed["val_macro_auc"] > weighed["val_macro_auc_poster_alone"]
+
+    frame = load_split_frame(tmp_path / "cat", "val")
+    predictor = Predictor(bundle, detect=False, precision="off")
+    posters = _posters(tmp_path / "cat", frame["movie_id"])
+    scored = predictor.score(posters, frame)
+    assert macro_auc(predictor.vocabulary.encode_many(frame["genres"]), scored.probabilities) == pytest.approx(
+        weighed["val_macro_auc"], abs=0.01)
+    told = predictor.score(posters[:1], [{"overview": "A haunted house, and a haunted house."}]).probabilities
+    blank = predictor.score(posters[:1], [{"overview": "Nothing known here."}]).probabilities
+    nothing = predictor.score(posters[:1], [None]).probabilities
+    assert not np.allclose(told, blank)
+    horror = predictor.genres.index("Horror")
+    assert told[0, horror] > blank[0, horror]
+    assert not np.allclose(nothing, blank)  # an overview is metadata: the poster is in the other slice
