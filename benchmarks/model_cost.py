@@ -31,7 +31,7 @@ def measure(model: Path, posters: list[bytes], frame, batch_size: int, device: s
     import numpy as np
     import torch
 
-    from posterfusion.features.metadata import FIELDS as META_FIELDS
+    from posterfusion.features.metadata import INPUT_FIELDS as META_FIELDS
     from posterfusion.features.presets import image_to_tensor
     from posterfusion.models.hardware import autocast
     from posterfusion.models.predictor import Predictor
@@ -58,7 +58,8 @@ def measure(model: Path, posters: list[bytes], frame, batch_size: int, device: s
                 inputs = predictor.preset(batch.to(predictor.device)).contiguous(memory_format=torch.channels_last)
                 predictor.model(inputs, objects, metadata)
 
-    network_all()  # warm-up: oneDNN picks its kernels on the first batches
+    network_all()  # warm-up: oneDNN picks its kernels on the first batches, the first model's threads start
+    score_all()
     return {"model": str(model), "members": predictor.config.model.members,
             "with_metadata": float(frame[list(META_FIELDS)].notna().any(axis=1).mean()),
             "shared_stages": predictor.config.model.shared_stages,

@@ -81,7 +81,7 @@ def main() -> None:
         mixed = logits + weight * text
         gain = paired_bootstrap(labels[has], mixed[has], logits[has], macro_auc, n_boot=args.n_boot)
         print(f"  w={weight:<4g} with an overview: macro {macro_auc(labels[has], mixed[has]):.4f} "
-              f"(+{gain['diff']:.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]), 6-main "
+              f"({gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]), 6-main "
               f"{six(labels[has], mixed[has]):.4f}; with metadata 6-main {six(labels[present], mixed[present]):.4f}; "
               f"all: macro {macro_auc(labels, mixed):.4f}, 6-main {six(labels, mixed):.4f}")
 
