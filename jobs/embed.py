@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from posterfusion.errors import UserValueError
-from posterfusion.features.metadata import INPUT_FIELDS as FIELDS
+from posterfusion.features.metadata import INPUT_FIELDS
 from posterfusion.locations import Location, ParquetFiles
 from posterfusion.models.bundle import load_bundle
 from posterfusion.models.inference import CachedObjects, object_vectors
@@ -30,7 +30,7 @@ from posterfusion.models.similarity import EMBEDDINGS_SCHEMA, MANIFEST, read_emb
 
 log = logging.getLogger(__name__)
 
-READ_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
+READ_COLUMNS = ["movie_id", "poster_sha256", "poster", *INPUT_FIELDS]
 TOP_GENRES = 3
 
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from posterfusion.cluster import ROWS_PER_MODEL_ACTOR
-from posterfusion.features.metadata import INPUT_FIELDS as META_COLUMNS
+from posterfusion.features.metadata import INPUT_FIELDS
 from posterfusion.jobs.slices import detected_objects, slice_masks, slice_report, slice_tables
 from posterfusion.jobs.tracking import tracked
 from posterfusion.locations import Location
@@ -84,9 +84,9 @@ def load_split_frame(catalogue: Location, split: str) -> pd.DataFrame:
 
     wanted = pc.field("labelled") if split == "all" else (pc.field("split") == split) & pc.field("labelled")
     table = catalogue_files(catalogue).dataset().to_table(
-        columns=["movie_id", "poster_sha256", "genres", "source", *META_COLUMNS], filter=wanted)
+        columns=["movie_id", "poster_sha256", "genres", "source", *INPUT_FIELDS], filter=wanted)
     frame = table.to_pandas().sort_values("movie_id").reset_index(drop=True)
-    frame["has_metadata"] = frame[list(META_COLUMNS)].notna().any(axis=1)
+    frame["has_metadata"] = frame[list(INPUT_FIELDS)].notna().any(axis=1)
     return frame
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from posterfusion.errors import UserValueError
-from posterfusion.features.metadata import INPUT_FIELDS as FIELDS
+from posterfusion.features.metadata import INPUT_FIELDS
 from posterfusion.locations import Location
 
-PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *FIELDS]
+PREDICT_COLUMNS = ["movie_id", "poster_sha256", "poster", *INPUT_FIELDS]
 
 
 class CachedObjects:
@@ -107,7 +107,7 @@ class PredictBatch:
         columns = batch.column_names
         vectors = object_vectors(batch["objects"]) if "objects" in columns else None
         detections = batch["cached_detections"].to_pylist() if "cached_detections" in columns else None
-        metadata = batch.select([f for f in FIELDS if f in columns]).to_pandas()
+        metadata = batch.select([f for f in INPUT_FIELDS if f in columns]).to_pandas()
         return batch, self.predictor.score(batch["poster"].to_pylist(), metadata, vectors, detections)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

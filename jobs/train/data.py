@@ -20,8 +20,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from posterfusion.errors import UserValueError
 from posterfusion.features.catalogue import catalogue_files
-from posterfusion.features.metadata import INPUT_FIELDS as META_COLUMNS
-from posterfusion.features.metadata import MetadataEncoder
+from posterfusion.features.metadata import INPUT_FIELDS, MetadataEncoder
 from posterfusion.features.object_encoding import classes_of_bag, encode_objects, presence_entry
 from posterfusion.features.objects import (
     DetectorConfig,
@@ -79,7 +78,7 @@ def prepare(config: TrainConfig) -> Prepared:
 
 def load_labelled(config: TrainConfig) -> pd.DataFrame:
     """Labelled rows without the poster bytes (those are read later by Ray Data)."""
-    columns = ["movie_id", "poster_sha256", "genres", "labelled", "split", *META_COLUMNS]
+    columns = ["movie_id", "poster_sha256", "genres", "labelled", "split", *INPUT_FIELDS]
     table = catalogue_files(config.data.catalogue).read(columns)
     frame = table.to_pandas()
     frame = frame[frame["labelled"]].reset_index(drop=True)
